@@ -1,0 +1,66 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Embedded default: everything under the repo, nothing calls out.
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW_CONFIG := $(CURDIR)/airflow.cfg
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(AIRFLOW_HOME)/airflow.db
+export DO_NOT_TRACK := 1
+export BENTOML_DO_NOT_TRACK := true
+export SCARF_ANALYTICS := false
+export AIRFLOW__USAGE_DATA_COLLECTION__ENABLED := False
+export GX_ANALYTICS_ENABLED := false
+export EVIDENTLY_DISABLE_TELEMETRY := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export AWS_EC2_METADATA_DISABLED := true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-fast lint demo up down bench-ingest lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check ml plugins dags tests bench
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest tests/unit tests/dags
+
+demo: install
+	$(BIN)/python -m ml.demo
+
+up: install
+	$(BIN)/python -m ml.stack up
+
+down: install
+	$(BIN)/python -m ml.stack down
+
+bench-ingest: install
+	$(BIN)/python bench/ingest.py
+
+lock:
+	rm -rf /tmp/mlops-lock && $(PYTHON) -m venv /tmp/mlops-lock
+	/tmp/mlops-lock/bin/pip install --quiet -r requirements.txt
+	(echo "# Full resolved set (pip freeze of a clean install of requirements.txt). Regenerate with \`make lock\`."; \
+	  /tmp/mlops-lock/bin/pip freeze --exclude-editable) > constraints.txt
+
+clean:
+	rm -rf .airflow .data mlruns reports

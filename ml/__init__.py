@@ -1,0 +1,1 @@
+"""All pipeline logic as small typed functions; never imports airflow."""

@@ -1,0 +1,262 @@
+"""The one typed config: params.yaml, overlaid by a file, overlaid by environment variables.
+
+Precedence (last wins): the repo's ``params.yaml`` < ``--config FILE`` or ``MLOPS_CONFIG``
+< ``MLOPS__SECTION__KEY=value`` environment variables (values parsed as YAML).
+Unknown keys and bad values fail with a message naming them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = REPO_ROOT / "params.yaml"
+ENV_PREFIX = "MLOPS__"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Splits(_Strict):
+    train: float = Field(gt=0, lt=1)
+    val: float = Field(gt=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> Splits:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"splits must sum to 1.0, got {total:.4f}")
+        return self
+
+
+class DataConfig(_Strict):
+    classes: list[str] = Field(min_length=2)
+    splits: Splits
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_names(cls, classes: list[str]) -> list[str]:
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"class names must be unique, got {classes}")
+        if any(not name.strip() or "," in name for name in classes):
+            raise ValueError(f"class names must be non-empty and contain no comma, got {classes}")
+        return classes
+
+
+class StorageConfig(_Strict):
+    root: str
+    aws_conn_id: str = "aws_default"
+    endpoint_url: str | None = None
+
+
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]
+
+
+class IngestConfig(_Strict):
+    schedule: str
+    allowed_formats: list[ImageFormat]
+    min_side_px: int = Field(ge=1)
+    max_side_px: int = Field(ge=1)
+    max_pixels: int = Field(ge=1, le=89_478_485)
+    max_file_bytes: int = Field(ge=1)
+    max_rejected_share: float = Field(ge=0, le=1)
+    brightness_range: tuple[float, float]
+    min_contrast: float = Field(ge=0)
+    near_duplicate_max_distance: int = Field(ge=0, le=32)
+    workers: int = Field(ge=0)
+    sensor_poke_seconds: int = Field(ge=1)
+    sensor_timeout_seconds: int = Field(ge=1)
+
+
+class PreprocessingConfig(_Strict):
+    image_size: int = Field(ge=8)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augmentation: list[Literal["rotation", "flip", "crop", "color_jitter"]]
+
+
+class ModelConfig(_Strict):
+    architecture: Literal["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_small"]
+    pretrained: bool
+    dropout_rate: float = Field(ge=0, lt=1)
+    freeze_backbone: bool
+
+
+class EarlyStopping(_Strict):
+    monitor: str
+    patience: int = Field(ge=1)
+
+
+class TrainingConfig(_Strict):
+    schedule: str
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+    optimizer: Literal["Adam", "AdamW", "SGD"]
+    scheduler: Literal["ReduceLROnPlateau", "none"]
+    early_stopping: EarlyStopping
+    seed: int
+
+
+class AcceptanceConfig(_Strict):
+    accuracy_min: float = Field(ge=0, le=1)
+    precision_min: float = Field(ge=0, le=1)
+    recall_min: float = Field(ge=0, le=1)
+    f1_macro_min: float = Field(ge=0, le=1)
+
+
+class InferenceConfig(_Strict):
+    latency_p99_ms: float = Field(gt=0)
+    throughput_rps: float = Field(gt=0)
+    memory_mb: int = Field(gt=0)
+
+
+class MonitoringConfig(_Strict):
+    data_drift_threshold: float = Field(gt=0)
+    prediction_drift_kl_threshold: float = Field(gt=0)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = None
+    experiment_name: str
+    registered_model: str
+
+
+Severity = Literal["warning", "critical"]
+Channel = Literal["slack", "pagerduty"]
+
+
+class AlertRule(_Strict):
+    name: str
+    metric: str
+    op: Literal["<", "<=", ">", ">="]
+    threshold: float
+    severity: Severity
+
+
+class AlertsConfig(_Strict):
+    slack_conn_id: str
+    pagerduty_conn_id: str
+    failure_severity: Severity
+    channels: dict[Severity, list[Channel]]
+    rules: list[AlertRule]
+
+
+class Settings(_Strict):
+    project: str
+    data: DataConfig
+    storage: StorageConfig
+    ingest: IngestConfig
+    preprocessing: PreprocessingConfig
+    model: ModelConfig
+    training: TrainingConfig
+    acceptance: AcceptanceConfig
+    inference: InferenceConfig
+    monitoring: MonitoringConfig
+    mlflow: MlflowConfig
+    alerts: AlertsConfig
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``overlay`` merged in; nested dicts merge, everything else replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Turn ``MLOPS__A__B=value`` variables into ``{"a": {"b": value}}`` (values parsed as YAML)."""
+    overrides: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            raise ConfigError(f"environment variable {name} names no config key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: value is not valid YAML: {exc}") from exc
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return overrides
+
+
+def _format_errors(exc: ValidationError, sources: list[str]) -> str:
+    lines = [f"invalid config (from {', '.join(sources)}):"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build settings from params.yaml, an optional overlay file and ``MLOPS__*`` variables."""
+    env = dict(os.environ if environ is None else environ)
+    raw = _read_yaml(DEFAULT_CONFIG_FILE)
+    sources = [str(DEFAULT_CONFIG_FILE.name)]
+    overlay_path = config_file or env.get("MLOPS_CONFIG")
+    if overlay_path:
+        raw = deep_merge(raw, _read_yaml(Path(overlay_path)))
+        sources.append(str(overlay_path))
+    overrides = env_overrides(env)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+        sources.append("MLOPS__* environment")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, sources)) from None
+
+
+@lru_cache(maxsize=8)
+def _cached(config_file: str | None, env_key: tuple[tuple[str, str], ...]) -> Settings:
+    return load_settings(config_file, dict(env_key))
+
+
+def get_settings(config_file: str | None = None) -> Settings:
+    """Settings for this process (cached per overlay file and relevant environment)."""
+    relevant = tuple(
+        sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX) or k == "MLOPS_CONFIG")
+    )
+    return _cached(config_file, relevant)

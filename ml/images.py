@@ -1,0 +1,183 @@
+"""Decode and check one landed image by its content, normalise it, and measure its properties.
+
+Safety checks (can it be decoded safely at all?) live here; quality rules on the measured
+properties (sizes, brightness, contrast) live in the Great Expectations suite
+``expectations/image_properties.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+PROPERTY_SIDE = 256  # properties are measured on a copy no larger than this
+LOSSY_FORMATS = frozenset({"JPEG"})
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    allowed_formats: frozenset[str]
+    max_pixels: int
+    max_file_bytes: int
+
+    @classmethod
+    def from_settings(cls, ingest: Any) -> ImageLimits:
+        return cls(frozenset(ingest.allowed_formats), ingest.max_pixels, ingest.max_file_bytes)
+
+
+@dataclass(frozen=True)
+class ImageReport:
+    """What one landed file turned out to be. ``reason`` is None when it decoded safely."""
+
+    source_sha256: str
+    file_bytes: int
+    reason: str | None = None
+    detail: str = ""
+    format: str | None = None
+    mode: str | None = None
+    width: int = 0
+    height: int = 0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    blur: float = 0.0
+    phash: str = ""
+    sha256: str = ""  # of the curated (normalised, metadata-free) bytes
+    curated_ext: str = ""
+
+    def properties(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("reason", "detail")}
+
+
+@dataclass(frozen=True)
+class Inspected:
+    report: ImageReport
+    curated: bytes | None  # normalised image bytes, None when rejected
+
+
+def _reject(data: bytes, digest: str, reason: str, detail: str, **props: Any) -> Inspected:
+    return Inspected(ImageReport(digest, len(data), reason, detail, **props), None)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Normalise any Pillow mode to 8-bit RGB (16-bit and float scaled, alpha on white)."""
+    mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = float(array.max()) if array.size else 0.0
+        if mode == "F" and peak <= 1.0:
+            array = array * 255.0
+        elif peak > 255.0:
+            array = array / 257.0
+        grey = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def perceptual_hash(grey: Image.Image) -> int:
+    """64-bit DCT perceptual hash (the pHash construction): robust to re-encoding and resizing."""
+    from scipy.fft import dctn
+
+    pixels = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = dctn(pixels, norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def measure(rgb: Image.Image) -> dict[str, float | str]:
+    """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash."""
+    small = rgb.copy()
+    small.thumbnail((PROPERTY_SIDE, PROPERTY_SIDE), Image.Resampling.BILINEAR)
+    grey_image = small.convert("L")
+    grey = np.asarray(grey_image, dtype=np.float32)
+    lap = np.zeros((0,), dtype=np.float32)
+    if grey.shape[0] > 2 and grey.shape[1] > 2:
+        lap = (
+            grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
+        )
+    return {
+        "brightness": round(float(grey.mean()), 4),
+        "contrast": round(float(grey.std()), 4),
+        "blur": round(float(lap.var()) if lap.size else 0.0, 4),
+        "phash": f"{perceptual_hash(grey_image):016x}",
+    }
+
+
+def encode_curated(rgb: Image.Image, source_format: str) -> tuple[bytes, str]:
+    """Metadata-free bytes: JPEG sources stay JPEG (quality 95), everything else PNG (lossless)."""
+    buffer = io.BytesIO()
+    if source_format in LOSSY_FORMATS:
+        rgb.save(buffer, format="JPEG", quality=95, optimize=False)
+        return buffer.getvalue(), "jpg"
+    rgb.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), "png"
+
+
+def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
+    """Decode ``data`` safely, verify it by content, normalise it and measure it."""
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return _reject(data, digest, "empty_file", "the file has zero bytes")
+    if len(data) > limits.max_file_bytes:
+        return _reject(data, digest, "file_too_large", f"{len(data)} bytes > {limits.max_file_bytes}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            return _reject(data, digest, "not_an_image", "content is not a recognised image format")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            return _reject(data, digest, "too_many_pixels", str(exc))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a rejection, not a crash
+            return _reject(data, digest, "corrupt_image", f"{type(exc).__name__}: {exc}")
+        fmt = image.format or "unknown"
+        width, height = image.size
+        props: dict[str, Any] = {"format": fmt, "mode": image.mode, "width": width, "height": height}
+        if fmt not in limits.allowed_formats:
+            return _reject(data, digest, "format_not_allowed", f"{fmt} is not in the allowed formats", **props)
+        if width * height > limits.max_pixels:
+            detail = f"{width}x{height} = {width * height} pixels > {limits.max_pixels}"
+            return _reject(data, digest, "too_many_pixels", detail, **props)
+        try:
+            image.load()
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+        except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise many types
+            return _reject(data, digest, "corrupt_image", f"{type(exc).__name__}: {exc}", **props)
+    curated, ext = encode_curated(rgb, fmt)
+    report = ImageReport(
+        source_sha256=digest,
+        file_bytes=len(data),
+        format=fmt,
+        mode=props["mode"],
+        width=rgb.width,
+        height=rgb.height,
+        sha256=hashlib.sha256(curated).hexdigest(),
+        curated_ext=ext,
+        **measure(rgb),  # type: ignore[arg-type]
+    )
+    return Inspected(report, curated)
+
+
+def hamming_distances(target: int, others: np.ndarray) -> np.ndarray:
+    """Hamming distance between one 64-bit hash and an array of them (uint64)."""
+    xor = np.bitwise_xor(others, np.uint64(target))
+    return np.bitwise_count(xor) if hasattr(np, "bitwise_count") else _popcount(xor)
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    as_bytes = values.view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(as_bytes, axis=1).sum(axis=1)
