@@ -70,7 +70,9 @@ def partition_days(storage: Storage) -> list[dt.date]:
     return sorted(days)
 
 
-def load_catalog(storage: Storage, *, before: dt.date | None = None, upto: dt.date | None = None) -> pd.DataFrame:
+def load_catalog(
+    storage: Storage, *, before: dt.date | None = None, upto: dt.date | None = None
+) -> pd.DataFrame:
     """Concatenate partitions (strictly before ``before`` and/or up to ``upto`` inclusive)."""
     frames = []
     for day in partition_days(storage):
@@ -138,7 +140,11 @@ def write_version(storage: Storage, day: dt.date) -> dict[str, Any]:
         data = storage.read_bytes(partition_key(part_day))
         frame = pd.read_parquet(io.BytesIO(data))
         partitions.append(
-            {"day": part_day.isoformat(), "key": partition_key(part_day), "sha256": hashlib.sha256(data).hexdigest()}
+            {
+                "day": part_day.isoformat(),
+                "key": partition_key(part_day),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         )
         totals["rows"] += len(frame)
         for split, count in frame["split"].value_counts().items():
@@ -146,7 +152,11 @@ def write_version(storage: Storage, day: dt.date) -> dict[str, Any]:
         for label, count in frame["label"].value_counts().items():
             totals["per_class"][label] = totals["per_class"].get(label, 0) + int(count)
     fingerprint = hashlib.sha256(json.dumps(partitions, sort_keys=True).encode()).hexdigest()[:12]
-    version = {"version": f"{day.isoformat()}.{fingerprint}", "day": day.isoformat(), "partitions": partitions}
+    version = {
+        "version": f"{day.isoformat()}.{fingerprint}",
+        "day": day.isoformat(),
+        "partitions": partitions,
+    }
     version.update(totals)
     storage.write_bytes(version_key(day), json.dumps(version, indent=2, sort_keys=True).encode())
     latest = latest_day(storage)

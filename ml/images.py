@@ -106,9 +106,7 @@ def measure(rgb: Image.Image) -> dict[str, float | str]:
     grey = np.asarray(grey_image, dtype=np.float32)
     lap = np.zeros((0,), dtype=np.float32)
     if grey.shape[0] > 2 and grey.shape[1] > 2:
-        lap = (
-            grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
-        )
+        lap = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
     return {
         "brightness": round(float(grey.mean()), 4),
         "contrast": round(float(grey.std()), 4),
@@ -148,7 +146,9 @@ def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
         width, height = image.size
         props: dict[str, Any] = {"format": fmt, "mode": image.mode, "width": width, "height": height}
         if fmt not in limits.allowed_formats:
-            return _reject(data, digest, "format_not_allowed", f"{fmt} is not in the allowed formats", **props)
+            return _reject(
+                data, digest, "format_not_allowed", f"{fmt} is not in the allowed formats", **props
+            )
         if width * height > limits.max_pixels:
             detail = f"{width}x{height} = {width * height} pixels > {limits.max_pixels}"
             return _reject(data, digest, "too_many_pixels", detail, **props)

@@ -453,8 +453,9 @@ def ingest_day(settings: Settings, storage: Storage, day: dt.date) -> dict[str, 
     )
     if not result["gate"]["passed"]:
         reasons = "; ".join(result["gate"]["reasons"])
+        docs = result["reports"]["data_docs"]
         raise BatchRejected(
-            f"ingest {day} rejected, nothing published: {reasons}. Data Docs: {result['reports']['data_docs']}",
+            f"ingest {day} rejected, nothing published: {reasons}. Data Docs: {docs}",
             result,
         )
     return result

@@ -82,7 +82,10 @@ class QualityRunner:
             "local",
             {
                 "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(self.docs_dir)},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(self.docs_dir),
+                },
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             },
         )
@@ -127,7 +130,9 @@ class QualityRunner:
         """Copy the Data Docs site under ``prefix`` in storage; return the URL of its index."""
         for path in sorted(self.docs_dir.rglob("*")):
             if path.is_file():
-                storage.write_bytes(join_key(prefix, path.relative_to(self.docs_dir).as_posix()), path.read_bytes())
+                storage.write_bytes(
+                    join_key(prefix, path.relative_to(self.docs_dir).as_posix()), path.read_bytes()
+                )
         return storage.url(join_key(prefix, "index.html"))
 
     def close(self) -> None:

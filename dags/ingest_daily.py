@@ -1,0 +1,89 @@
+"""Daily ingestion: wait for the day's labels.csv, validate and curate the day, publish the dataset.
+
+Each task body calls one ``ml`` function; heavy imports happen inside task bodies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.sdk import CronDataIntervalTimetable, Param, PokeReturnValue, dag, task
+from mlops_airflow.assets import CURATED_IMAGES
+from mlops_airflow.defaults import default_args, run_day
+
+from ml.config import get_settings
+
+SETTINGS = get_settings()
+
+
+@dag(
+    dag_id="ingest_daily",
+    schedule=CronDataIntervalTimetable(SETTINGS.ingest.schedule, timezone="UTC"),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(),
+    tags=["mlops", "ingestion", "data-quality"],
+    doc_md=__doc__,
+    params={
+        "date": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="Landing day",
+            description="Day to ingest (YYYY-MM-DD). Empty: the run's data interval start.",
+        ),
+    },
+)
+def ingest_daily() -> None:
+    @task.sensor(
+        poke_interval=SETTINGS.ingest.sensor_poke_seconds,
+        timeout=SETTINGS.ingest.sensor_timeout_seconds,
+        mode="reschedule",
+        retries=0,
+    )
+    def wait_for_labels(
+        params: dict[str, Any] | None = None, data_interval_start: Any = None
+    ) -> PokeReturnValue:
+        """Done when landing/DAY/labels.csv exists (images land first, labels.csv last)."""
+        from mlops_airflow.storage import dag_storage
+
+        from ml.ingest import DayLayout
+
+        day = run_day(params, data_interval_start)
+        storage = dag_storage(get_settings())
+        labels = DayLayout(day).labels
+        present = storage.exists(labels)
+        print(f"waiting for {storage.url(labels)}: {'present' if present else 'not yet'}")
+        return PokeReturnValue(is_done=present, xcom_value=day.isoformat())
+
+    @task(outlets=[CURATED_IMAGES])
+    def ingest(day: str, outlet_events: Any = None) -> dict[str, Any]:
+        """Validate every landed object, curate or quarantine it, write the dataset version."""
+        from airflow.sdk.exceptions import AirflowFailException
+        from mlops_airflow.storage import dag_storage
+
+        from ml.ingest import BatchRejected, ingest_day
+
+        settings = get_settings()
+        try:
+            result = ingest_day(settings, dag_storage(settings), dt.date.fromisoformat(day))
+        except BatchRejected as exc:
+            raise AirflowFailException(str(exc)) from exc  # a rejected batch is not retried
+        landed, curated, quarantined = result["landed"], result["curated"], result["quarantined"]
+        print(
+            f"{day}: landed {landed['objects']} objects, curated {curated['files']} files "
+            f"({curated['new_images']} new images), quarantined {quarantined['files']} files "
+            f"and {quarantined['rows']} rows; dataset {result['dataset_version']}"
+        )
+        outlet_events[CURATED_IMAGES].extra = {"day": day, "dataset_version": result["dataset_version"]}
+        return {
+            key: result[key]
+            for key in ("day", "landed", "curated", "quarantined", "dataset_version", "reports")
+        }
+
+    ingest(wait_for_labels())
+
+
+ingest_daily()

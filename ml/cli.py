@@ -1,0 +1,122 @@
+"""The ``mlops`` command line: one subcommand per pipeline step, the same functions the DAGs call."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ml.config import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_USAGE, EXIT_REJECTED, EXIT_NOTHING = 0, 2, 3, 4
+DEMO_START = dt.date(2026, 1, 5)
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from None
+
+
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.ingest import ingest_day
+    from ml.storage import storage_from_settings
+
+    return ingest_day(settings, storage_from_settings(settings), args.date)
+
+
+def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.demo_data import Drift, land_days
+    from ml.storage import storage_from_settings
+
+    storage = storage_from_settings(settings)
+    drift = Drift.parse(args.drift) if args.drift else None
+    days = land_days(
+        storage,
+        args.start,
+        args.days,
+        settings.classes,
+        count=args.per_day,
+        seed=args.seed,
+        drift=drift,
+        drift_from=args.drift_from,
+    )
+    return {"storage": storage.root_url, "days": days}
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    return settings.model_dump(mode="json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="overlay config file (default: $MLOPS_CONFIG)")
+    common.add_argument("--json", action="store_true", help="print one JSON result on stdout")
+    parser = argparse.ArgumentParser(prog="mlops", description=__doc__, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", parents=[common], help="validate and curate one landing day")
+    ingest.add_argument("--date", type=_date, required=True, help="landing day YYYY-MM-DD")
+    ingest.set_defaults(handler=cmd_ingest)
+
+    demo = sub.add_parser("demo-data", parents=[common], help="land generated demo days")
+    demo.add_argument("--days", type=int, default=3)
+    demo.add_argument("--start", type=_date, default=DEMO_START, help=f"first day (default {DEMO_START})")
+    demo.add_argument("--per-day", type=int, default=200, help="images per day")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--drift", help="KIND:STRENGTH, KIND in brightness, blur, class_mix; strength 0..1")
+    demo.add_argument("--drift-from", type=int, default=None, help="0-based day index where drift starts")
+    demo.set_defaults(handler=cmd_demo_data)
+
+    config = sub.add_parser("config", parents=[common], help="print the effective config")
+    config.set_defaults(handler=cmd_config)
+    return parser
+
+
+def _emit(payload: dict[str, Any], as_json: bool, stream: Any = None) -> None:
+    stream = stream or sys.stdout
+    if as_json:
+        print(json.dumps(payload, sort_keys=True, default=str), file=stream)
+    else:
+        for key, value in payload.items():
+            print(
+                f"{key}: {json.dumps(value, default=str) if isinstance(value, dict | list) else value}",
+                file=stream,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ml.ingest import BatchRejected, NothingLanded
+
+    args = build_parser().parse_args(argv)
+    handler: Callable[[Settings, argparse.Namespace], dict[str, Any]] = args.handler
+    try:
+        settings = load_settings(args.config)
+        _emit(handler(settings, args), args.json)
+        return EXIT_OK
+    except ConfigError as exc:
+        _emit({"error": str(exc), "type": "config"}, args.json, sys.stdout if args.json else sys.stderr)
+        return EXIT_USAGE
+    except BatchRejected as exc:
+        _emit({"error": str(exc), "type": "batch_rejected", "result": exc.result}, args.json)
+        return EXIT_REJECTED
+    except NothingLanded as exc:
+        _emit(
+            {"error": str(exc), "type": "nothing_landed"}, args.json, sys.stdout if args.json else sys.stderr
+        )
+        return EXIT_NOTHING
+    except ValueError as exc:
+        _emit(
+            {"error": str(exc), "type": "invalid_argument"},
+            args.json,
+            sys.stdout if args.json else sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Airflow-side glue: alert routing, storage through Airflow connections, shared DAG defaults."""

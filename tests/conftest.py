@@ -1,0 +1,94 @@
+"""Test session setup: a private Airflow home and database, telemetry off, local servers as fixtures.
+
+The environment is set before anything imports Airflow, so every test (and every subprocess it
+starts) uses a throwaway SQLite database and this checkout's dags/ and plugins/.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="mlops-test-airflow-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW_CONFIG": str(REPO / "airflow.cfg"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME}/airflow.db",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "DO_NOT_TRACK": "1",
+        "SCARF_ANALYTICS": "false",
+        "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
+        "GX_ANALYTICS_ENABLED": "false",
+        "EVIDENTLY_DISABLE_TELEMETRY": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "BENTOML_DO_NOT_TRACK": "true",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+)
+for name in [n for n in os.environ if n.startswith("MLOPS__") or n == "MLOPS_CONFIG"]:
+    del os.environ[name]  # tests start from the repo's params.yaml only
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata database for this test session."""
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible HTTP endpoint (moto) on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> Iterator[str]:
+    """An empty bucket on the local endpoint; the endpoint is reset afterwards."""
+    import boto3
+    import requests
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="mlops-test")
+    yield "mlops-test"
+    requests.post(f"{s3_endpoint}/moto-api/reset", timeout=10)
+
+
+@pytest.fixture
+def receiver() -> Iterator[object]:
+    """A local HTTP server that records every request (stands in for Slack and PagerDuty)."""
+    from tests.receivers import Receiver
+
+    with Receiver() as server:
+        yield server

@@ -1,0 +1,68 @@
+"""Every DAG imports cleanly and fast, and follows the house rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+EXPECTED = {"ingest_daily"}
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+def test_no_import_errors_and_expected_dags(dagbag) -> None:
+    assert dagbag.import_errors == {}
+    assert EXPECTED <= set(dagbag.dag_ids)
+
+
+def test_house_rules(dagbag) -> None:
+    from mlops_airflow.alerts import failure_callback
+
+    for dag in dagbag.dags.values():
+        assert dag.tags and "mlops" in dag.tags, dag.dag_id
+        assert dag.catchup is False, dag.dag_id
+        assert dag.doc_md, dag.dag_id
+        for task in dag.tasks:
+            assert task.owner == "mlops", (dag.dag_id, task.task_id)
+            callbacks = task.on_failure_callback
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            assert failure_callback in callbacks, (dag.dag_id, task.task_id)
+        assert any(task.retries >= 1 for task in dag.tasks), dag.dag_id
+
+
+def test_ingest_daily_shape(dagbag) -> None:
+    dag = dagbag.dags["ingest_daily"]
+    assert [t.task_id for t in dag.topological_sort()] == ["wait_for_labels", "ingest"]
+    ingest = dag.get_task("ingest")
+    assert [a.name for a in ingest.outlets] == ["curated_images"]
+    assert ingest.retries >= 1 and ingest.retry_exponential_backoff
+    sensor = dag.get_task("wait_for_labels")
+    assert sensor.mode == "reschedule" and sensor.timeout > 0
+    assert "date" in dag.params
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "dags").glob("*.py")), ids=lambda p: p.name)
+def test_parse_is_fast_and_imports_nothing_heavy(path) -> None:
+    heavy = ["torch", "great_expectations", "evidently", "mlflow", "bentoml", "pandas", "lightning"]
+    code = (
+        "import sys, time, runpy, airflow.sdk; t = time.perf_counter(); "
+        f"runpy.run_path({str(path)!r}); "
+        "print(time.perf_counter() - t); "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds, loaded = [line for line in run.stdout.splitlines() if line.strip()][-2:]
+    assert loaded == "[]", f"{path.name} imports heavy modules at parse time: {loaded}"
+    assert float(seconds) < 2.0, f"{path.name} took {seconds} s to parse (airflow.sdk already imported)"
+    assert time.perf_counter() - started < 60

@@ -1,0 +1,86 @@
+"""Alert routing through the providers' Slack and PagerDuty integrations to a local receiver."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlops_airflow.alerts import Alert, failure_callback, send_alert
+
+from ml.config import load_settings
+from tests.receivers import Receiver
+
+pytestmark = pytest.mark.integration
+SETTINGS = load_settings(environ={})
+ALERT = Alert(
+    title="Task failed",
+    severity="warning",
+    reason="rejected share 0.9 > 0.2",
+    dag_id="ingest_daily",
+    task_id="ingest",
+    date="2026-01-06",
+    link="s3://bucket/reports/data_docs/2026-01-06/index.html",
+)
+
+
+def connect(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SLACK_ALERTS", json.dumps({"conn_type": "slackwebhook", "password": f"{url}/slack/x"})
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PAGERDUTY_ALERTS",
+        json.dumps({"conn_type": "pagerduty_events", "password": "rk-123", "extra": {"events_url": url}}),
+    )
+
+
+def test_warning_goes_to_slack_only_with_dag_task_date_reason_and_link(monkeypatch, receiver) -> None:
+    connect(monkeypatch, receiver.url)
+    assert send_alert(ALERT, SETTINGS) == {"slack": "sent"}
+    (message,) = receiver.on("/slack/")
+    text = message.json()["text"]
+    for part in (
+        "WARNING",
+        "DAG ingest_daily",
+        "task ingest",
+        "date 2026-01-06",
+        "rejected share",
+        ALERT.link,
+    ):
+        assert part in text
+    assert not receiver.on("/v2/enqueue")
+
+
+def test_critical_pages_pagerduty_and_posts_to_slack(monkeypatch, receiver) -> None:
+    connect(monkeypatch, receiver.url)
+    critical = Alert(**{**ALERT.__dict__, "severity": "critical", "title": "Accuracy below 0.80"})
+    assert send_alert(critical, SETTINGS) == {"slack": "sent", "pagerduty": "sent"}
+    (event,) = receiver.on("/v2/enqueue")
+    body = event.json()
+    assert body["routing_key"] == "rk-123" and body["event_action"] == "trigger"
+    assert body["payload"]["severity"] == "critical" and "Accuracy below 0.80" in body["payload"]["summary"]
+    assert body["payload"]["custom_details"]["reason"] == ALERT.reason
+
+
+def test_a_failing_or_missing_channel_never_raises(monkeypatch) -> None:
+    with Receiver(fail=True) as failing:
+        connect(monkeypatch, failing.url)
+        critical = Alert(**{**ALERT.__dict__, "severity": "critical"})
+        outcomes = send_alert(critical, SETTINGS)
+        assert outcomes["slack"].startswith("failed") and outcomes["pagerduty"].startswith("failed")
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_ALERTS")
+    monkeypatch.delenv("AIRFLOW_CONN_PAGERDUTY_ALERTS")
+    assert send_alert(ALERT, SETTINGS)["slack"].startswith("not configured")
+
+
+def test_failure_callback_names_the_reason_and_the_report_link(monkeypatch, receiver) -> None:
+    connect(monkeypatch, receiver.url)
+
+    class TI:
+        dag_id, task_id = "ingest_daily", "ingest"
+
+    error = RuntimeError("ingest 2026-01-06 rejected: too much junk. Data Docs: file:///x/index.html")
+    failure_callback({"ti": TI(), "exception": error, "params": {"date": "2026-01-06"}})
+    (message,) = receiver.wait_for("/slack/")
+    text = message.json()["text"]
+    assert "too much junk" in text and "Report: file:///x/index.html" in text and "date 2026-01-06" in text
+    failure_callback({})  # even an empty context must not raise
