@@ -113,19 +113,22 @@ def assign_splits(
     Candidates are visited in sha256 order so the answer does not depend on listing order, and
     each assignment becomes known to the next, so near-duplicates within a batch share a split.
     """
-    hashes = [np.uint64(int(h, 16)) for h in known_phashes]
+    ordered = sorted(candidates, key=lambda c: c.sha256)
+    hashes = np.zeros(len(known_phashes) + len(ordered), dtype=np.uint64)
+    hashes[: len(known_phashes)] = [int(h, 16) for h in known_phashes]
     splits = list(known_splits)
     assigned: dict[str, str] = {}
-    for candidate in sorted(candidates, key=lambda c: c.sha256):
+    for candidate in ordered:
         target = int(candidate.phash, 16)
         split = split_from_hash(candidate.sha256, fractions)
-        if hashes:
-            distances = hamming_distances(target, np.array(hashes, dtype=np.uint64))
+        filled = len(splits)
+        if filled:
+            distances = hamming_distances(target, hashes[:filled])
             nearest = int(np.argmin(distances))
             if int(distances[nearest]) <= max_distance:
                 split = splits[nearest]
         assigned[candidate.sha256] = split
-        hashes.append(np.uint64(target))
+        hashes[filled] = target
         splits.append(split)
     return assigned
 

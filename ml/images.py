@@ -58,6 +58,10 @@ class ImageReport:
 class Inspected:
     report: ImageReport
     curated: bytes | None  # normalised image bytes, None when rejected
+    same_as_source: bool = False  # curated bytes are the landed bytes (not shipped back twice)
+
+    def curated_bytes(self, source: bytes) -> bytes | None:
+        return source if self.same_as_source else self.curated
 
 
 def _reject(data: bytes, digest: str, reason: str, detail: str, **props: Any) -> Inspected:
@@ -100,9 +104,8 @@ def perceptual_hash(grey: Image.Image) -> int:
 
 def measure(rgb: Image.Image) -> dict[str, float | str]:
     """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash."""
-    small = rgb.copy()
-    small.thumbnail((PROPERTY_SIDE, PROPERTY_SIDE), Image.Resampling.BILINEAR)
-    grey_image = small.convert("L")
+    factor = max(1, max(rgb.size) // PROPERTY_SIDE)
+    grey_image = (rgb.reduce(factor) if factor > 1 else rgb).convert("L")  # box average: fast
     grey = np.asarray(grey_image, dtype=np.float32)
     lap = np.zeros((0,), dtype=np.float32)
     if grey.shape[0] > 2 and grey.shape[1] > 2:
@@ -115,8 +118,21 @@ def measure(rgb: Image.Image) -> dict[str, float | str]:
     }
 
 
+def is_clean_rgb_jpeg(image: Image.Image) -> bool:
+    """A baseline RGB JPEG with no metadata segments besides JFIF: safe to keep byte for byte."""
+    applist = getattr(image, "applist", None)
+    return (
+        image.format == "JPEG"
+        and image.mode == "RGB"
+        and applist is not None
+        and all(marker == "APP0" and payload.startswith(b"JFIF") for marker, payload in applist)
+        and "comment" not in image.info
+    )
+
+
 def encode_curated(rgb: Image.Image, source_format: str) -> tuple[bytes, str]:
     """Metadata-free bytes: JPEG sources stay JPEG (quality 95), everything else PNG (lossless)."""
+    rgb.info = {}  # Pillow's encoders carry comments, ICC profiles and the like over from .info
     buffer = io.BytesIO()
     if source_format in LOSSY_FORMATS:
         rgb.save(buffer, format="JPEG", quality=95, optimize=False)
@@ -157,7 +173,9 @@ def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
             rgb = to_rgb(ImageOps.exif_transpose(image))
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise many types
             return _reject(data, digest, "corrupt_image", f"{type(exc).__name__}: {exc}", **props)
-    curated, ext = encode_curated(rgb, fmt)
+    # A clean RGB JPEG is kept as landed (lossless, and no re-encoding cost); the rest is re-encoded.
+    same_as_source = is_clean_rgb_jpeg(image)
+    curated, ext = (data, "jpg") if same_as_source else encode_curated(rgb, fmt)
     report = ImageReport(
         source_sha256=digest,
         file_bytes=len(data),
@@ -169,7 +187,13 @@ def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
         curated_ext=ext,
         **measure(rgb),  # type: ignore[arg-type]
     )
-    return Inspected(report, curated)
+    return Inspected(report, curated, same_as_source)
+
+
+def inspect_for_pool(data: bytes, limits: ImageLimits) -> Inspected:
+    """``inspect_image`` for a worker process: landed bytes kept as curated are not sent back."""
+    result = inspect_image(data, limits)
+    return Inspected(result.report, None, True) if result.same_as_source else result
 
 
 def hamming_distances(target: int, others: np.ndarray) -> np.ndarray:

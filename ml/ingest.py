@@ -25,7 +25,7 @@ import pandas as pd
 
 from ml import catalog
 from ml.config import Settings
-from ml.images import ImageLimits, Inspected, inspect_image
+from ml.images import ImageLimits, Inspected, inspect_for_pool, inspect_image
 from ml.quality import QualityRunner, SuiteOutcome
 from ml.storage import Storage, join_key
 
@@ -218,11 +218,11 @@ def fetch_all(storage: Storage, keys: Iterable[str]) -> dict[str, bytes]:
 def inspect_all(blobs: dict[str, bytes], limits: ImageLimits, workers: int) -> dict[str, Inspected]:
     """Inspect images in worker processes (one per core) when the batch is large enough."""
     names = list(blobs)
-    check = partial(inspect_image, limits=limits)
     if workers <= 1 or len(names) < SERIAL_BELOW:
-        return {name: check(blobs[name]) for name in names}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
-        results = pool.map(check, (blobs[name] for name in names), chunksize=8)
+        return {name: inspect_image(blobs[name], limits) for name in names}
+    # fork: workers start in milliseconds and need nothing re-imported; they only run pure functions.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+        results = pool.map(partial(inspect_for_pool, limits=limits), (blobs[n] for n in names), chunksize=16)
         return dict(zip(names, results, strict=True))
 
 
@@ -387,10 +387,11 @@ def publish(
     blobs: dict[str, bytes],
 ) -> dict[str, Any]:
     """Write curated images, quarantined originals, then the catalog partition and version (last)."""
-    by_sha = {result.report.sha256: result for result in inspected.values() if result.curated}
     for row in new_rows:
         if not storage.exists(row["curated_key"]):
-            storage.write_bytes(row["curated_key"], by_sha[row["sha256"]].curated or b"")
+            name = row["source_key"].removeprefix(batch.layout.images + "/")
+            curated = inspected[name].curated_bytes(blobs[row["source_key"]])
+            storage.write_bytes(row["curated_key"], curated or b"")
     entries = ledger(batch)
     keep = {join_key(batch.layout.quarantine, "_reasons.csv")}
     for entry in entries:

@@ -78,6 +78,14 @@ def test_exif_and_gps_are_stripped_from_what_is_kept() -> None:
     assert b"SpyCam" not in (result.curated or b"")
 
 
+def test_a_clean_jpeg_is_kept_byte_for_byte_and_a_commented_one_is_not() -> None:
+    clean = encode(photo(20), "JPEG", quality=90)
+    assert inspect_image(clean, LIMITS).curated == clean
+    commented = encode(photo(20), "JPEG", quality=90, comment=b"owner: alice@example.com")
+    kept = inspect_image(commented, LIMITS).curated or b""
+    assert kept != commented and b"alice" not in kept
+
+
 def test_exif_orientation_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
