@@ -32,7 +32,7 @@ from PIL import Image
 from ml.config import load_settings
 from ml.demo_data import render_image
 from ml.images import ImageLimits
-from ml.ingest import inspect_all, ingest_day
+from ml.ingest import ingest_day, inspect_all
 from ml.storage import LocalStorage
 
 DAY = dt.date(2026, 3, 1)

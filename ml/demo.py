@@ -67,7 +67,8 @@ def main() -> int:
     landed = land_days(storage, DEMO_START, DEMO_DAYS, settings.classes, count=PER_DAY, seed=7)
     land_broken_objects(storage, DEMO_START + dt.timedelta(days=1))
     print(f"landed {len(landed)} days of {PER_DAY} generated images (+3 broken uploads on day 2)\n")
-    header = f"{'day':<11} {'airflow':<8} {'landed':>7} {'accepted':>9} {'quarantined':>12} {'new':>5}  dataset version"
+    columns = f"{'day':<11} {'airflow':<8} {'landed':>7} {'accepted':>9} {'quarantined':>12} {'new':>5}"
+    header = f"{columns}  dataset version"
     print(header)
     print("-" * len(header))
     failures = 0
