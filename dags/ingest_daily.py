@@ -9,6 +9,7 @@ import datetime as dt
 from typing import Any
 
 from airflow.sdk import CronDataIntervalTimetable, Param, PokeReturnValue, dag, task
+from mlops_airflow.alerts import landing_timeout_callback
 from mlops_airflow.assets import CURATED_IMAGES
 from mlops_airflow.defaults import default_args, run_day
 
@@ -22,7 +23,7 @@ SETTINGS = get_settings()
     schedule=CronDataIntervalTimetable(SETTINGS.ingest.schedule, timezone="UTC"),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=8,  # sensors of several days may wait at once
     default_args=default_args(),
     tags=["mlops", "ingestion", "data-quality"],
     doc_md=__doc__,
@@ -42,6 +43,7 @@ def ingest_daily() -> None:
         timeout=SETTINGS.ingest.sensor_timeout_seconds,
         mode="reschedule",
         retries=0,
+        on_failure_callback=landing_timeout_callback,
     )
     def wait_for_labels(
         params: dict[str, Any] | None = None, data_interval_start: Any = None
@@ -58,7 +60,7 @@ def ingest_daily() -> None:
         print(f"waiting for {storage.url(labels)}: {'present' if present else 'not yet'}")
         return PokeReturnValue(is_done=present, xcom_value=day.isoformat())
 
-    @task(outlets=[CURATED_IMAGES])
+    @task(outlets=[CURATED_IMAGES], max_active_tis_per_dag=1)  # one writer of the catalog at a time
     def ingest(day: str, outlet_events: Any = None) -> dict[str, Any]:
         """Validate every landed object, curate or quarantine it, write the dataset version."""
         from airflow.sdk.exceptions import AirflowFailException

@@ -154,3 +154,27 @@ def failure_callback(context: Any) -> None:
         send_alert(alert, settings)
     except Exception:
         log.exception("failure callback could not send its alert")
+
+
+def landing_timeout_callback(context: Any) -> None:
+    """``on_failure_callback`` of the landing sensor: say which file never arrived."""
+    try:
+        from ml.ingest import DayLayout
+        from mlops_airflow.defaults import run_day
+        from mlops_airflow.storage import dag_storage
+
+        settings = get_settings()
+        exception = context.get("exception")
+        day = run_day(context.get("params"), context.get("data_interval_start"))
+        url = dag_storage(settings).url(DayLayout(day).labels)
+        reason = (
+            f"nothing landed for {day}: {url} did not appear within "
+            f"{settings.ingest.sensor_timeout_seconds} s ({type(exception).__name__}). "
+            "Images land first and labels.csv last; check the upload job."
+        )
+        send_alert(
+            alert_from_context(context, "No data landed", settings.alerts.failure_severity, reason, url)
+        )
+    except Exception:  # the callback itself must never raise; log.exception keeps the trace
+        log.exception("landing timeout callback could not send its alert")
+        failure_callback(context)

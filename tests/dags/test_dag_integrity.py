@@ -26,7 +26,7 @@ def test_no_import_errors_and_expected_dags(dagbag) -> None:
 
 
 def test_house_rules(dagbag) -> None:
-    from mlops_airflow.alerts import failure_callback
+    from mlops_airflow.alerts import failure_callback, landing_timeout_callback
 
     for dag in dagbag.dags.values():
         assert dag.tags and "mlops" in dag.tags, dag.dag_id
@@ -36,7 +36,7 @@ def test_house_rules(dagbag) -> None:
             assert task.owner == "mlops", (dag.dag_id, task.task_id)
             callbacks = task.on_failure_callback
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            assert failure_callback in callbacks, (dag.dag_id, task.task_id)
+            assert callbacks and set(callbacks) <= {failure_callback, landing_timeout_callback}, task.task_id
         assert any(task.retries >= 1 for task in dag.tasks), dag.dag_id
 
 
@@ -46,6 +46,7 @@ def test_ingest_daily_shape(dagbag) -> None:
     ingest = dag.get_task("ingest")
     assert [a.name for a in ingest.outlets] == ["curated_images"]
     assert ingest.retries >= 1 and ingest.retry_exponential_backoff
+    assert ingest.max_active_tis_per_dag == 1  # one catalog writer at a time
     sensor = dag.get_task("wait_for_labels")
     assert sensor.mode == "reschedule" and sensor.timeout > 0
     assert "date" in dag.params

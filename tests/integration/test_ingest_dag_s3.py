@@ -135,3 +135,15 @@ def test_gate_failure_publishes_nothing_and_alerts_slack(s3_env: S3Storage, rece
     assert "ingest_daily" in text and "task ingest" in text and str(BAD_DAY) in text
     assert "rejected share" in text and f"reports/data_docs/{BAD_DAY}/index.html" in text
     assert not receiver.on("/v2/enqueue")  # a warning does not page
+
+
+def test_nothing_landed_times_out_with_a_clear_alert(s3_env: S3Storage, receiver, monkeypatch) -> None:
+    monkeypatch.setenv("MLOPS__INGEST__SENSOR_TIMEOUT_SECONDS", "3")
+    monkeypatch.setenv("MLOPS__INGEST__SENSOR_POKE_SECONDS", "1")
+    empty_day = dt.date(2026, 1, 9)
+    run = run_dag(empty_day, 1)
+    assert run.state == "failed"
+    (message,) = receiver.wait_for("/slack/")
+    text = message.json()["text"]
+    assert f"nothing landed for {empty_day}" in text
+    assert f"s3://{s3_env.bucket}/mlops/landing/{empty_day}/labels.csv" in text
