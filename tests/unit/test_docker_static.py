@@ -1,0 +1,41 @@
+"""Static checks of docker/ (no Docker engine runs here): files referenced exist, images pinned, no secrets."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from tests.conftest import REPO
+
+DOCKER = REPO / "docker"
+
+
+def test_dockerfile_copies_only_what_exists_and_pins_its_base() -> None:
+    text = (DOCKER / "Dockerfile.airflow").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M)
+    assert base and ":" in base.group(1) and not base.group(1).endswith(":latest")
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        *sources, _target = line.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY source {source} does not exist"
+    assert "USER airflow" in text
+
+
+def test_compose_services_build_pinned_images_and_take_secrets_from_the_environment() -> None:
+    text = (DOCKER / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert {"postgres", "minio", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor"} <= set(services)
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert image and not image.endswith(":latest") and ":" in image, name
+        build = service.get("build")
+        if build:
+            assert (DOCKER / build["context"] / build["dockerfile"]).is_file(), name
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+    secrets = re.findall(r"^\s*\w*(?:PASSWORD|SECRET)\w*:\s*(\S+)", text, re.M)
+    assert len(secrets) >= 4
+    for match in secrets:
+        assert match.startswith("${"), f"a password is written into the compose file: {match}"
