@@ -24,7 +24,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
 
 
 def test_demo_data_then_ingest_prints_one_json_result(store: Path, capsys) -> None:
-    code, landed = run(capsys, "demo-data", "--days", "1", "--per-day", "30", "--start", "2026-05-01", "--json")
+    code, landed = run(
+        capsys, "demo-data", "--days", "1", "--per-day", "30", "--start", "2026-05-01", "--json"
+    )
     assert code == EXIT_OK and landed["days"][0]["images"] == 30
     code, result = run(capsys, "ingest", "--date", "2026-05-01", "--json")
     assert code == EXIT_OK

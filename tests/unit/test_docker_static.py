@@ -1,4 +1,4 @@
-"""Static checks of docker/ (no Docker engine runs here): files referenced exist, images pinned, no secrets."""
+"""Static checks of docker/ (no Docker engine here): referenced files exist, images pinned, no secrets."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def test_compose_services_build_pinned_images_and_take_secrets_from_the_environm
     text = (DOCKER / "docker-compose.yml").read_text()
     compose = yaml.safe_load(text)
     services = compose["services"]
-    assert {"postgres", "minio", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor"} <= set(services)
+    assert {"postgres", "minio", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor"} <= set(
+        services
+    )
     for name, service in services.items():
         image = service.get("image", "")
         assert image and not image.endswith(":latest") and ":" in image, name
