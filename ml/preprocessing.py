@@ -1,0 +1,85 @@
+"""The one preprocessing module: training, feature caching and serving all call these functions.
+
+Eval preprocessing is PIL + numpy only (no torch), so the serving image can run it next to ONNX
+Runtime and produce exactly the tensor training saw: resize to ``image_size`` square (bilinear,
+Pillow's antialiasing), scale to [0, 1], normalise with the ImageNet statistics.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ml.images import to_rgb
+
+PREPROCESSING_VERSION = "resize-bilinear-imagenet-v1"  # part of every feature-cache key
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_settings(cls, preprocessing: object) -> Preprocessing:
+        return cls(
+            int(preprocessing.image_size),  # type: ignore[attr-defined]
+            tuple(preprocessing.mean),  # type: ignore[attr-defined]
+            tuple(preprocessing.std),  # type: ignore[attr-defined]
+        )
+
+    @property
+    def version(self) -> str:
+        return f"{PREPROCESSING_VERSION}:{self.image_size}:{self.mean}:{self.std}"
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes to 8-bit RGB with the same normalisation ingestion applies."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return to_rgb(image)
+
+
+def to_array(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """One RGB image -> float32 array (3, size, size), normalised. The model's input."""
+    resized = to_rgb(image).resize((prep.image_size, prep.image_size), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    array = (array - np.asarray(prep.mean, dtype=np.float32)) / np.asarray(prep.std, dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def batch_arrays(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarray:
+    """Images -> float32 array (N, 3, size, size)."""
+    return (
+        np.stack([to_array(image, prep) for image in images])
+        if images
+        else np.zeros((0, 3, prep.image_size, prep.image_size), dtype=np.float32)
+    )
+
+
+def augmented_view(image: Image.Image, rng: np.random.Generator, kinds: Sequence[str]) -> Image.Image:
+    """A random training view (rotation, flip, crop, colour jitter), applied before ``to_array``."""
+    view = to_rgb(image)
+    if "crop" in kinds:
+        scale = rng.uniform(0.75, 1.0)
+        width, height = view.size
+        crop_w, crop_h = max(1, int(width * scale)), max(1, int(height * scale))
+        left = int(rng.integers(0, width - crop_w + 1))
+        top = int(rng.integers(0, height - crop_h + 1))
+        view = view.crop((left, top, left + crop_w, top + crop_h))
+    if "flip" in kinds and rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if "rotation" in kinds:
+        view = view.rotate(
+            float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR, fillcolor=(128, 128, 128)
+        )
+    if "color_jitter" in kinds:
+        array = np.asarray(view, dtype=np.float32)
+        array = array * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20)
+        view = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    return view

@@ -1,0 +1,112 @@
+"""The MLflow model registry with aliases: ``challenger`` (gated), ``champion`` (production).
+
+Registry stages are deprecated in MLflow; aliases and tags carry the state. Every promotion is
+recorded twice: as tags on the model version (who, when, note) and as an append-only audit
+record in storage (``registry/audit/``), so the history of champions survives for rollback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ml.config import REPO_ROOT, Settings
+from ml.storage import Storage
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+AUDIT_PREFIX = "registry/audit"
+
+
+def tracking_uri(settings: Settings) -> str:
+    """The configured tracking URI, else a SQLite store under .data/mlflow (registry included)."""
+    if settings.mlflow.tracking_uri:
+        return settings.mlflow.tracking_uri
+    folder = REPO_ROOT / ".data" / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def artifact_location(settings: Settings) -> str | None:
+    """Local artifact root for the embedded default; None lets the tracking server decide."""
+    if settings.mlflow.tracking_uri:
+        return None
+    return (REPO_ROOT / ".data" / "mlflow" / "artifacts").as_uri()
+
+
+def client(settings: Settings) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(settings)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(settings: Settings) -> str:
+    """The experiment id for ``mlflow.experiment_name`` (created with the local artifact root)."""
+    mlflow_client = client(settings)
+    experiment = mlflow_client.get_experiment_by_name(settings.mlflow.experiment_name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    return str(
+        mlflow_client.create_experiment(
+            settings.mlflow.experiment_name, artifact_location=artifact_location(settings)
+        )
+    )
+
+
+def version_for_alias(settings: Settings, alias: str) -> str | None:
+    """The model version behind ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(
+            client(settings).get_model_version_by_alias(settings.mlflow.registered_model, alias).version
+        )
+    except MlflowException:
+        return None
+
+
+@dataclass(frozen=True)
+class Approval:
+    model: str
+    version: str
+    previous_champion: str | None
+    approved_by: str
+    approved_at: str
+    note: str
+
+
+def promote(settings: Settings, storage: Storage, version: str, approved_by: str, note: str = "") -> Approval:
+    """Make ``version`` the champion; record who approved it, when and why."""
+    mlflow_client = client(settings)
+    name = settings.mlflow.registered_model
+    mlflow_client.get_model_version(name, version)  # raises with a clear message if it does not exist
+    now = dt.datetime.now(dt.UTC)
+    approval = Approval(
+        model=name,
+        version=str(version),
+        previous_champion=version_for_alias(settings, CHAMPION),
+        approved_by=approved_by,
+        approved_at=now.isoformat(timespec="seconds"),
+        note=note,
+    )
+    mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
+    for key, value in {
+        "approved_by": approved_by,
+        "approved_at": approval.approved_at,
+        "approval_note": note,
+    }.items():
+        mlflow_client.set_model_version_tag(name, str(version), key, value)
+    stamp = now.strftime("%Y%m%dT%H%M%S%fZ")  # sortable, unique per promotion
+    storage.write_bytes(
+        f"{AUDIT_PREFIX}/{stamp}-v{version}.json",
+        json.dumps(asdict(approval), indent=2, sort_keys=True).encode(),
+    )
+    return approval
+
+
+def audit_log(storage: Storage) -> list[dict[str, Any]]:
+    """Every recorded promotion, oldest first."""
+    return [json.loads(storage.read_bytes(key)) for key in storage.list(AUDIT_PREFIX)]

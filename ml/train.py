@@ -1,0 +1,263 @@
+"""Train the classifier head on cached backbone features with PyTorch Lightning.
+
+With a frozen backbone (the default), every image's features come from the feature cache
+(``ml.features``): view 0 is the clean image, views 1..V-1 augmented copies. Each epoch draws
+one cached view per training image, so augmentation costs nothing after the first run.
+Validation and test use view 0 only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ml import catalog
+from ml.config import Settings
+from ml.storage import Storage
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    optimizer: str
+    scheduler: str
+    patience: int
+    monitor: str
+    seed: int
+    dropout: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> Hyperparameters:
+        training = settings.training
+        values = {
+            "epochs": training.epochs,
+            "learning_rate": training.learning_rate,
+            "batch_size": training.batch_size,
+            "optimizer": training.optimizer,
+            "scheduler": training.scheduler,
+            "patience": training.early_stopping.patience,
+            "monitor": training.early_stopping.monitor,
+            "seed": training.seed,
+            "dropout": settings.model.dropout_rate,
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+@dataclass
+class SplitData:
+    features: np.ndarray  # (N, V, D) float32
+    labels: np.ndarray  # (N,) int64
+    sha256: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def dataset_rows(storage: Storage, day: dt.date | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The dataset version (LATEST by default) and its catalog rows."""
+    version = catalog.read_version(storage, day)
+    rows = catalog.load_catalog(storage, upto=dt.date.fromisoformat(version["day"]))
+    return version, rows.sort_values("sha256", ignore_index=True)
+
+
+def split_data(rows: pd.DataFrame, features: np.ndarray, classes: list[str]) -> dict[str, SplitData]:
+    """Features and label indices per split; rows with labels outside ``classes`` are an error."""
+    unknown = sorted(set(rows["label"]) - set(classes))
+    if unknown:
+        raise ValueError(f"catalog has labels outside the configured classes: {unknown}")
+    index = {name: i for i, name in enumerate(classes)}
+    out = {}
+    for split in SPLITS:
+        mask = (rows["split"] == split).to_numpy()
+        out[split] = SplitData(
+            features[mask].astype(np.float32),
+            rows.loc[mask, "label"].map(index).to_numpy(dtype=np.int64),
+            list(rows.loc[mask, "sha256"]),
+        )
+        if len(out[split]) == 0:
+            raise ValueError(f"the dataset has no {split} images yet: ingest more days before training")
+    return out
+
+
+class HeadModule(L.LightningModule):
+    """Cross-entropy training of the head; logs loss/accuracy and val_loss/val_accuracy per epoch."""
+
+    def __init__(self, head: nn.Module, hparams: Hyperparameters) -> None:
+        super().__init__()
+        self.head = head
+        self.hp = hparams
+        self.loss = nn.CrossEntropyLoss()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> torch.Tensor:
+        features, labels = batch
+        logits = self(features)
+        loss = self.loss(logits, labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        self.log(f"{prefix}loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log(f"{prefix}accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val_")
+
+    def configure_optimizers(self) -> Any:
+        optimizers = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
+        optimizer = optimizers[self.hp.optimizer](self.head.parameters(), lr=self.hp.learning_rate)
+        if self.hp.scheduler == "none":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=3, factor=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+
+class ViewSamplingData(L.LightningDataModule):
+    """Each epoch draws one cached view per training image (seeded by seed and epoch)."""
+
+    def __init__(self, train: SplitData, val: SplitData, hparams: Hyperparameters) -> None:
+        super().__init__()
+        self.train, self.val, self.hp = train, val, hparams
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        rng = np.random.default_rng([self.hp.seed, epoch])
+        views = rng.integers(0, self.train.features.shape[1], size=len(self.train))
+        chosen = self.train.features[np.arange(len(self.train)), views]
+        dataset = TensorDataset(torch.from_numpy(chosen), torch.from_numpy(self.train.labels))
+        generator = torch.Generator().manual_seed(self.hp.seed + epoch)
+        return DataLoader(dataset, batch_size=self.hp.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = TensorDataset(torch.from_numpy(self.val.features[:, 0]), torch.from_numpy(self.val.labels))
+        return DataLoader(dataset, batch_size=max(self.hp.batch_size, 256))
+
+
+class EpochMetrics(L.Callback):
+    """Hands each finished epoch's metrics to ``sink`` (MLflow in production, a list in tests)."""
+
+    def __init__(self, sink: Callable[[dict[str, float], int], None]) -> None:
+        self.sink = sink
+        self.history: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in _EPOCH_KEYS}
+        if "loss" not in metrics:  # the first validation pass runs before any training epoch ends
+            return
+        metrics["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self.history.append({"epoch": trainer.current_epoch, **metrics})
+        self.sink(metrics, trainer.current_epoch)
+
+
+_EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+@dataclass
+class FitResult:
+    head: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = 0.0
+    stopped_early: bool = False
+
+
+def fit_head(
+    head: nn.Module,
+    data: dict[str, SplitData],
+    hparams: Hyperparameters,
+    sink: Callable[[dict[str, float], int], None] | None = None,
+) -> FitResult:
+    """Train ``head`` with early stopping on ``hparams.monitor``; return the best epoch's weights."""
+    L.seed_everything(hparams.seed, workers=True, verbose=False)
+    module = HeadModule(head, hparams)
+    metrics = EpochMetrics(sink or (lambda values, step: None))
+    mode = "max" if "accuracy" in hparams.monitor else "min"
+    stopper = L.pytorch.callbacks.EarlyStopping(monitor=hparams.monitor, mode=mode, patience=hparams.patience)
+    best = _BestWeights(hparams.monitor, mode)
+    trainer = L.Trainer(
+        max_epochs=hparams.epochs,
+        accelerator="cpu",
+        deterministic=True,
+        callbacks=[metrics, stopper, best],
+        reload_dataloaders_every_n_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=ViewSamplingData(data["train"], data["val"], hparams))
+    head.load_state_dict(best.state)
+    return FitResult(head, metrics.history, best.epoch, best.value, stopper.stopped_epoch > 0)
+
+
+class _BestWeights(L.Callback):
+    """Keeps the head's weights from the best epoch in memory (no checkpoint files)."""
+
+    def __init__(self, monitor: str, mode: str) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.value = -np.inf if mode == "max" else np.inf
+        self.epoch = 0
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        better = value > self.value if self.mode == "max" else value < self.value
+        if better or not self.state:
+            self.value, self.epoch = value, trainer.current_epoch
+            self.state = {k: v.detach().clone() for k, v in module.head.state_dict().items()}
+
+
+def predict_proba(head: nn.Module, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities of ``head`` on (N, D) features."""
+    head.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            logits = head(torch.from_numpy(np.ascontiguousarray(features[start : start + batch_size])))
+            outputs.append(torch.softmax(logits, dim=1).numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def training_curves_png(history: list[dict[str, float]]) -> bytes:
+    """Loss and accuracy per epoch, train and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, axis in (("loss", left), ("accuracy", right)):
+        axis.plot(epochs, [h.get(key, np.nan) for h in history], label=f"train {key}")
+        axis.plot(epochs, [h.get(f"val_{key}", np.nan) for h in history], label=f"val {key}")
+        axis.set_xlabel("epoch")
+        axis.set_title(key)
+        axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
