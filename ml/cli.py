@@ -48,6 +48,45 @@ def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> dict[str, Any
     return {"storage": storage.root_url, "days": days}
 
 
+def cmd_train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.retrain import RunContext, train_and_register
+    from ml.storage import storage_from_settings
+
+    overrides = {"epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size}
+    return train_and_register(
+        settings,
+        storage_from_settings(settings),
+        overrides=overrides,
+        context=RunContext(trigger="manual", note=args.note or ""),
+        dataset_day=args.dataset_day,
+        force=args.force,
+        shuffle_labels=args.shuffle_labels,
+    )
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.retrain import evaluate_version
+    from ml.storage import storage_from_settings
+
+    return evaluate_version(settings, storage_from_settings(settings), args.model_version)
+
+
+def cmd_promote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    import getpass
+    from dataclasses import asdict
+
+    from ml import registry
+    from ml.storage import storage_from_settings
+
+    version = args.version or registry.version_for_alias(settings, registry.CHALLENGER)
+    if version is None:
+        raise ValueError("no model version given and no challenger registered")
+    approver = args.approved_by or getpass.getuser()
+    return asdict(
+        registry.promote(settings, storage_from_settings(settings), version, approver, args.note or "")
+    )
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
@@ -71,6 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--drift", help="KIND:STRENGTH, KIND in brightness, blur, class_mix; strength 0..1")
     demo.add_argument("--drift-from", type=int, default=None, help="0-based day index where drift starts")
     demo.set_defaults(handler=cmd_demo_data)
+
+    train = sub.add_parser("train", parents=[common], help="train, evaluate, gate and register a challenger")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument(
+        "--dataset-day", type=_date, help="train on this day's dataset version (default: LATEST)"
+    )
+    train.add_argument(
+        "--force", action="store_true", help="train even if the champion saw this dataset version"
+    )
+    train.add_argument("--note", help="free text recorded with the MLflow run")
+    train.add_argument(
+        "--shuffle-labels",
+        action="store_true",
+        help="negative control: train on shuffled labels (the gate must reject)",
+    )
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate", parents=[common], help="evaluate a registered model version on the test split"
+    )
+    evaluate.add_argument("--model-version", required=True)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    promote = sub.add_parser(
+        "promote", parents=[common], help="approve a version as champion (default: challenger)"
+    )
+    promote.add_argument("version", nargs="?")
+    promote.add_argument("--approved-by", help="who approves (default: the current user)")
+    promote.add_argument("--note")
+    promote.set_defaults(handler=cmd_promote)
 
     config = sub.add_parser("config", parents=[common], help="print the effective config")
     config.set_defaults(handler=cmd_config)

@@ -90,6 +90,7 @@ class PreprocessingConfig(_Strict):
 class ModelConfig(_Strict):
     architecture: Literal["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_small"]
     pretrained: bool
+    weights_path: str | None = None
     dropout_rate: float = Field(ge=0, lt=1)
     freeze_backbone: bool
 
@@ -108,6 +109,7 @@ class TrainingConfig(_Strict):
     scheduler: Literal["ReduceLROnPlateau", "none"]
     early_stopping: EarlyStopping
     seed: int
+    augmented_views: int = Field(ge=0, le=16)
 
 
 class AcceptanceConfig(_Strict):
@@ -115,6 +117,9 @@ class AcceptanceConfig(_Strict):
     precision_min: float = Field(ge=0, le=1)
     recall_min: float = Field(ge=0, le=1)
     f1_macro_min: float = Field(ge=0, le=1)
+    non_inferiority_margin: float = Field(ge=0, le=1)
+    alpha: float = Field(gt=0, lt=1)
+    onnx_max_abs_diff: float = Field(gt=0)
 
 
 class InferenceConfig(_Strict):
@@ -132,6 +137,7 @@ class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment_name: str
     registered_model: str
+    auto_approve: bool = False
 
 
 Severity = Literal["warning", "critical"]

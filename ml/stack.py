@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-DAG_IDS = ("ingest_daily",)
+DAG_IDS = ("ingest_daily", "retrain")
 
 
 def api_url() -> str:

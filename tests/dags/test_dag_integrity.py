@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"ingest_daily"}
+EXPECTED = {"ingest_daily", "retrain"}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,14 @@ def test_ingest_daily_shape(dagbag) -> None:
     sensor = dag.get_task("wait_for_labels")
     assert sensor.mode == "reschedule" and sensor.timeout > 0
     assert "date" in dag.params
+
+
+def test_retrain_shape(dagbag) -> None:
+    dag = dagbag.dags["retrain"]
+    assert [t.task_id for t in dag.topological_sort()] == ["train", "route", "approve", "promote"]
+    assert "retrain_requested" in str(dag.timetable)  # the drift Asset triggers it, besides the cron
+    assert {"epochs", "learning_rate", "batch_size", "force", "note"} <= set(dag.params)
+    assert type(dag.get_task("approve")).__name__ == "ApprovalOperator"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "dags").glob("*.py")), ids=lambda p: p.name)

@@ -1,0 +1,136 @@
+"""Weekly retraining, or on a "retrain requested" Asset event (drift): train, evaluate, gate, register.
+
+A gated model is registered with alias ``challenger``. Promotion to ``champion`` needs a human
+approval in the Airflow UI (the ``approve`` task); ``mlflow.auto_approve: true`` in the config
+skips the human (demo only) and is recorded as such.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from mlops_airflow.assets import RETRAIN_REQUESTED
+from mlops_airflow.defaults import default_args
+
+from ml.config import get_settings
+
+SETTINGS = get_settings()
+
+
+@dag(
+    dag_id="retrain",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(SETTINGS.training.schedule, timezone="UTC"), assets=[RETRAIN_REQUESTED]
+    ),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(retries=1),
+    tags=["mlops", "training", "registry"],
+    doc_md=__doc__,
+    params={
+        "epochs": Param(SETTINGS.training.epochs, type="integer", minimum=1, maximum=500, title="Max epochs"),
+        "learning_rate": Param(
+            SETTINGS.training.learning_rate, type="number", exclusiveMinimum=0, title="Learning rate"
+        ),
+        "batch_size": Param(
+            SETTINGS.training.batch_size, type="integer", minimum=1, maximum=4096, title="Batch size"
+        ),
+        "force": Param(
+            False, type="boolean", title="Force", description="Retrain even on an unchanged dataset"
+        ),
+        "note": Param("", type="string", title="Note", description="Recorded with the MLflow run"),
+    },
+)
+def retrain() -> None:
+    @task(execution_timeout=dt.timedelta(hours=6))
+    def train(
+        params: dict[str, Any] | None = None, dag_run: Any = None, triggering_asset_events: Any = None
+    ) -> dict:
+        """Train, evaluate and gate a challenger; register it when the gate passes."""
+        from mlops_airflow.storage import dag_storage
+
+        from ml.retrain import RunContext, train_and_register
+
+        params = params or {}
+        context = RunContext(
+            trigger="schedule", airflow_run_id=getattr(dag_run, "run_id", ""), note=params.get("note", "")
+        )
+        events = [event for events in (triggering_asset_events or {}).values() for event in events]
+        if events:
+            extra = dict(events[-1].extra or {})
+            context = RunContext(
+                "drift",
+                context.airflow_run_id,
+                str(extra.get("reason", "")),
+                str(extra.get("report", "")),
+                context.note,
+            )
+        elif getattr(dag_run, "run_type", "") == "manual":
+            context = RunContext("manual", context.airflow_run_id, note=context.note)
+        settings = get_settings()
+        overrides = {key: params.get(key) for key in ("epochs", "learning_rate", "batch_size")}
+        result = train_and_register(
+            settings,
+            dag_storage(settings),
+            overrides=overrides,
+            context=context,
+            force=bool(params.get("force")),
+        )
+        status, version = result["status"], result.get("model_version")
+        print(f"retrain: {status}; model version {version}; gate {result.get('gate')}")
+        return result
+
+    @task.branch
+    def route(result: dict) -> str | None:
+        """Registered challengers go to approval (or straight to promotion when auto-approve is on)."""
+        if result["status"] != "registered":
+            return None
+        return "promote" if get_settings().mlflow.auto_approve else "approve"
+
+    approve = ApprovalOperator(
+        task_id="approve",
+        subject="Promote model version {{ ti.xcom_pull(task_ids='train')['model_version'] }} to champion?",
+        body=(
+            "Dataset {{ ti.xcom_pull(task_ids='train')['dataset_version'] }}; "
+            "metrics {{ ti.xcom_pull(task_ids='train')['metrics'] }}; "
+            "gate: {{ ti.xcom_pull(task_ids='train')['gate'] }}"
+        ),
+        response_timeout=dt.timedelta(days=7),
+    )
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def promote(result: dict, ti: Any = None) -> dict:
+        """Move the champion alias; record who approved it (or that the config auto-approved)."""
+        from dataclasses import asdict
+
+        from mlops_airflow.storage import dag_storage
+
+        from ml import registry
+
+        settings = get_settings()
+        answer = ti.xcom_pull(task_ids="approve") if ti else None
+        approver = "auto-approve (mlflow.auto_approve config)"
+        if answer:
+            user = answer.get("responded_by_user") or {}
+            approver = str(user.get("name") or user.get("id") or "airflow-ui")
+        approval = registry.promote(
+            settings,
+            dag_storage(settings),
+            result["model_version"],
+            approver,
+            note=f"retrain {result['run_id']}",
+        )
+        return asdict(approval)
+
+    trained = train()
+    branch = route(trained)
+    promoted = promote(trained)
+    branch >> [approve, promoted]
+    approve >> promoted
+
+
+retrain()
