@@ -87,6 +87,7 @@ def extract(
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(batch_arrays(images[start : start + batch_size], prep))
+            batch = batch.contiguous(memory_format=torch.channels_last)
             out[start : start + len(batch)] = backbone.module(batch).numpy()
     return out
 

@@ -17,7 +17,6 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from multiprocessing import get_context
 from typing import Any
 
@@ -215,15 +214,55 @@ def fetch_all(storage: Storage, keys: Iterable[str]) -> dict[str, bytes]:
         return dict(zip(keys, pool.map(storage.read_bytes, keys), strict=True))
 
 
+def _inspect_chunk(chunk: list[bytes], limits: ImageLimits) -> list[Inspected]:
+    return [inspect_for_pool(data, limits) for data in chunk]
+
+
+class Inspection:
+    """Images inspected in worker processes (one per core) while the caller goes on with other work.
+
+    Workers are forked as soon as the work is submitted, before Great Expectations is imported,
+    so the GE import and the manifest suite overlap with decoding. Small batches run inline.
+    """
+
+    def __init__(self, blobs: dict[str, bytes], limits: ImageLimits, workers: int, chunk: int = 16) -> None:
+        self._blobs, self._limits = blobs, limits
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: list[tuple[list[str], Any]] = []
+        if workers > 1 and len(blobs) >= SERIAL_BELOW:
+            # fork: workers start in milliseconds and need nothing re-imported; they run pure functions.
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"))
+            names = list(blobs)
+            for start in range(0, len(names), chunk):
+                part = names[start : start + chunk]
+                future = self._pool.submit(_inspect_chunk, [blobs[n] for n in part], limits)
+                self._futures.append((part, future))
+
+    def results(self, names: Iterable[str]) -> dict[str, Inspected]:
+        """Results for ``names`` (waits for the workers)."""
+        wanted = list(names)
+        if self._pool is None:
+            return {name: inspect_image(self._blobs[name], self._limits) for name in wanted}
+        done: dict[str, Inspected] = {}
+        for part, future in self._futures:
+            done.update(zip(part, future.result(), strict=True))
+        return {name: done[name] for name in wanted}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> Inspection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def inspect_all(blobs: dict[str, bytes], limits: ImageLimits, workers: int) -> dict[str, Inspected]:
-    """Inspect images in worker processes (one per core) when the batch is large enough."""
-    names = list(blobs)
-    if workers <= 1 or len(names) < SERIAL_BELOW:
-        return {name: inspect_image(blobs[name], limits) for name in names}
-    # fork: workers start in milliseconds and need nothing re-imported; they only run pure functions.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-        results = pool.map(partial(inspect_for_pool, limits=limits), (blobs[n] for n in names), chunksize=16)
-        return dict(zip(names, results, strict=True))
+    """Inspect every image (in worker processes when the batch is large enough)."""
+    with Inspection(blobs, limits, workers) as inspection:
+        return inspection.results(blobs)
 
 
 def resolve_workers(configured: int) -> int:
@@ -236,13 +275,10 @@ def _set_file_and_row(batch: Batch, name: str, line: int, reason: str, detail: s
 
 
 def check_images(
-    batch: Batch, claimed: dict[str, int], blobs: dict[str, bytes], quality: QualityRunner, settings: Settings
+    batch: Batch, claimed: dict[str, int], inspection: Inspection, quality: QualityRunner, settings: Settings
 ) -> dict[str, Inspected]:
-    """Safety checks in Python, quality checks in the image-properties suite."""
-    limits = ImageLimits.from_settings(settings.ingest)
-    inspected = inspect_all(
-        {name: blobs[batch.files[name]] for name in claimed}, limits, resolve_workers(settings.ingest.workers)
-    )
+    """Safety checks in Python (already running in ``inspection``), quality checks in the properties suite."""
+    inspected = inspection.results(claimed)
     decoded = {}
     for name, result in inspected.items():
         report = result.report
@@ -432,10 +468,15 @@ def ingest_day(settings: Settings, storage: Storage, day: dt.date) -> dict[str, 
         batch.gate_reasons.append(parse_error)
     blobs = fetch_all(storage, [*batch.files.values(), *batch.stray])
     run_time = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-    with QualityRunner(f"ingest-{day.isoformat()}", run_time) as quality:
+    limits = ImageLimits.from_settings(settings.ingest)
+    images = {name: blobs[key] for name, key in batch.files.items()}
+    with (
+        Inspection(images, limits, resolve_workers(settings.ingest.workers)) as inspection,
+        QualityRunner(f"ingest-{day.isoformat()}", run_time) as quality,
+    ):
         check_manifest(batch, quality, settings)
         claimed = pair_rows_and_files(batch)
-        inspected = check_images(batch, claimed, blobs, quality, settings)
+        inspected = check_images(batch, claimed, inspection, quality, settings)
         known = catalog.load_catalog(storage, before=day)
         new_rows = dedupe_and_split(batch, claimed, inspected, known, settings)
         result = summarise(batch, new_rows, settings)

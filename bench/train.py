@@ -1,0 +1,127 @@
+"""Benchmark: cold and warm retrain wall time, cached features vs the plain loop, same epochs.
+
+One process run on generated demo data (landed and ingested like any day):
+
+- mlops cold: an empty feature cache; features for every image (clean + augmented views),
+  then the head trained for ``--epochs`` epochs on cached features;
+- mlops warm: ``--new-share`` more images land; only those are embedded, then the same training;
+- plain loop: what users write first: every epoch decodes, augments and runs the frozen backbone
+  on every training image, then updates the head (for the same epochs, on the same images).
+
+Usage: python bench/train.py [--images 5000] [--new-share 0.1] [--epochs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml.config import load_settings
+from ml.demo_data import land_day
+from ml.features import FeatureCache
+from ml.ingest import ingest_day
+from ml.model import Head, build_backbone
+from ml.preprocessing import Preprocessing, augmented_view, decode_rgb, to_array
+from ml.storage import LocalStorage
+from ml.train import Hyperparameters, dataset_rows, fit_head, split_data
+
+DAY = dt.date(2026, 8, 1)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mlops_retrain(storage, settings, backbone, prep, hparams) -> tuple[float, dict[str, float]]:
+    started = time.perf_counter()
+    kinds = list(settings.preprocessing.augmentation)
+    cache = FeatureCache(storage, backbone, prep, settings.training.augmented_views + 1, kinds, batch_size=16)
+    _, rows = dataset_rows(storage)
+    features, stats = cache.features_for(rows)
+    feature_seconds = time.perf_counter() - started
+    data = split_data(rows, features, settings.classes)
+    fit_head(Head(backbone.dim, len(settings.classes), hparams.dropout), data, hparams)
+    total = time.perf_counter() - started
+    return total, {"features_s": round(feature_seconds, 1), "misses": stats.misses, "hits": stats.hits}
+
+
+def plain_loop(storage, settings, backbone, prep, hparams) -> float:
+    """Decode + augment + backbone forward every epoch (frozen backbone, head trained)."""
+    started = time.perf_counter()
+    _, rows = dataset_rows(storage)
+    train = rows[rows["split"] == "train"]
+    index = {name: i for i, name in enumerate(settings.classes)}
+    labels = torch.tensor(train["label"].map(index).to_numpy())
+    head = Head(backbone.dim, len(settings.classes), hparams.dropout)
+    optimizer = torch.optim.Adam(head.parameters(), lr=hparams.learning_rate)
+    loss_fn = nn.CrossEntropyLoss()
+    keys = list(train["curated_key"])
+    rng = np.random.default_rng(0)
+    for _ in range(hparams.epochs):
+        order = rng.permutation(len(keys))
+        for start in range(0, len(order), hparams.batch_size):
+            batch = order[start : start + hparams.batch_size]
+            images = [
+                augmented_view(decode_rgb(storage.read_bytes(keys[i])), rng, ["rotation", "flip", "crop"])
+                for i in batch
+            ]
+            with torch.inference_mode():
+                features = backbone.module(torch.from_numpy(np.stack([to_array(im, prep) for im in images])))
+            optimizer.zero_grad()
+            loss = loss_fn(head(features.clone()), labels[batch])
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--new-share", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=5)
+    args = parser.parse_args()
+    first = int(args.images * (1 - args.new_share))
+    with tempfile.TemporaryDirectory(prefix="mlops-bench-train-") as tmp:
+        settings = load_settings(environ={"MLOPS__STORAGE__ROOT": tmp})
+        storage = LocalStorage(Path(tmp))
+        hparams = Hyperparameters.from_settings(settings, epochs=args.epochs, patience=args.epochs + 1)
+        prep = Preprocessing.from_settings(settings.preprocessing)
+        backbone = build_backbone(settings.model.architecture, settings.model.pretrained)
+        land_day(storage, DAY, settings.classes, count=first, seed=1)
+        ingest_day(settings, storage, DAY)
+        cold, cold_info = mlops_retrain(storage, settings, backbone, prep, hparams)
+        print(f"mlops cold  {first} images: {cold:.1f} s {cold_info}", flush=True)
+        plain_cold = plain_loop(storage, settings, backbone, prep, hparams)
+        print(f"plain loop  {first} images: {plain_cold:.1f} s", flush=True)
+        land_day(storage, DAY + dt.timedelta(days=1), settings.classes, count=args.images - first, seed=2)
+        ingest_day(settings, storage, DAY + dt.timedelta(days=1))
+        warm, warm_info = mlops_retrain(storage, settings, backbone, prep, hparams)
+        print(f"mlops warm  {args.images} images: {warm:.1f} s {warm_info}", flush=True)
+        plain_warm = plain_loop(storage, settings, backbone, prep, hparams)
+        print(f"plain loop  {args.images} images: {plain_warm:.1f} s", flush=True)
+    report = {
+        "images": args.images,
+        "new_share": args.new_share,
+        "epochs": args.epochs,
+        "views": settings.training.augmented_views + 1,
+        "mlops_cold_s": round(cold, 1),
+        "plain_cold_s": round(plain_cold, 1),
+        "mlops_warm_s": round(warm, 1),
+        "plain_warm_s": round(plain_warm, 1),
+        "cold": cold_info,
+        "warm": warm_info,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"train-{args.images}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
