@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast lint demo up down bench-ingest lock clean
+.PHONY: install test test-fast lint demo up down bench-ingest bench-train bench-digits lock clean
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ down: install
 
 bench-ingest: install
 	$(BIN)/python bench/ingest.py
+
+bench-train: install
+	$(BIN)/python bench/train.py --images 5000
+
+bench-digits: install
+	$(BIN)/python bench/digits.py
 
 lock:
 	rm -rf /tmp/mlops-lock && $(PYTHON) -m venv /tmp/mlops-lock
