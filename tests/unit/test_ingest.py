@@ -104,22 +104,30 @@ def test_duplicates_and_conflicts_across_days(storage: LocalStorage, settings: S
 
 
 def test_near_duplicate_lands_in_the_split_of_its_original(storage: LocalStorage, settings: Settings) -> None:
-    originals = [(f"o{i}.png", encode(photo(i, (320, 240)), "PNG"), "books") for i in range(12)]
-    land(storage, DAY, originals)
+    import numpy as np
+
+    from ml.demo_data import render_image
+
+    rng = np.random.default_rng(4)
+    images = [render_image(settings.classes[i % 5], settings.classes, rng) for i in range(16)]
+    land(storage, DAY, [(f"o{i}.png", encode(im, "PNG"), "books") for i, im in enumerate(images)])
     ingest_day(settings, storage, DAY)
     first = catalog.load_catalog(storage).set_index("source_key")["split"]
     resaved = [
-        (f"n{i}.jpg", encode(photo(i, (320, 240)).resize((300, 225)), "JPEG", quality=85), "books")
-        for i in range(12)
-    ]
-    land(storage, DAY + dt.timedelta(days=1), resaved)
-    ingest_day(settings, storage, DAY + dt.timedelta(days=1))
-    frame = catalog.load_catalog(storage).set_index("source_key")["split"]
-    for i in range(12):
-        assert (
-            frame[f"landing/{DAY + dt.timedelta(days=1)}/images/n{i}.jpg"]
-            == first[f"landing/{DAY}/images/o{i}.png"]
+        (
+            f"n{i}.jpg",
+            encode(im.resize((int(im.width * 0.9), int(im.height * 0.9))), "JPEG", quality=80),
+            "books",
         )
+        for i, im in enumerate(images)
+    ]
+    day2 = DAY + dt.timedelta(days=1)
+    land(storage, day2, resaved)
+    ingest_day(settings, storage, day2)
+    frame = catalog.load_catalog(storage).set_index("source_key")["split"]
+    assert len(set(first)) > 1  # the originals are spread over splits, so inheriting is not luck
+    for i in range(16):
+        assert frame[f"landing/{day2}/images/n{i}.jpg"] == first[f"landing/{DAY}/images/o{i}.png"]
 
 
 def test_gate_rejects_a_bad_batch_and_publishes_nothing(storage: LocalStorage, settings: Settings) -> None:
