@@ -92,4 +92,5 @@ def test_similar_but_distinct_small_images_keep_the_split_fractions() -> None:
         )
     distance = load_settings(environ={}).ingest.near_duplicate_max_distance
     shares = Counter(assign_splits(candidates, [], [], FRACTIONS, distance).values())
-    assert shares["test"] / len(candidates) > 0.11 and shares["val"] / len(candidates) > 0.11  # 0.10 at distance 4
+    # about 0.135 and 0.117 at distance 2; the test split fell to 0.103 at 4 and 0.024 at 8
+    assert shares["test"] / len(candidates) > 0.11 and shares["val"] / len(candidates) > 0.11
