@@ -50,6 +50,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--limit", type=int, default=5000)
+    parser.add_argument("--augmented-views", type=int, default=2, help="training.augmented_views (overlay)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlops-digits-") as tmp:
         overlay = Path(tmp) / "digits.yaml"
@@ -57,6 +58,7 @@ def main() -> None:
             "data:\n  classes: [" + ", ".join(f'"{c}"' for c in CLASSES) + "]\n"
             f"storage:\n  root: {tmp}/store\n"
             f"mlflow:\n  tracking_uri: sqlite:///{tmp}/mlflow.db\n"
+            f"training:\n  augmented_views: {args.augmented_views}\n"
         )
         settings = load_settings(overlay, environ={})
         storage = LocalStorage(Path(tmp) / "store")
@@ -71,6 +73,7 @@ def main() -> None:
         "metrics": result["metrics"],
         "gate": result["gate"],
         "epochs_run": result["epochs_run"],
+        "augmented_views": args.augmented_views,
     }
     print(json.dumps(summary, indent=2))
 
