@@ -26,10 +26,10 @@ from torch import nn
 
 from ml.config import load_settings
 from ml.demo_data import land_day
-from ml.features import FeatureCache
 from ml.ingest import ingest_day
 from ml.model import Head, build_backbone
 from ml.preprocessing import Preprocessing, augmented_view, decode_rgb, to_array
+from ml.retrain import feature_cache
 from ml.storage import LocalStorage
 from ml.train import Hyperparameters, dataset_rows, fit_head, split_data
 
@@ -39,8 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def mlops_retrain(storage, settings, backbone, prep, hparams) -> tuple[float, dict[str, float]]:
     started = time.perf_counter()
-    kinds = list(settings.preprocessing.augmentation)
-    cache = FeatureCache(storage, backbone, prep, settings.training.augmented_views + 1, kinds, batch_size=16)
+    cache = feature_cache(settings, storage, backbone, prep)
     _, rows = dataset_rows(storage)
     features, stats = cache.features_for(rows)
     feature_seconds = time.perf_counter() - started
@@ -110,7 +109,7 @@ def main() -> None:
         "images": args.images,
         "new_share": args.new_share,
         "epochs": args.epochs,
-        "views": settings.training.augmented_views + 1,
+        "views": feature_cache(settings, storage, backbone, prep).views,
         "mlops_cold_s": round(cold, 1),
         "plain_cold_s": round(plain_cold, 1),
         "mlops_warm_s": round(warm, 1),

@@ -10,12 +10,11 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from ml.config import REPO_ROOT, load_settings
+from ml.stack import airflow_cli
 from ml.storage import LocalStorage, Storage
 
 DEMO_ROOT = REPO_ROOT / ".data" / "demo"
@@ -37,15 +36,12 @@ def land_broken_objects(storage: Storage, day: dt.date) -> int:
     return 3
 
 
-def airflow(*args: str) -> subprocess.CompletedProcess[str]:
-    binary = str(Path(sys.executable).parent / "airflow")
-    return subprocess.run([binary, *args], capture_output=True, text=True, env=os.environ.copy())
-
-
 def ingest_through_airflow(day: dt.date) -> tuple[str, float]:
     logical = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC).isoformat()
     started = time.perf_counter()
-    run = airflow("dags", "test", "ingest_daily", logical, "--conf", json.dumps({"date": day.isoformat()}))
+    run = airflow_cli(
+        "dags", "test", "ingest_daily", logical, "--conf", json.dumps({"date": day.isoformat()})
+    )
     state = "success" if run.returncode == 0 and "state=success" in (run.stdout + run.stderr) else "failed"
     if state != "success":
         print((run.stdout + run.stderr)[-3000:], file=sys.stderr)
@@ -60,7 +56,7 @@ def main() -> int:
     shutil.rmtree(DEMO_ROOT, ignore_errors=True)
     storage = LocalStorage(DEMO_ROOT)
     print(f"storage: {storage.root_url}\nAIRFLOW_HOME: {os.environ.get('AIRFLOW_HOME')}")
-    migrate = airflow("db", "migrate")
+    migrate = airflow_cli("db", "migrate")
     if migrate.returncode != 0:
         print(migrate.stderr[-3000:], file=sys.stderr)
         return 1

@@ -199,9 +199,4 @@ def inspect_for_pool(data: bytes, limits: ImageLimits) -> Inspected:
 def hamming_distances(target: int, others: np.ndarray) -> np.ndarray:
     """Hamming distance between one 64-bit hash and an array of them (uint64)."""
     xor = np.bitwise_xor(others, np.uint64(target))
-    return np.bitwise_count(xor) if hasattr(np, "bitwise_count") else _popcount(xor)
-
-
-def _popcount(values: np.ndarray) -> np.ndarray:
-    as_bytes = values.view(np.uint8).reshape(-1, 8)
-    return np.unpackbits(as_bytes, axis=1).sum(axis=1)
+    return np.bitwise_count(xor)

@@ -72,8 +72,17 @@ def download_onnx(settings: Settings, version: str, folder: Path) -> Path:
     return Path(mlflow_client.download_artifacts(model_version.run_id, "onnx/model.onnx", str(folder)))
 
 
-def test_split(storage: Storage, rows: pd.DataFrame) -> pd.DataFrame:
+def test_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["split"] == "test"].reset_index(drop=True)
+
+
+def feature_cache(settings: Settings, storage: Storage, backbone: Any, prep: Preprocessing) -> Any:
+    """The feature cache the config asks for: the clean view plus augmented views when augmenting."""
+    from ml.features import FeatureCache
+
+    kinds = list(settings.preprocessing.augmentation)
+    views = settings.training.augmented_views + 1 if kinds else 1
+    return FeatureCache(storage, backbone, prep, views, kinds, batch_size=16)
 
 
 def version_correctness(
@@ -101,7 +110,6 @@ def train_and_register(
     import mlflow
 
     from ml.evaluate import classification_report_text, confusion_matrix_png, decide, evaluate
-    from ml.features import FeatureCache
     from ml.model import Classifier, Head, build_backbone, set_deterministic
     from ml.train import (
         Hyperparameters,
@@ -116,7 +124,7 @@ def train_and_register(
     classes = list(settings.classes)
     hparams = Hyperparameters.from_settings(settings, **(overrides or {}))
     version, rows = dataset_rows(storage, dataset_day)
-    skip = _already_trained(settings, version["version"], hparams, force)
+    skip = _already_trained(settings, version["version"], force)
     if skip:
         return skip
     set_deterministic(hparams.seed)
@@ -124,9 +132,7 @@ def train_and_register(
     backbone = build_backbone(
         settings.model.architecture, settings.model.pretrained, settings.model.weights_path
     )
-    kinds = list(settings.preprocessing.augmentation)
-    views = settings.training.augmented_views + 1 if kinds else 1
-    cache = FeatureCache(storage, backbone, prep, views, kinds, batch_size=16)
+    cache = feature_cache(settings, storage, backbone, prep)
     started = time.perf_counter()
     features, stats = cache.features_for(rows)
     feature_seconds = time.perf_counter() - started
@@ -188,9 +194,8 @@ def train_and_register(
         champion = registry.version_for_alias(settings, registry.CHAMPION)
         champion_correct = None
         if champion:
-            test_rows = rows[rows["split"] == "test"].reset_index(drop=True)
             _, champion_correct = version_correctness(
-                settings, storage, champion, test_rows, data["test"].labels
+                settings, storage, champion, test_rows(rows), data["test"].labels
             )
         decision = decide(
             evaluation,
@@ -305,9 +310,7 @@ def _register(settings: Settings, run_id: str, dataset_version: str, evaluation:
     return version
 
 
-def _already_trained(
-    settings: Settings, dataset_version: str, hparams: Any, force: bool
-) -> dict[str, Any] | None:
+def _already_trained(settings: Settings, dataset_version: str, force: bool) -> dict[str, Any] | None:
     """Skip when the champion was trained on this exact dataset version (unless forced)."""
     if force:
         return None
@@ -332,10 +335,10 @@ def evaluate_version(settings: Settings, storage: Storage, version: str) -> dict
     from ml.train import dataset_rows
 
     dataset, rows = dataset_rows(storage)
-    test_rows = rows[rows["split"] == "test"].reset_index(drop=True)
+    test = test_rows(rows)
     index = {name: i for i, name in enumerate(settings.classes)}
-    labels = test_rows["label"].map(index).to_numpy(dtype=np.int64)
-    proba, _ = version_correctness(settings, storage, version, test_rows, labels)
+    labels = test["label"].map(index).to_numpy(dtype=np.int64)
+    proba, _ = version_correctness(settings, storage, version, test, labels)
     evaluation = evaluate(labels, proba, list(settings.classes), seed=settings.training.seed)
     decision = decide(evaluation, settings.acceptance)
     return {

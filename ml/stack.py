@@ -33,7 +33,7 @@ def _pidfile() -> Path:
     return airflow_home() / "standalone.pid"
 
 
-def _airflow(*args: str) -> subprocess.CompletedProcess[str]:
+def airflow_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "airflow"), *args], capture_output=True, text=True
     )
@@ -70,7 +70,7 @@ def healthy(timeout: float = 2.0) -> bool:
 def _unpause(dag_id: str, deadline: float) -> bool:
     """Unpause once the DAG processor has registered the DAG (new DAGs start paused)."""
     while time.monotonic() < deadline:
-        if _airflow("dags", "unpause", dag_id).returncode == 0:
+        if airflow_cli("dags", "unpause", dag_id).returncode == 0:
             return True
         time.sleep(3)
     return False
