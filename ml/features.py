@@ -9,6 +9,10 @@ exactly what serving sees). Views 1..V-1 are ``augmented_view`` of the image wit
 from the image's sha256 and the view number, so they are the same on every machine and every run.
 Training draws one view per image per epoch; validation and test use view 0 only.
 
+Runtime: the frozen backbone runs through ONNX Runtime by default (``model.feature_runtime``),
+checked against torch on a probe batch when loaded (features agree to ~1e-5, below the float16
+they are stored in), so the cache key does not name the runtime.
+
 Layout: ``features/<cache_id>/<day>.npz``, one shard per catalog day partition, holding
 ``sha256`` (str, sorted) and ``features`` (float16, (N, V, D)). A shard is rewritten whole
 (atomically) when its day gains images. Two writers racing on one shard lose only cache entries,
@@ -27,10 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
-from ml.model import Backbone
+from ml.model import Backbone, FeatureRunner, torch_runner
 from ml.preprocessing import Preprocessing, augmented_view, batch_arrays, decode_rgb
 from ml.storage import Storage
 
@@ -78,17 +81,20 @@ def image_views(image: Image.Image, sha256: str, views: int, kinds: Sequence[str
 
 
 def extract(
-    backbone: Backbone, images: Sequence[Image.Image], prep: Preprocessing, batch_size: int
+    backbone: Backbone,
+    images: Sequence[Image.Image],
+    prep: Preprocessing,
+    batch_size: int,
+    runner: FeatureRunner | None = None,
 ) -> np.ndarray:
     """Pooled features (N, D) float32 of RGB images, preprocessed by ``prep``."""
     if backbone.module.training:
         raise ValueError(f"backbone {backbone.name} is in training mode; features need eval mode")
+    run = runner or torch_runner(backbone)
     out = np.zeros((len(images), backbone.dim), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(batch_arrays(images[start : start + batch_size], prep))
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            out[start : start + len(batch)] = backbone.module(batch).numpy()
+    for start in range(0, len(images), batch_size):
+        batch = batch_arrays(images[start : start + batch_size], prep)
+        out[start : start + len(batch)] = run(batch)
     return out
 
 
@@ -112,6 +118,7 @@ class FeatureCache:
         views: int,
         augmentations: Sequence[str],
         batch_size: int = 32,
+        runner: FeatureRunner | None = None,
     ) -> None:
         if views < 1:
             raise ValueError(f"views must be at least 1, got {views}")
@@ -123,6 +130,7 @@ class FeatureCache:
         self.views = views
         self.augmentations = tuple(augmentations)
         self.batch_size = batch_size
+        self.runner = runner or torch_runner(backbone)
         self.id = cache_id(backbone, prep, views, self.augmentations)
 
     def shard_key(self, day: str) -> str:
@@ -173,7 +181,7 @@ class FeatureCache:
             for sha, key in chunk:
                 image = decode_rgb(self.storage.read_bytes(key))
                 images += image_views(image, sha, self.views, self.augmentations)
-            features = extract(self.backbone, images, self.prep, self.batch_size)
+            features = extract(self.backbone, images, self.prep, self.batch_size, self.runner)
             features = features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
             computed.update((sha, feature) for (sha, _), feature in zip(chunk, features, strict=True))
         return computed

@@ -180,3 +180,40 @@ def test_bad_arguments_are_rejected(small: Backbone, tmp_path: Path) -> None:
         cache.features_for(pd.DataFrame({"sha256": [], "day": []}))
     empty, stats = cache.features_for(pd.DataFrame({"sha256": [], "day": [], "curated_key": []}))
     assert empty.shape == (0, 1, small.dim) and (stats.hits, stats.misses) == (0, 0)
+
+
+def test_onnx_runner_matches_torch_and_reuses_its_export(
+    lite0: Backbone, images: list[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from ml import model
+
+    monkeypatch.setattr(model, "ONNX_BACKBONE_DIR", tmp_path / "onnx")
+    pictures = [decode_rgb(data) for data in images[:6]]
+    runner = model.onnx_runner(lite0, PREP.image_size, threads=1)
+    exported = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(exported) == 1 and lite0.weights_id in exported[0].name
+    via_onnx = extract(lite0, pictures, PREP, batch_size=4, runner=runner)
+    via_torch = extract(lite0, pictures, PREP, batch_size=4)
+    assert np.abs(via_onnx - via_torch).max() < 1e-3
+    stamp = exported[0].stat().st_mtime_ns
+    model.onnx_runner(lite0, PREP.image_size, threads=1)
+    assert exported[0].stat().st_mtime_ns == stamp
+
+
+def test_onnx_runner_falls_back_to_torch_when_the_export_disagrees(
+    small: Backbone, images: list[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from ml import model
+
+    monkeypatch.setattr(model, "ONNX_BACKBONE_DIR", tmp_path / "onnx")
+    other = build_backbone("resnet18", pretrained=False)
+    with torch.no_grad():
+        next(other.module.parameters()).add_(1.0)
+    # An export of different weights stored under this backbone's name stands in for a bad export.
+    planted = tmp_path / "onnx" / f"resnet18-{small.weights_id}-96.onnx"
+    model.export_onnx(other.module, planted, 96, "features")
+    runner = model.onnx_runner(small, 96, threads=1)
+    pictures = [decode_rgb(data) for data in images[:2]]
+    np.testing.assert_allclose(
+        extract(small, pictures, SMALL, 2, runner=runner), extract(small, pictures, SMALL, 2), atol=1e-5
+    )
