@@ -70,6 +70,14 @@ def partition_days(storage: Storage) -> list[dt.date]:
     return sorted(days)
 
 
+def read_partition(storage: Storage, day: dt.date) -> pd.DataFrame:
+    """One day's curated rows (empty, with the catalog's columns, when the day has none)."""
+    key = partition_key(day)
+    if not storage.exists(key):
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in CATALOG_COLUMNS})
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
+
+
 def load_catalog(
     storage: Storage, *, before: dt.date | None = None, upto: dt.date | None = None
 ) -> pd.DataFrame:

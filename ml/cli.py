@@ -87,6 +87,13 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def cmd_drift(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.drift import monitor_day
+    from ml.storage import storage_from_settings
+
+    return monitor_day(settings, storage_from_settings(settings), args.date)
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
@@ -142,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--approved-by", help="who approves (default: the current user)")
     promote.add_argument("--note")
     promote.set_defaults(handler=cmd_promote)
+
+    drift = sub.add_parser(
+        "drift", parents=[common], help="drift of one curated day against the champion (Evidently report)"
+    )
+    drift.add_argument("--date", type=_date, required=True, help="curated day YYYY-MM-DD")
+    drift.set_defaults(handler=cmd_drift)
 
     config = sub.add_parser("config", parents=[common], help="print the effective config")
     config.set_defaults(handler=cmd_config)

@@ -93,6 +93,8 @@ class ModelConfig(_Strict):
     weights_path: str | None = None
     dropout_rate: float = Field(ge=0, lt=1)
     freeze_backbone: bool
+    feature_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    feature_threads: int = Field(default=1, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
 
 
 class EarlyStopping(_Strict):
@@ -129,8 +131,15 @@ class InferenceConfig(_Strict):
 
 
 class MonitoringConfig(_Strict):
-    data_drift_threshold: float = Field(gt=0)
+    data_drift_threshold: float = Field(gt=0, lt=1)
     prediction_drift_kl_threshold: float = Field(gt=0)
+    column_effect_threshold: float = Field(default=0.1, gt=0)
+    column_alpha: float = Field(default=0.05, gt=0, lt=1)
+    embedding_components: int = Field(default=8, ge=1, le=64)
+    reference_max_rows: int = Field(default=10000, ge=50)
+    cooldown_days: int = Field(default=3, ge=0)
+    severe_drift_score: float = Field(default=0.5, gt=0, le=1)
+    severe_prediction_kl: float = Field(default=0.5, gt=0)
 
 
 class MlflowConfig(_Strict):

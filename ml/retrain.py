@@ -79,10 +79,16 @@ def test_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def feature_cache(settings: Settings, storage: Storage, backbone: Any, prep: Preprocessing) -> Any:
     """The feature cache the config asks for: the clean view plus augmented views when augmenting."""
     from ml.features import FeatureCache
+    from ml.model import onnx_runner, torch_runner
 
     kinds = list(settings.preprocessing.augmentation)
     views = settings.training.augmented_views + 1 if kinds else 1
-    return FeatureCache(storage, backbone, prep, views, kinds, batch_size=16)
+    runner = (
+        onnx_runner(backbone, prep.image_size, settings.model.feature_threads)
+        if settings.model.feature_runtime == "onnxruntime"
+        else torch_runner(backbone)
+    )
+    return FeatureCache(storage, backbone, prep, views, kinds, batch_size=16, runner=runner)
 
 
 def version_correctness(
@@ -222,6 +228,7 @@ def train_and_register(
         mlflow.log_image(_png(confusion_matrix_png(evaluation)), "evaluation/confusion_matrix.png")
         mlflow.log_image(_png(training_curves_png(fit.history)), "evaluation/training_curves.png")
         mlflow.log_dict({"classes": classes}, "model_meta/class_names.json")
+        _log_drift_reference(settings, rows, features[:, 0], fit.head, cache.id, version["version"])
         mlflow.set_tag("gate", "passed" if decision.passed else "failed")
         model_version = (
             _register(settings, run.info.run_id, version["version"], evaluation, decision)
@@ -247,6 +254,37 @@ def train_and_register(
             },
             "epochs_run": len(fit.history),
         }
+
+
+def _log_drift_reference(
+    settings: Settings,
+    rows: pd.DataFrame,
+    embeddings: np.ndarray,
+    head: Any,
+    cache_id: str,
+    dataset_version: str,
+) -> None:
+    """The held-out rows' properties, embeddings and model outputs: what drift compares against."""
+    import mlflow
+
+    from ml.drift import REFERENCE_ARTIFACTS, build_reference
+    from ml.train import predict_proba
+
+    held_out = (rows["split"] != "train").to_numpy()
+    reference = build_reference(
+        rows[held_out].reset_index(drop=True),
+        embeddings[held_out],
+        predict_proba(head, embeddings[held_out]),
+        list(settings.classes),
+        cache_id=cache_id,
+        dataset_version=dataset_version,
+        components=settings.monitoring.embedding_components,
+        max_rows=settings.monitoring.reference_max_rows,
+        seed=settings.training.seed,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save(Path(folder))
+        mlflow.log_artifacts(folder, REFERENCE_ARTIFACTS)
 
 
 def _png(data: bytes) -> Any:

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-DAG_IDS = ("ingest_daily", "retrain")
+DAG_IDS = ("ingest_daily", "drift_monitor", "retrain")
 
 
 def api_url() -> str:

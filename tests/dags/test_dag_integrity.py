@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"ingest_daily", "retrain"}
+EXPECTED = {"ingest_daily", "drift_monitor", "retrain"}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,14 @@ def test_retrain_shape(dagbag) -> None:
     assert "retrain_requested" in str(dag.timetable)  # the drift Asset triggers it, besides the cron
     assert {"epochs", "learning_rate", "batch_size", "force", "note"} <= set(dag.params)
     assert type(dag.get_task("approve")).__name__ == "ApprovalOperator"
+
+
+def test_drift_monitor_shape(dagbag) -> None:
+    dag = dagbag.dags["drift_monitor"]
+    assert [t.task_id for t in dag.topological_sort()] == ["measure", "route", "request_retrain"]
+    assert "curated_images" in str(dag.timetable)  # runs after every ingest
+    assert [a.name for a in dag.get_task("request_retrain").outlets] == ["retrain_requested"]
+    assert "date" in dag.params
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "dags").glob("*.py")), ids=lambda p: p.name)

@@ -66,3 +66,11 @@ def test_console_script_is_installed() -> None:
     assert mlops, "the mlops console script is not installed in the venv"
     out = subprocess.run([mlops, "--help"], capture_output=True, text=True, check=True).stdout
     assert "ingest" in out and "demo-data" in out
+
+
+def test_drift_without_a_champion_says_there_is_nothing_to_compare(
+    store: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{store.parent / 'mlflow.db'}")
+    code, result = run(capsys, "drift", "--date", "2026-05-01", "--json")
+    assert code == EXIT_OK and result["status"] == "no_reference" and result["drift_detected"] is False

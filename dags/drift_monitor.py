@@ -1,0 +1,115 @@
+"""Drift monitoring after each ingestion: the day's curated images against the champion's reference.
+
+Runs on the ``curated_images`` Asset (every successful ingest), or by hand for a ``date``.
+Writes an Evidently report (HTML + JSON) under ``reports/drift/DAY/`` and an MLflow run. On drift:
+a Slack warning with the report link and, unless a retrain was requested within the cooldown
+(``monitoring.cooldown_days``; severe drift overrides it), an event on the ``retrain_requested``
+Asset, which starts ``retrain`` with the reason and report recorded in its MLflow run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.sdk import Param, dag, task
+from mlops_airflow.assets import CURATED_IMAGES, RETRAIN_REQUESTED
+from mlops_airflow.defaults import default_args
+
+from ml.config import get_settings
+
+
+def monitored_day(params: dict[str, Any] | None, events: Any, logical_date: Any) -> dt.date:
+    """The ``date`` param, else the day the triggering ingest published, else the run's date."""
+    if (params or {}).get("date"):
+        return dt.date.fromisoformat(str(params["date"]))
+    published = [event for batch in (events or {}).values() for event in batch]
+    if published and (published[-1].extra or {}).get("day"):
+        return dt.date.fromisoformat(str(published[-1].extra["day"]))
+    if logical_date is None:
+        raise ValueError("no day to monitor: trigger with the 'date' parameter")
+    return logical_date.date()
+
+
+@dag(
+    dag_id="drift_monitor",
+    schedule=[CURATED_IMAGES],
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(retries=1),
+    tags=["mlops", "monitoring", "drift"],
+    doc_md=__doc__,
+    params={
+        "date": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            title="Curated day",
+            description="Day to compare (YYYY-MM-DD). Empty: the day the triggering ingest published.",
+        ),
+    },
+)
+def drift_monitor() -> None:
+    @task
+    def measure(
+        params: dict[str, Any] | None = None, triggering_asset_events: Any = None, logical_date: Any = None
+    ) -> dict[str, Any]:
+        """Compare the day with the champion's reference; warn on Slack when it drifted."""
+        from mlops_airflow.alerts import Alert, send_alert
+        from mlops_airflow.storage import dag_storage
+
+        from ml.drift import monitor_day, should_request_retrain
+
+        settings = get_settings()
+        storage = dag_storage(settings)
+        day = monitored_day(params, triggering_asset_events, logical_date)
+        summary = monitor_day(settings, storage, day)
+        request, why = should_request_retrain(storage, summary, settings.monitoring.cooldown_days)
+        summary["retrain"] = {"request": request, "why": why}
+        print(
+            f"{day}: {summary['status']}; drift_score {summary['drift_score']}, "
+            f"prediction_kl {summary.get('prediction_kl')}; detected {summary['drift_detected']}; "
+            f"retrain: {why}; report {summary.get('report', '-')}"
+        )
+        if summary["drift_detected"]:
+            alert = Alert(
+                title="data_drift_detected",
+                severity="warning",
+                reason=f"{'; '.join(summary['reasons'])}. Retrain: {why}.",
+                dag_id="drift_monitor",
+                task_id="measure",
+                date=str(day),
+                link=summary.get("report", ""),
+                details={"drift_score": summary["drift_score"], "prediction_kl": summary["prediction_kl"]},
+            )
+            summary["alert"] = send_alert(alert, settings)
+        return {key: value for key, value in summary.items() if key != "columns"}
+
+    @task.branch
+    def route(summary: dict[str, Any]) -> str | None:
+        """Drift outside the cooldown asks for a retrain; anything else ends here."""
+        return "request_retrain" if summary["retrain"]["request"] else None
+
+    @task(outlets=[RETRAIN_REQUESTED])
+    def request_retrain(summary: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
+        """Emit the ``retrain_requested`` event (reason, report, score) and record it for the cooldown."""
+        from mlops_airflow.storage import dag_storage
+
+        from ml.drift import record_retrain_request
+
+        reason = f"drift on {summary['day']}: {'; '.join(summary['reasons'])}"
+        outlet_events[RETRAIN_REQUESTED].extra = {
+            "reason": reason,
+            "report": summary.get("report", ""),
+            "drift_score": summary["drift_score"],
+            "prediction_kl": summary["prediction_kl"],
+            "day": summary["day"],
+        }
+        return record_retrain_request(dag_storage(get_settings()), summary, summary["retrain"]["why"])
+
+    summary = measure()
+    route(summary) >> request_retrain(summary)
+
+
+drift_monitor()
