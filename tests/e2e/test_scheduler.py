@@ -1,23 +1,28 @@
-"""A real Airflow (standalone: scheduler, API server, LocalExecutor) runs ingest_daily end to end."""
+"""A real Airflow (standalone: scheduler, API server, LocalExecutor): a triggered ingest, and a
+retrain whose promotion waits for a human answer given through the REST API."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from ml.demo_data import land_days
+from ml.ingest import ingest_day
 from ml.storage import LocalStorage
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 DAY = dt.date(2026, 4, 1)
+CLASSES = ["electronics", "clothing", "home", "books", "toys"]
 
 
 def call(url: str, payload: dict | None = None, token: str | None = None, method: str | None = None) -> dict:
@@ -40,37 +45,147 @@ def call(url: str, payload: dict | None = None, token: str | None = None, method
     raise AssertionError("unreachable")
 
 
-@pytest.fixture
-def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: Path):
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path):
+    """One ``airflow standalone`` (scheduler, API server, LocalExecutor) for this module's tests."""
     from ml import stack
 
-    home = tmp_path / "airflow"
+    root = tmp_path_factory.mktemp("e2e")
+    home = root / "airflow"
     home.mkdir()
-    monkeypatch.setenv("AIRFLOW_HOME", str(home))
-    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
-    monkeypatch.setenv("AIRFLOW__API__PORT", str(free_port()))
-    monkeypatch.setenv("MLOPS__STORAGE__ROOT", str(tmp_path / "store"))
-    assert stack.up(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
-    yield stack, home
-    stack.down()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_HOME", str(home))
+        env.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
+        env.setenv("AIRFLOW__API__PORT", str(free_port()))
+        env.setenv("MLOPS__STORAGE__ROOT", str(root / "store"))
+        env.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        assert stack.up(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
+        try:
+            passwords = home / "simple_auth_manager_passwords.json.generated"
+            password = json.loads(passwords.read_text())["admin"]
+            token = call(f"{stack.api_url()}/auth/token", {"username": "admin", "password": password})
+            yield Stack(stack.api_url(), token["access_token"], home, root)
+        finally:
+            stack.down()
 
 
-def test_scheduler_runs_a_triggered_ingest(stack, tmp_path: Path) -> None:
-    module, home = stack
-    storage = LocalStorage(tmp_path / "store")
-    land_days(storage, DAY, 1, ["electronics", "clothing", "home", "books", "toys"], count=40, seed=3)
-    password = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-    api = module.api_url()
-    token = call(f"{api}/auth/token", {"username": "admin", "password": password})["access_token"]
-    run = call(
-        f"{api}/api/v2/dags/ingest_daily/dagRuns", {"logical_date": None, "conf": {"date": str(DAY)}}, token
-    )
-    deadline = time.monotonic() + 180
-    state = run["state"]
-    while time.monotonic() < deadline and state not in ("success", "failed"):
-        time.sleep(3)
-        state = call(f"{api}/api/v2/dags/ingest_daily/dagRuns/{run['dag_run_id']}", token=token)["state"]
-    assert state == "success", f"run ended {state}; see {home / 'standalone.log'}"
+@dataclass(frozen=True)
+class Stack:
+    api: str
+    token: str
+    home: Path
+    root: Path
+
+    def get(self, path: str) -> dict:
+        return call(f"{self.api}/api/v2/{path}", token=self.token)
+
+    def send(self, path: str, payload: dict, method: str = "POST") -> dict:
+        return call(f"{self.api}/api/v2/{path}", payload, self.token, method)
+
+    def wait_run(self, dag_id: str, run_id: str, seconds: float, until: tuple[str, ...]) -> str:
+        deadline = time.monotonic() + seconds
+        state = ""
+        while time.monotonic() < deadline and state not in until:
+            time.sleep(3)
+            state = self.get(f"dags/{dag_id}/dagRuns/{run_id}")["state"]
+        return state
+
+
+def test_scheduler_runs_a_triggered_ingest(stack: Stack) -> None:
+    storage = LocalStorage(stack.root / "store")
+    land_days(storage, DAY, 1, CLASSES, count=40, seed=3)
+    run = stack.send("dags/ingest_daily/dagRuns", {"logical_date": None, "conf": {"date": str(DAY)}})
+    state = stack.wait_run("ingest_daily", run["dag_run_id"], 180, ("success", "failed"))
+    assert state == "success", f"run ended {state}; see {stack.home / 'standalone.log'}"
     result = json.loads(storage.read_bytes(f"reports/ingest/{DAY}/result.json"))
     assert result["status"] == "published" and result["curated"]["new_images"] == 40
-    assert os.environ["AIRFLOW_HOME"] == str(home)
+    assert os.environ["AIRFLOW_HOME"] == str(stack.home)
+
+
+def test_a_human_approves_the_promotion_through_the_rest_api(stack: Stack) -> None:
+    """retrain waits at ``approve`` until someone answers; the answer (and who gave it) promotes."""
+    from ml import registry
+    from ml.config import load_settings
+
+    settings = load_settings()  # the module's environment: this stack's storage and MLflow
+    storage = LocalStorage(stack.root / "store")
+    start = DAY + dt.timedelta(days=1)
+    land_days(storage, start, 3, CLASSES, count=120, seed=11)
+    for offset in range(3):
+        ingest_day(settings, storage, start + dt.timedelta(days=offset))
+    run = stack.send(
+        "dags/retrain/dagRuns", {"logical_date": None, "conf": {"epochs": 20, "note": "e2e approval"}}
+    )
+    run_id = run["dag_run_id"]
+    path = f"dags/retrain/dagRuns/{run_id}/taskInstances/approve/-1/hitlDetails"
+    deadline = time.monotonic() + 420
+    detail = None
+    while time.monotonic() < deadline and detail is None:
+        time.sleep(5)
+        try:
+            detail = stack.get(path)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+        state = stack.get(f"dags/retrain/dagRuns/{run_id}")["state"]
+        assert state != "failed", f"retrain failed before approval; see {stack.home / 'standalone.log'}"
+    assert detail is not None, "no approval was requested"
+    assert detail["options"] == ["Approve", "Reject"]
+    version = re.search(r"Promote model version (\d+) to champion", detail["subject"]).group(1)
+    time.sleep(10)
+    assert registry.version_for_alias(settings, registry.CHAMPION) is None  # nothing before the answer
+    assert stack.get(f"dags/retrain/dagRuns/{run_id}")["state"] == "running"
+
+    answer = stack.send(path, {"chosen_options": ["Approve"], "params_input": {}}, method="PATCH")
+    assert answer["chosen_options"] == ["Approve"]
+    state = stack.wait_run("retrain", run_id, 180, ("success", "failed"))
+    assert state == "success", f"run ended {state}; see {stack.home / 'standalone.log'}"
+    assert registry.version_for_alias(settings, registry.CHAMPION) == version
+    tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, version).tags
+    assert tags["approved_by"] == "admin"
+    assert [record["approved_by"] for record in registry.audit_log(storage)] == ["admin"]
+
+
+def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -> None:
+    """ingest_daily -> curated_images -> drift_monitor -> retrain_requested -> retrain, all scheduled."""
+    from ml import registry
+    from ml.config import load_settings
+    from ml.demo_data import Drift, land_day
+    from ml.retrain import train_and_register
+
+    settings = load_settings()
+    storage = LocalStorage(stack.root / "store")
+    if registry.version_for_alias(settings, registry.CHAMPION) is None:  # this test run alone
+        start = DAY + dt.timedelta(days=1)
+        land_days(storage, start, 3, CLASSES, count=120, seed=11)
+        for offset in range(3):
+            ingest_day(settings, storage, start + dt.timedelta(days=offset))
+        registry.promote(settings, storage, train_and_register(settings, storage)["model_version"], "e2e")
+    day = DAY + dt.timedelta(days=10)
+    land_day(storage, day, CLASSES, count=120, seed=5, drift=Drift("brightness", 0.7))
+    before = {run["dag_run_id"] for run in stack.get("dags/retrain/dagRuns")["dag_runs"]}
+    stack.send("dags/ingest_daily/dagRuns", {"logical_date": None, "conf": {"date": str(day)}})
+
+    deadline = time.monotonic() + 420
+    triggered: list[dict] = []
+    while time.monotonic() < deadline and not triggered:
+        time.sleep(5)
+        runs = stack.get("dags/retrain/dagRuns")["dag_runs"]
+        triggered = [r for r in runs if r["dag_run_id"] not in before and r["run_type"] == "asset_triggered"]
+    assert triggered, f"no asset-triggered retrain; see {stack.home / 'standalone.log'}"
+    (monitor,) = stack.get("dags/drift_monitor/dagRuns")["dag_runs"][-1:]
+    assert monitor["state"] == "success" and monitor["run_type"] == "asset_triggered"
+
+    run_id = triggered[0]["dag_run_id"]
+    train = f"dags/retrain/dagRuns/{run_id}/taskInstances/train"
+    state = ""
+    while time.monotonic() < deadline and state not in ("success", "failed", "upstream_failed"):
+        time.sleep(5)
+        state = stack.get(train)["state"]
+    assert state == "success", f"train ended {state}; see {stack.home / 'standalone.log'}"
+    client = registry.client(settings)
+    experiment = client.get_experiment_by_name(settings.mlflow.experiment_name)
+    (mlflow_run,) = client.search_runs([experiment.experiment_id], "tags.trigger = 'drift'")
+    tags = mlflow_run.data.tags
+    assert f"drift on {day}" in tags["reason"] and tags["report"].endswith(f"reports/drift/{day}/report.html")
+    assert mlflow_run.data.params["airflow_run_id"] == run_id
