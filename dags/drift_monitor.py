@@ -19,16 +19,36 @@ from mlops_airflow.defaults import default_args
 from ml.config import get_settings
 
 
-def monitored_day(params: dict[str, Any] | None, events: Any, logical_date: Any) -> dt.date:
-    """The ``date`` param, else the day the triggering ingest published, else the run's date."""
+def monitored_days(params: dict[str, Any] | None, events: Any, logical_date: Any) -> list[dt.date]:
+    """The ``date`` param, else every day the triggering ingests published, else the run's date."""
     if (params or {}).get("date"):
-        return dt.date.fromisoformat(str(params["date"]))
-    published = [event for batch in (events or {}).values() for event in batch]
-    if published and (published[-1].extra or {}).get("day"):
-        return dt.date.fromisoformat(str(published[-1].extra["day"]))
+        return [dt.date.fromisoformat(str(params["date"]))]
+    published = {
+        dt.date.fromisoformat(str(event.extra["day"]))
+        for batch in (events or {}).values()
+        for event in batch
+        if (event.extra or {}).get("day")
+    }
+    if published:  # several ingests can finish before this run starts: each day is compared
+        return sorted(published)
     if logical_date is None:
         raise ValueError("no day to monitor: trigger with the 'date' parameter")
-    return logical_date.date()
+    return [logical_date.date()]
+
+
+def drift_alert(summary: dict[str, Any]) -> Any:
+    from mlops_airflow.alerts import Alert
+
+    return Alert(
+        title="data_drift_detected",
+        severity="warning",
+        reason=f"{'; '.join(summary['reasons'])}. Retrain: {summary['retrain']['why']}.",
+        dag_id="drift_monitor",
+        task_id="measure",
+        date=summary["day"],
+        link=summary.get("report", ""),
+        details={"drift_score": summary["drift_score"], "prediction_kl": summary["prediction_kl"]},
+    )
 
 
 @dag(
@@ -55,36 +75,31 @@ def drift_monitor() -> None:
     def measure(
         params: dict[str, Any] | None = None, triggering_asset_events: Any = None, logical_date: Any = None
     ) -> dict[str, Any]:
-        """Compare the day with the champion's reference; warn on Slack when it drifted."""
-        from mlops_airflow.alerts import Alert, send_alert
+        """Compare each monitored day with the champion's reference; warn on Slack for each drifted one."""
+        from mlops_airflow.alerts import send_alert
         from mlops_airflow.storage import dag_storage
 
         from ml.drift import monitor_day, should_request_retrain
 
         settings = get_settings()
         storage = dag_storage(settings)
-        day = monitored_day(params, triggering_asset_events, logical_date)
-        summary = monitor_day(settings, storage, day)
-        request, why = should_request_retrain(storage, summary, settings.monitoring.cooldown_days)
-        summary["retrain"] = {"request": request, "why": why}
-        print(
-            f"{day}: {summary['status']}; drift_score {summary['drift_score']}, "
-            f"prediction_kl {summary.get('prediction_kl')}; detected {summary['drift_detected']}; "
-            f"retrain: {why}; report {summary.get('report', '-')}"
-        )
-        if summary["drift_detected"]:
-            alert = Alert(
-                title="data_drift_detected",
-                severity="warning",
-                reason=f"{'; '.join(summary['reasons'])}. Retrain: {why}.",
-                dag_id="drift_monitor",
-                task_id="measure",
-                date=str(day),
-                link=summary.get("report", ""),
-                details={"drift_score": summary["drift_score"], "prediction_kl": summary["prediction_kl"]},
+        summaries = [
+            monitor_day(settings, storage, day)
+            for day in monitored_days(params, triggering_asset_events, logical_date)
+        ]
+        for summary in summaries:
+            request, why = should_request_retrain(storage, summary, settings.monitoring.cooldown_days)
+            summary["retrain"] = {"request": request, "why": why}
+            print(
+                f"{summary['day']}: {summary['status']}; drift_score {summary['drift_score']}, "
+                f"prediction_kl {summary.get('prediction_kl')}; detected {summary['drift_detected']}; "
+                f"retrain: {why}; report {summary.get('report', '-')}"
             )
-            summary["alert"] = send_alert(alert, settings)
-        return {key: value for key, value in summary.items() if key != "columns"}
+            if summary["drift_detected"]:
+                summary["alert"] = send_alert(drift_alert(summary), settings)
+        requests = [summary for summary in summaries if summary["retrain"]["request"]]
+        chosen = requests[-1] if requests else summaries[-1]  # one retrain covers every day it sees
+        return {key: value for key, value in chosen.items() if key != "columns"}
 
     @task.branch
     def route(summary: dict[str, Any]) -> str | None:
