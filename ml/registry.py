@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ml.config import REPO_ROOT, Settings
@@ -30,10 +31,11 @@ def tracking_uri(settings: Settings) -> str:
 
 
 def artifact_location(settings: Settings) -> str | None:
-    """Local artifact root for the embedded default; None lets the tracking server decide."""
-    if settings.mlflow.tracking_uri:
-        return None
-    return (REPO_ROOT / ".data" / "mlflow" / "artifacts").as_uri()
+    """Artifacts beside a SQLite tracking store (never the working directory); None lets a server decide."""
+    uri = tracking_uri(settings)
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
 
 
 def client(settings: Settings) -> Any:

@@ -24,7 +24,7 @@ import pandas as pd
 from ml import registry
 from ml.config import REPO_ROOT, Settings
 from ml.preprocessing import Preprocessing, batch_arrays, decode_rgb
-from ml.storage import Storage
+from ml.storage import Storage, StorageError
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,10 @@ def train_and_register(
     context = context or RunContext()
     classes = list(settings.classes)
     hparams = Hyperparameters.from_settings(settings, **(overrides or {}))
-    version, rows = dataset_rows(storage, dataset_day)
+    try:
+        version, rows = dataset_rows(storage, dataset_day)
+    except StorageError as exc:  # nothing ingested yet: a scheduled run has nothing to do
+        return {"status": "no_data", "reason": str(exc), "model_version": None}
     skip = _already_trained(settings, version["version"], force)
     if skip:
         return skip

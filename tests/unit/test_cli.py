@@ -74,3 +74,8 @@ def test_drift_without_a_champion_says_there_is_nothing_to_compare(
     monkeypatch.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{store.parent / 'mlflow.db'}")
     code, result = run(capsys, "drift", "--date", "2026-05-01", "--json")
     assert code == EXIT_OK and result["status"] == "no_reference" and result["drift_detected"] is False
+
+
+def test_train_with_nothing_ingested_has_nothing_to_do(store: Path, capsys) -> None:
+    code, result = run(capsys, "train", "--json")
+    assert code == EXIT_OK and result["status"] == "no_data" and "no dataset version" in result["reason"]
