@@ -1,7 +1,14 @@
-"""``make demo``: land generated days and ingest each one through Airflow (``airflow dags test``).
+"""``make demo``: generated days through the real Airflow scheduler, from ingestion to a drift retrain.
 
-Runs on the embedded default: storage under ``.data/demo``, Airflow's SQLite database under
-``$AIRFLOW_HOME``. Prints landed / accepted / quarantined per day and where to look.
+Starts ``airflow standalone`` (as ``make up`` does), lands ``DEMO_DAYS`` generated days (three
+broken uploads on day 2, brightness drift from ``DRIFT_FROM``) and, day by day, triggers
+``ingest_daily`` through the REST API. Everything after that is scheduled by Airflow itself:
+each ingest's ``curated_images`` event runs ``drift_monitor``; a drift event on
+``retrain_requested`` runs ``retrain``. The first model is trained by a manual ``retrain`` after
+day 3 (auto-approved in the demo: ``mlflow.auto_approve``). Ends with a table per day and stops
+the stack; ``make up`` brings the UI back with every run in it.
+
+Storage under ``.data/demo``, MLflow under ``.data/demo/mlflow``, Airflow under ``$AIRFLOW_HOME``.
 """
 
 from __future__ import annotations
@@ -10,16 +17,18 @@ import datetime as dt
 import json
 import os
 import shutil
-import sys
 import time
+from typing import Any
 
 from ml.config import REPO_ROOT, load_settings
-from ml.stack import airflow_cli
 from ml.storage import LocalStorage, Storage
 
 DEMO_ROOT = REPO_ROOT / ".data" / "demo"
 DEMO_START = dt.date(2026, 1, 5)
-DEMO_DAYS = 3
+DEMO_DAYS = 7
+FIRST_TRAINING_AFTER = 3  # days ingested before the first model is trained
+DRIFT_FROM = 5  # 0-based index of the first drifted day
+DRIFT = "brightness:0.7"
 PER_DAY = 120
 
 
@@ -36,58 +45,110 @@ def land_broken_objects(storage: Storage, day: dt.date) -> int:
     return 3
 
 
-def ingest_through_airflow(day: dt.date) -> tuple[str, float]:
-    logical = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC).isoformat()
-    started = time.perf_counter()
-    run = airflow_cli(
-        "dags", "test", "ingest_daily", logical, "--conf", json.dumps({"date": day.isoformat()})
+def day_row(storage: Storage, settings: Any, day: dt.date, retrain: str, seconds: float) -> str:
+    from ml import registry
+
+    ingest = json.loads(storage.read_bytes(f"reports/ingest/{day}/result.json"))
+    summary_key = f"reports/drift/{day}/summary.json"
+    drift = json.loads(storage.read_bytes(summary_key)) if storage.exists(summary_key) else {}
+    score = drift.get("drift_score")
+    score_text = "-" if score is None else f"{score:.2f}{' DRIFT' if drift.get('drift_detected') else ''}"
+    kl = drift.get("prediction_kl")
+    champion = registry.version_for_alias(settings, registry.CHAMPION) or "-"
+    return (
+        f"{day.isoformat():<11} {ingest['curated']['rows'] + ingest['curated']['files']:>8} "
+        f"{ingest['quarantined']['rows'] + ingest['quarantined']['files']:>11} {score_text:>11} "
+        f"{'-' if kl is None else f'{kl:.3f}':>7}  {retrain:<34} {champion:>8}  ({seconds:.0f} s)"
     )
-    state = "success" if run.returncode == 0 and "state=success" in (run.stdout + run.stderr) else "failed"
-    if state != "success":
-        print((run.stdout + run.stderr)[-3000:], file=sys.stderr)
-    return state, time.perf_counter() - started
+
+
+def run_day(api: Any, storage: Storage, settings: Any, day: dt.date, train_after: bool) -> tuple[str, bool]:
+    """Ingest ``day`` through the scheduler and follow what it sets off; returns (retrain note, ok)."""
+    from ml.drift import retrain_requests
+
+    known = {dag: {r["dag_run_id"] for r in api.runs(dag)} for dag in ("drift_monitor", "retrain")}
+    if api.wait("ingest_daily", api.trigger("ingest_daily", {"date": day.isoformat()})) != "success":
+        return "ingest failed", False
+    monitor = api.wait_new_run("drift_monitor", known["drift_monitor"])
+    if monitor is None or api.wait("drift_monitor", monitor["dag_run_id"]) != "success":
+        return "drift_monitor did not run", False
+    if any(request["day"] == day.isoformat() for request in retrain_requests(storage)):
+        run = api.wait_new_run("retrain", known["retrain"])
+        if run is None:
+            return "retrain was requested but did not start", False
+        state = api.wait("retrain", run["dag_run_id"])
+        return f"drift -> retrain {state}", state == "success"
+    if train_after:
+        state = api.wait("retrain", api.trigger("retrain", {"note": "demo: first model"}))
+        return f"first training (manual) {state}", state == "success"
+    summary_key = f"reports/drift/{day}/summary.json"
+    if storage.exists(summary_key) and json.loads(storage.read_bytes(summary_key))["drift_detected"]:
+        return "none: drift within the cooldown", True
+    return "-", True
 
 
 def main() -> int:
-    from ml.demo_data import land_days
+    from ml import stack
+    from ml.demo_data import Drift, land_days
+    from ml.stack import Api
 
     os.environ["MLOPS__STORAGE__ROOT"] = str(DEMO_ROOT)
+    os.environ["MLOPS__MLFLOW__TRACKING_URI"] = f"sqlite:///{DEMO_ROOT / 'mlflow' / 'mlflow.db'}"
+    os.environ["MLOPS__MLFLOW__AUTO_APPROVE"] = "true"
     settings = load_settings()
-    shutil.rmtree(DEMO_ROOT, ignore_errors=True)
-    storage = LocalStorage(DEMO_ROOT)
-    print(f"storage: {storage.root_url}\nAIRFLOW_HOME: {os.environ.get('AIRFLOW_HOME')}")
-    migrate = airflow_cli("db", "migrate")
-    if migrate.returncode != 0:
-        print(migrate.stderr[-3000:], file=sys.stderr)
+    if stack.down() != 0:
         return 1
-    landed = land_days(storage, DEMO_START, DEMO_DAYS, settings.classes, count=PER_DAY, seed=7)
+    shutil.rmtree(DEMO_ROOT, ignore_errors=True)
+    (DEMO_ROOT / "mlflow").mkdir(parents=True)
+    storage = LocalStorage(DEMO_ROOT)
+    print(f"storage: {storage.root_url}\nAIRFLOW_HOME: {stack.airflow_home()}")
+    clean = land_days(storage, DEMO_START, DRIFT_FROM, settings.classes, count=PER_DAY, seed=7)
+    drifted_start = DEMO_START + dt.timedelta(days=DRIFT_FROM)
+    drifted = land_days(
+        storage,
+        drifted_start,
+        DEMO_DAYS - DRIFT_FROM,
+        settings.classes,
+        count=PER_DAY,
+        seed=7,
+        drift=Drift.parse(DRIFT),
+    )
     land_broken_objects(storage, DEMO_START + dt.timedelta(days=1))
-    print(f"landed {len(landed)} days of {PER_DAY} generated images (+3 broken uploads on day 2)\n")
-    columns = f"{'day':<11} {'airflow':<8} {'landed':>7} {'accepted':>9} {'quarantined':>12} {'new':>5}"
-    header = f"{columns}  dataset version"
-    print(header)
-    print("-" * len(header))
-    failures = 0
-    for offset in range(DEMO_DAYS):
-        day = DEMO_START + dt.timedelta(days=offset)
-        state, seconds = ingest_through_airflow(day)
-        result = json.loads(storage.read_bytes(f"reports/ingest/{day.isoformat()}/result.json"))
-        failures += state != "success"
-        print(
-            f"{day.isoformat():<11} {state:<8} {result['landed']['objects']:>7} "
-            f"{result['curated']['rows'] + result['curated']['files']:>9} "
-            f"{result['quarantined']['rows'] + result['quarantined']['files']:>12} "
-            f"{result['curated']['new_images']:>5}  {result.get('dataset_version', '-')}  ({seconds:.0f} s)"
+    print(
+        f"landed {len(clean) + len(drifted)} days of {PER_DAY} generated images (+3 broken uploads on "
+        f"day 2; drift {DRIFT} from {drifted_start})"
+    )
+    print("starting Airflow (scheduler, API server, LocalExecutor)...")
+    if stack.up(wait_seconds=300) != 0:
+        return 1
+    ok, passwords = True, stack.airflow_home() / stack.PASSWORDS_FILE
+    try:
+        api = Api.as_admin()
+        header = (
+            f"\n{'day':<11} {'accepted':>8} {'quarantined':>11} {'drift score':>11} {'pred KL':>7}  "
+            f"{'retrain':<34} {'champion':>8}"
         )
-    last = DEMO_START + dt.timedelta(days=DEMO_DAYS - 1)
+        print(header + "\n" + "-" * (len(header) - 1))
+        for offset in range(DEMO_DAYS):
+            day = DEMO_START + dt.timedelta(days=offset)
+            started = time.perf_counter()
+            note, day_ok = run_day(
+                api, storage, settings, day, train_after=offset == FIRST_TRAINING_AFTER - 1
+            )
+            ok = ok and day_ok
+            print(day_row(storage, settings, day, note, time.perf_counter() - started), flush=True)
+    finally:
+        stack.down()
     print(
         "\nwhere to look:"
-        f"\n  Data Docs:   {storage.url(f'reports/data_docs/{last.isoformat()}/index.html')}"
+        f"\n  Airflow UI:  make up, then {stack.api_url()} (user admin; password in {passwords})"
+        f"\n  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}"
+        f"\n  drift:       {storage.url('reports/drift')}  (Evidently report.html per day)"
+        f"\n  Data Docs:   {storage.url('reports/data_docs')}"
         f"\n  quarantine:  {storage.url('quarantine')}  (each day's _reasons.csv)"
-        f"\n  catalog:     {storage.url('catalog/versions')}"
-        "\n  Airflow UI:  make up, then http://127.0.0.1:8080 (see README for the password)"
+        f"\n  registry:    {storage.url('registry/audit')}  (who promoted what, when)"
     )
-    return 1 if failures else 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

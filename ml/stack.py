@@ -15,9 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 DAG_IDS = ("ingest_daily", "drift_monitor", "retrain")
 
 
@@ -110,10 +114,69 @@ def up(wait_seconds: float = 240.0) -> int:
     if len(unpaused) != len(DAG_IDS):
         print(f"could not unpause {sorted(set(DAG_IDS) - set(unpaused))}; see {home / 'standalone.log'}")
         return 1
-    passwords = home / "simple_auth_manager_passwords.json.generated"
+    passwords = home / PASSWORDS_FILE
     print(f"Airflow UI:  {api_url()}  (user admin, password in {passwords})")
     print(f"log:         {home / 'standalone.log'}\nstop with:   make down")
     return 0
+
+
+@dataclass
+class Api:
+    """The Airflow REST API of the running stack (JWT from the simple auth manager)."""
+
+    url: str
+    token: str = ""
+
+    def call(self, path: str, payload: dict | None = None, method: str | None = None) -> Any:
+        request = urllib.request.Request(
+            f"{self.url}{path}",
+            data=json.dumps(payload).encode() if payload is not None else None,
+            method=method or ("POST" if payload is not None else "GET"),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )
+        for attempt in range(5):  # SQLite can make the API server answer 500 while the scheduler writes
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == 4:
+                    raise
+                time.sleep(2)
+        return None
+
+    @classmethod
+    def as_admin(cls) -> Api:
+        """A client logged in as the simple auth manager's ``admin`` (password file in AIRFLOW_HOME)."""
+        passwords = json.loads((airflow_home() / PASSWORDS_FILE).read_text())
+        api = cls(api_url())
+        api.token = api.call("/auth/token", {"username": "admin", "password": passwords["admin"]})[
+            "access_token"
+        ]
+        return api
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return self.call(f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=run_after")["dag_runs"]
+
+    def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
+        return self.call(f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+
+    def wait(self, dag_id: str, run_id: str, seconds: float = 900) -> str:
+        deadline, state = time.monotonic() + seconds, ""
+        while time.monotonic() < deadline:
+            state = self.call(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                return state
+            time.sleep(3)
+        return state
+
+    def wait_new_run(self, dag_id: str, known: set[str], seconds: float = 120) -> dict[str, Any] | None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            new = [run for run in self.runs(dag_id) if run["dag_run_id"] not in known]
+            if new:
+                return new[-1]
+            time.sleep(3)
+        return None
 
 
 def down(wait_seconds: float = 60.0) -> int:

@@ -9,9 +9,9 @@ import os
 import re
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,26 +23,6 @@ from tests.conftest import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 DAY = dt.date(2026, 4, 1)
 CLASSES = ["electronics", "clothing", "home", "books", "toys"]
-
-
-def call(url: str, payload: dict | None = None, token: str | None = None, method: str | None = None) -> dict:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(payload).encode() if payload is not None else None,
-        method=method or ("POST" if payload is not None else "GET"),
-    )
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    for attempt in range(5):  # the API server on SQLite can answer 500 while the scheduler writes
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500 or attempt == 4:
-                raise
-            time.sleep(2)
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
@@ -61,41 +41,32 @@ def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path):
         env.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         assert stack.up(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
         try:
-            passwords = home / "simple_auth_manager_passwords.json.generated"
-            password = json.loads(passwords.read_text())["admin"]
-            token = call(f"{stack.api_url()}/auth/token", {"username": "admin", "password": password})
-            yield Stack(stack.api_url(), token["access_token"], home, root)
+            yield Stack(stack.Api.as_admin(), home, root)
         finally:
             stack.down()
 
 
 @dataclass(frozen=True)
 class Stack:
-    api: str
-    token: str
+    api: Any  # ml.stack.Api, logged in as admin
     home: Path
     root: Path
 
     def get(self, path: str) -> dict:
-        return call(f"{self.api}/api/v2/{path}", token=self.token)
+        return self.api.call(f"/api/v2/{path}")
 
     def send(self, path: str, payload: dict, method: str = "POST") -> dict:
-        return call(f"{self.api}/api/v2/{path}", payload, self.token, method)
+        return self.api.call(f"/api/v2/{path}", payload, method)
 
-    def wait_run(self, dag_id: str, run_id: str, seconds: float, until: tuple[str, ...]) -> str:
-        deadline = time.monotonic() + seconds
-        state = ""
-        while time.monotonic() < deadline and state not in until:
-            time.sleep(3)
-            state = self.get(f"dags/{dag_id}/dagRuns/{run_id}")["state"]
-        return state
+    def wait_run(self, dag_id: str, run_id: str, seconds: float) -> str:
+        return self.api.wait(dag_id, run_id, seconds)
 
 
 def test_scheduler_runs_a_triggered_ingest(stack: Stack) -> None:
     storage = LocalStorage(stack.root / "store")
     land_days(storage, DAY, 1, CLASSES, count=40, seed=3)
     run = stack.send("dags/ingest_daily/dagRuns", {"logical_date": None, "conf": {"date": str(DAY)}})
-    state = stack.wait_run("ingest_daily", run["dag_run_id"], 180, ("success", "failed"))
+    state = stack.wait_run("ingest_daily", run["dag_run_id"], 180)
     assert state == "success", f"run ended {state}; see {stack.home / 'standalone.log'}"
     result = json.loads(storage.read_bytes(f"reports/ingest/{DAY}/result.json"))
     assert result["status"] == "published" and result["curated"]["new_images"] == 40
@@ -138,7 +109,7 @@ def test_a_human_approves_the_promotion_through_the_rest_api(stack: Stack) -> No
 
     answer = stack.send(path, {"chosen_options": ["Approve"], "params_input": {}}, method="PATCH")
     assert answer["chosen_options"] == ["Approve"]
-    state = stack.wait_run("retrain", run_id, 180, ("success", "failed"))
+    state = stack.wait_run("retrain", run_id, 180)
     assert state == "success", f"run ended {state}; see {stack.home / 'standalone.log'}"
     assert registry.version_for_alias(settings, registry.CHAMPION) == version
     tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, version).tags
