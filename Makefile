@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast lint demo up down bench-ingest bench-train bench-digits lock clean
+.PHONY: install test test-fast lint demo up down bench-ingest bench-train bench-drift bench-digits lock clean
 
 install: $(STAMP)
 
@@ -58,6 +58,9 @@ bench-ingest: install
 
 bench-train: install
 	$(BIN)/python bench/train.py --images 5000
+
+bench-drift: install
+	$(BIN)/python bench/drift.py --quality --images 10000
 
 bench-digits: install
 	$(BIN)/python bench/digits.py
