@@ -12,9 +12,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import dag, task
 from mlops_airflow.assets import CURATED_IMAGES, RETRAIN_REQUESTED
-from mlops_airflow.defaults import default_args
+from mlops_airflow.defaults import date_param, default_args
 
 from ml.config import get_settings
 
@@ -61,12 +61,8 @@ def drift_alert(summary: dict[str, Any]) -> Any:
     tags=["mlops", "monitoring", "drift"],
     doc_md=__doc__,
     params={
-        "date": Param(
-            None,
-            type=["null", "string"],
-            format="date",
-            title="Curated day",
-            description="Day to compare (YYYY-MM-DD). Empty: the day the triggering ingest published.",
+        "date": date_param(
+            "Curated day", "Day to compare (YYYY-MM-DD). Empty: the day the triggering ingest published."
         ),
     },
 )

@@ -8,10 +8,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from airflow.sdk import CronDataIntervalTimetable, Param, PokeReturnValue, dag, task
+from airflow.sdk import CronDataIntervalTimetable, PokeReturnValue, dag, task
 from mlops_airflow.alerts import landing_timeout_callback
 from mlops_airflow.assets import CURATED_IMAGES
-from mlops_airflow.defaults import default_args, run_day
+from mlops_airflow.defaults import date_param, default_args, run_day
 
 from ml.config import get_settings
 
@@ -28,12 +28,8 @@ SETTINGS = get_settings()
     tags=["mlops", "ingestion", "data-quality"],
     doc_md=__doc__,
     params={
-        "date": Param(
-            None,
-            type=["null", "string"],
-            format="date",
-            title="Landing day",
-            description="Day to ingest (YYYY-MM-DD). Empty: the run's data interval start.",
+        "date": date_param(
+            "Landing day", "Day to ingest (YYYY-MM-DD). Empty: the run's data interval start."
         ),
     },
 )

@@ -291,33 +291,27 @@ def current_frame(
     )
 
 
-def write_report(storage: Storage, day: str, snapshot: Any) -> tuple[str, str]:
-    """Store the Evidently report (HTML, JSON); return their URLs."""
+def write_report(storage: Storage, day: str, snapshot: Any) -> tuple[str, str, str]:
+    """Store the Evidently report (HTML, JSON); return their URLs and the HTML."""
     prefix = f"{REPORTS_PREFIX}/{day}"
     with tempfile.TemporaryDirectory() as folder:
         html, raw = Path(folder) / "report.html", Path(folder) / "report.json"
         snapshot.save_html(str(html))
         snapshot.save_json(str(raw))
-        storage.write_bytes(f"{prefix}/report.html", html.read_bytes())
+        page = html.read_text()
+        storage.write_bytes(f"{prefix}/report.html", page.encode())
         storage.write_bytes(f"{prefix}/evidently.json", raw.read_bytes())
-    return storage.url(f"{prefix}/report.html"), storage.url(f"{prefix}/evidently.json")
+    return storage.url(f"{prefix}/report.html"), storage.url(f"{prefix}/evidently.json"), page
 
 
-def log_to_mlflow(settings: Settings, result: DriftResult, storage: Storage) -> str:
+def log_to_mlflow(settings: Settings, result: DriftResult, report_html: str) -> str:
     """One run per monitored day in the ``<experiment>-monitoring`` experiment; returns its id."""
     import mlflow
 
     from ml import registry
 
     mlflow.set_tracking_uri(registry.tracking_uri(settings))
-    name = f"{settings.mlflow.experiment_name}-monitoring"
-    client = registry.client(settings)
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(name, artifact_location=registry.artifact_location(settings))
-    )
+    experiment_id = registry.ensure_experiment(settings, f"{settings.mlflow.experiment_name}-monitoring")
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"drift-{result.day}") as run:
         mlflow.set_tags({"kind": "drift", "day": result.day, "model_version": result.model_version})
         mlflow.log_metrics(
@@ -328,8 +322,7 @@ def log_to_mlflow(settings: Settings, result: DriftResult, storage: Storage) -> 
                 "rows_current": result.rows_current,
             }
         )
-        prefix = f"{REPORTS_PREFIX}/{result.day}"
-        mlflow.log_text(storage.read_bytes(f"{prefix}/report.html").decode(), "drift/report.html")
+        mlflow.log_text(report_html, "drift/report.html")
         mlflow.log_dict(result.to_dict(), "drift/summary.json")
         return run.info.run_id
 
@@ -375,11 +368,11 @@ def monitor_day(settings: Settings, storage: Storage, day: dt.date) -> dict[str,
         reasons=reasons,
         columns=columns,
     )
-    result.report, result.report_json = write_report(storage, str(day), snapshot)
+    result.report, result.report_json, report_html = write_report(storage, str(day), snapshot)
     storage.write_bytes(
         f"{REPORTS_PREFIX}/{day}/summary.json", json.dumps(result.to_dict(), indent=2, default=str).encode()
     )
-    run_id = log_to_mlflow(settings, result, storage)
+    run_id = log_to_mlflow(settings, result, report_html)
     return {"status": "measured", "mlflow_run_id": run_id, **result.to_dict()}
 
 

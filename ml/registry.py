@@ -45,17 +45,14 @@ def client(settings: Settings) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def ensure_experiment(settings: Settings) -> str:
-    """The experiment id for ``mlflow.experiment_name`` (created with the local artifact root)."""
+def ensure_experiment(settings: Settings, name: str | None = None) -> str:
+    """The id of experiment ``name`` (default ``mlflow.experiment_name``), created when missing."""
+    name = name or settings.mlflow.experiment_name
     mlflow_client = client(settings)
-    experiment = mlflow_client.get_experiment_by_name(settings.mlflow.experiment_name)
+    experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    return str(
-        mlflow_client.create_experiment(
-            settings.mlflow.experiment_name, artifact_location=artifact_location(settings)
-        )
-    )
+    return str(mlflow_client.create_experiment(name, artifact_location=artifact_location(settings)))
 
 
 def version_for_alias(settings: Settings, alias: str) -> str | None:

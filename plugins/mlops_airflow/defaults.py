@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from airflow.sdk import Param
+
 from mlops_airflow.alerts import failure_callback
 
 OWNER = "mlops"
@@ -19,6 +21,11 @@ def default_args(retries: int = 2) -> dict[str, Any]:
         "max_retry_delay": dt.timedelta(minutes=30),
         "on_failure_callback": failure_callback,
     }
+
+
+def date_param(title: str, description: str) -> Param:
+    """An optional YYYY-MM-DD day for the trigger form (empty: the run decides)."""
+    return Param(None, type=["null", "string"], format="date", title=title, description=description)
 
 
 def run_day(params: dict[str, Any] | None, data_interval_start: Any) -> dt.date:
