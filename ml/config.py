@@ -130,6 +130,28 @@ class InferenceConfig(_Strict):
     memory_mb: int = Field(gt=0)
 
 
+class ServingConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=3000, ge=1, le=65535)
+    workers: int = Field(default=2, ge=1, le=64)
+    threads: int = Field(default=1, ge=0, le=64)
+    max_batch_size: int = Field(default=16, ge=1, le=512)
+    max_latency_ms: float = Field(default=20.0, gt=0, le=1000)
+    max_request_bytes: int = Field(default=25_000_000, ge=1024)
+    max_batch_images: int = Field(default=32, ge=1, le=1024)
+    canary_share: float = Field(default=0.1, ge=0, le=1)
+    api_keys_file: str | None = None
+    state_dir: str = ".data/serving"
+    bento_name: str = "product-classifier-service"
+    bentoml_home: str = ".data/bentoml"
+    log_flush_rows: int = Field(default=256, ge=1)
+    log_flush_seconds: float = Field(default=5.0, gt=0)
+    log_images: bool = False
+    check_images: int = Field(default=20, ge=1)
+    check_latency_p99_ms: float = Field(default=500.0, gt=0)
+    check_timeout_seconds: float = Field(default=120.0, gt=0)
+
+
 class MonitoringConfig(_Strict):
     data_drift_threshold: float = Field(gt=0, lt=1)
     prediction_drift_kl_threshold: float = Field(gt=0)
@@ -179,6 +201,7 @@ class Settings(_Strict):
     training: TrainingConfig
     acceptance: AcceptanceConfig
     inference: InferenceConfig
+    serving: ServingConfig = ServingConfig()
     monitoring: MonitoringConfig
     mlflow: MlflowConfig
     alerts: AlertsConfig

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 PROPERTY_SIDE = 256  # properties are measured on a copy no larger than this
 LOSSY_FORMATS = frozenset({"JPEG"})
+ORIENTATION = 0x0112  # EXIF tag
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def perceptual_hash(grey: Image.Image) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def measure(rgb: Image.Image) -> dict[str, float | str]:
+def measure(rgb: Image.Image, phash: bool = True) -> dict[str, float | str]:
     """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash."""
     factor = max(1, max(rgb.size) // PROPERTY_SIDE)
     grey_image = (rgb.reduce(factor) if factor > 1 else rgb).convert("L")  # box average: fast
@@ -110,12 +111,14 @@ def measure(rgb: Image.Image) -> dict[str, float | str]:
     lap = np.zeros((0,), dtype=np.float32)
     if grey.shape[0] > 2 and grey.shape[1] > 2:
         lap = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
-    return {
+    measured: dict[str, float | str] = {
         "brightness": round(float(grey.mean()), 4),
         "contrast": round(float(grey.std()), 4),
         "blur": round(float(lap.var()) if lap.size else 0.0, 4),
-        "phash": f"{perceptual_hash(grey_image):016x}",
     }
+    if phash:
+        measured["phash"] = f"{perceptual_hash(grey_image):016x}"
+    return measured
 
 
 def is_clean_rgb_jpeg(image: Image.Image) -> bool:
@@ -141,45 +144,65 @@ def encode_curated(rgb: Image.Image, source_format: str) -> tuple[bytes, str]:
     return buffer.getvalue(), "png"
 
 
-def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
-    """Decode ``data`` safely, verify it by content, normalise it and measure it."""
-    digest = hashlib.sha256(data).hexdigest()
+class Rejected(ValueError):
+    """A file that cannot be decoded safely; ``reason`` is a stable code, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str, props: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.props = reason, detail, props or {}
+
+
+def open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, Image.Image, dict[str, Any]]:
+    """(decoded image, upright 8-bit RGB, format/mode/size) of ``data``, checked by content.
+
+    Raises ``Rejected`` for empty, oversized, unrecognised, disallowed, bomb or corrupt input.
+    """
     if not data:
-        return _reject(data, digest, "empty_file", "the file has zero bytes")
+        raise Rejected("empty_file", "the file has zero bytes")
     if len(data) > limits.max_file_bytes:
-        return _reject(data, digest, "file_too_large", f"{len(data)} bytes > {limits.max_file_bytes}")
+        raise Rejected("file_too_large", f"{len(data)} bytes > {limits.max_file_bytes}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            return _reject(data, digest, "not_an_image", "content is not a recognised image format")
+            raise Rejected("not_an_image", "content is not a recognised image format") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            return _reject(data, digest, "too_many_pixels", str(exc))
+            raise Rejected("too_many_pixels", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a rejection, not a crash
-            return _reject(data, digest, "corrupt_image", f"{type(exc).__name__}: {exc}")
+            raise Rejected("corrupt_image", f"{type(exc).__name__}: {exc}") from None
         fmt = image.format or "unknown"
         width, height = image.size
         props: dict[str, Any] = {"format": fmt, "mode": image.mode, "width": width, "height": height}
         if fmt not in limits.allowed_formats:
-            return _reject(
-                data, digest, "format_not_allowed", f"{fmt} is not in the allowed formats", **props
-            )
+            raise Rejected("format_not_allowed", f"{fmt} is not in the allowed formats", props)
         if width * height > limits.max_pixels:
-            detail = f"{width}x{height} = {width * height} pixels > {limits.max_pixels}"
-            return _reject(data, digest, "too_many_pixels", detail, **props)
+            raise Rejected(
+                "too_many_pixels", f"{width}x{height} = {width * height} pixels > {limits.max_pixels}", props
+            )
         try:
             image.load()
-            rgb = to_rgb(ImageOps.exif_transpose(image))
+            upright = image.getexif().get(ORIENTATION, 1) in (1, None)
+            rgb = to_rgb(image if upright else ImageOps.exif_transpose(image))
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise many types
-            return _reject(data, digest, "corrupt_image", f"{type(exc).__name__}: {exc}", **props)
+            raise Rejected("corrupt_image", f"{type(exc).__name__}: {exc}", props) from None
+    return image, rgb, props
+
+
+def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
+    """Decode ``data`` safely, verify it by content, normalise it and measure it."""
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image, rgb, props = open_checked(data, limits)
+    except Rejected as exc:
+        return _reject(data, digest, exc.reason, exc.detail, **exc.props)
     # A clean RGB JPEG is kept as landed (lossless, and no re-encoding cost); the rest is re-encoded.
     same_as_source = is_clean_rgb_jpeg(image)
-    curated, ext = (data, "jpg") if same_as_source else encode_curated(rgb, fmt)
+    curated, ext = (data, "jpg") if same_as_source else encode_curated(rgb, props["format"])
     report = ImageReport(
         source_sha256=digest,
         file_bytes=len(data),
-        format=fmt,
+        format=props["format"],
         mode=props["mode"],
         width=rgb.width,
         height=rgb.height,

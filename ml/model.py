@@ -183,12 +183,33 @@ class Classifier(nn.Module):
         return self
 
 
-def export_onnx(model: nn.Module, path: Path, image_size: int, output: str = "logits") -> None:
-    """Write ``model`` as one ONNX file: input "image" (N, 3, S, S), output ``output``, dynamic N."""
+class ServingGraph(nn.Module):
+    """A classifier that also returns its pooled backbone features: what the service runs.
+
+    The features cost nothing extra and let every prediction log the embedding summary drift needs.
+    """
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.backbone(images)
+        return self.model.head(features), features
+
+
+SERVING_OUTPUTS = ("logits", "features")
+
+
+def export_onnx(
+    model: nn.Module, path: Path, image_size: int, output: str | tuple[str, ...] = "logits"
+) -> None:
+    """Write ``model`` as one ONNX file: input "image" (N, 3, S, S), the named output(s), dynamic N."""
+    outputs = (output,) if isinstance(output, str) else tuple(output)
     was_training = model.training
     model.eval()
     example = (torch.zeros(2, 3, image_size, image_size),)
-    names = {"input_names": ["image"], "output_names": [output], "opset_version": ONNX_OPSET}
+    names = {"input_names": ["image"], "output_names": list(outputs), "opset_version": ONNX_OPSET}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
     os.close(fd)
@@ -212,7 +233,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: int, output: str = "lo
                 example,
                 tmp,
                 dynamo=False,
-                dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}},
+                dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                 **names,
             )
         os.replace(tmp, path)

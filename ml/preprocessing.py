@@ -33,6 +33,13 @@ class Preprocessing:
             tuple(preprocessing.std),  # type: ignore[attr-defined]
         )
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset) per channel with x * scale + offset == (x / 255 - mean) / std."""
+        std = np.asarray(self.std, dtype=np.float64)
+        scale = 1.0 / (255.0 * std)
+        offset = -np.asarray(self.mean, dtype=np.float64) / std
+        return scale.astype(np.float32), offset.astype(np.float32)
+
     @property
     def version(self) -> str:
         return f"{PREPROCESSING_VERSION}:{self.image_size}:{self.mean}:{self.std}"
@@ -48,9 +55,13 @@ def decode_rgb(data: bytes) -> Image.Image:
 def to_array(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     """One RGB image -> float32 array (3, size, size), normalised. The model's input."""
     resized = to_rgb(image).resize((prep.image_size, prep.image_size), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    array = (array - np.asarray(prep.mean, dtype=np.float32)) / np.asarray(prep.std, dtype=np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    pixels = np.asarray(resized)
+    scale, offset = prep.affine()
+    out = np.empty((3, prep.image_size, prep.image_size), dtype=np.float32)
+    for channel in range(3):  # (x / 255 - mean) / std as one multiply-add per channel, written as CHW
+        np.multiply(pixels[..., channel], scale[channel], out=out[channel], dtype=np.float32)
+        out[channel] += offset[channel]
+    return out
 
 
 def batch_arrays(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarray:

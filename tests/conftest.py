@@ -33,6 +33,7 @@ os.environ.update(
         "EVIDENTLY_DISABLE_TELEMETRY": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_HOME": tempfile.mkdtemp(prefix="mlops-test-bentoml-"),
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
