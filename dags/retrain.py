@@ -1,8 +1,11 @@
-"""Weekly retraining, or on a "retrain requested" Asset event (drift): train, evaluate, gate, register.
+"""Weekly retraining, or on a "retrain requested" Asset event (drift): train, gate, register, deploy.
 
-A gated model is registered with alias ``challenger``. Promotion to ``champion`` needs a human
-approval in the Airflow UI (the ``approve`` task); ``mlflow.auto_approve: true`` in the config
-skips the human (demo only) and is recorded as such.
+A gated model is registered with alias ``challenger``, built into a bento and checked while it
+serves on a scratch port (golden images, latency, auth: a failure pages and deploys nothing),
+then staged on the live endpoint as the canary (``serving.canary_share`` of traffic). Promotion
+to ``champion`` needs a human approval in the Airflow UI (the ``approve`` task);
+``mlflow.auto_approve: true`` skips the human (demo only) and is recorded as such. The champion
+then takes all traffic; a challenger that is not approved is withdrawn from the canary.
 """
 
 from __future__ import annotations
@@ -84,11 +87,47 @@ def retrain() -> None:
         print(f"retrain: {status}; model version {version}; gate {result.get('gate')}")
         return result
 
+    @task.short_circuit
+    def registered(result: dict) -> bool:
+        """Only a registered challenger goes on to build, check and deploy."""
+        return result["status"] == "registered"
+
+    @task(execution_timeout=dt.timedelta(minutes=30))
+    def build_and_check(result: dict) -> dict:
+        """Build the bento and run it on a scratch port against golden test images; page on failure."""
+        from mlops_airflow.alerts import Alert, send_alert
+        from mlops_airflow.storage import dag_storage
+
+        from ml.deploy import build_bento, serving_check
+
+        settings = get_settings()
+        version = result["model_version"]
+        bento_tag = build_bento(settings, version)
+        check = serving_check(settings, dag_storage(settings), version, bento_tag)
+        print(f"serving check of {bento_tag}: {check.to_dict()}")
+        if not check.passed:
+            reason = f"v{version} ({bento_tag}) failed its serving check: {'; '.join(check.reasons)}"
+            send_alert(
+                Alert("serving_check_failed", "critical", reason, "retrain", "build_and_check"), settings
+            )
+            raise RuntimeError(f"{reason}. Nothing was deployed.")
+        return check.to_dict()
+
+    @task
+    def deploy_canary(result: dict, check: dict) -> dict:
+        """Stage the challenger on the canary share of live traffic (the first model takes all of it)."""
+        from mlops_airflow.storage import dag_storage
+
+        from ml.deploy import deploy
+
+        settings = get_settings()
+        return deploy(
+            settings, dag_storage(settings), result["model_version"], stage="canary", by="retrain DAG"
+        )
+
     @task.branch
-    def route(result: dict) -> str | None:
-        """Registered challengers go to approval (or straight to promotion when auto-approve is on)."""
-        if result["status"] != "registered":
-            return None
+    def route(result: dict) -> str:
+        """A human approves the promotion, unless the config auto-approves (demo only)."""
         return "promote" if get_settings().mlflow.auto_approve else "approve"
 
     approve = ApprovalOperator(
@@ -126,11 +165,42 @@ def retrain() -> None:
         )
         return asdict(approval)
 
+    @task
+    def deploy_champion(result: dict) -> dict:
+        """The approved champion takes all live traffic; the previous one is kept for rollback."""
+        from mlops_airflow.storage import dag_storage
+
+        from ml.deploy import deploy
+
+        settings = get_settings()
+        return deploy(
+            settings, dag_storage(settings), result["model_version"], stage="full", by="retrain DAG"
+        )
+
+    @task(trigger_rule="all_done")
+    def withdraw_unapproved(result: dict) -> str:
+        """A staged challenger that did not become champion (rejected, failed) leaves the canary."""
+        from mlops_airflow.storage import dag_storage
+
+        from ml import registry
+        from ml.deploy import withdraw_canary
+
+        settings = get_settings()
+        version = result.get("model_version")
+        if not version or registry.version_for_alias(settings, registry.CHAMPION) == version:
+            return "nothing to withdraw"
+        return withdraw_canary(settings, dag_storage(settings), version, by="retrain DAG")
+
     trained = train()
+    checked = build_and_check(trained)
+    registered(trained) >> checked
+    staged = deploy_canary(trained, checked)
     branch = route(trained)
     promoted = promote(trained)
-    branch >> [approve, promoted]
-    approve >> promoted
+    served = deploy_champion(trained)
+    staged >> branch >> [approve, promoted]
+    approve >> promoted >> served
+    [served, approve] >> withdraw_unapproved(trained)
 
 
 retrain()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ml.config import ConfigError, Settings, load_settings
+from ml.config import REPO_ROOT, ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED, EXIT_NOTHING = 0, 2, 3, 4
 DEMO_START = dt.date(2026, 1, 5)
@@ -94,6 +94,59 @@ def cmd_drift(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return monitor_day(settings, storage_from_settings(settings), args.date)
 
 
+def _who(name: str | None) -> str:
+    import getpass
+
+    return name or getpass.getuser()
+
+
+def cmd_deploy(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml import registry
+    from ml.deploy import release
+    from ml.storage import storage_from_settings
+
+    version = args.version or registry.version_for_alias(settings, registry.CHAMPION)
+    if version is None:
+        raise ValueError("no model version given and no champion registered")
+    return release(
+        settings,
+        storage_from_settings(settings),
+        str(version),
+        stage=args.stage,
+        by=_who(args.by),
+        check=not args.skip_check,
+        reason=args.reason or "",
+    )
+
+
+def cmd_rollback(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.deploy import rollback
+    from ml.storage import storage_from_settings
+
+    return rollback(
+        settings, storage_from_settings(settings), to=args.to, by=_who(args.by), reason=args.reason
+    )
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Replace this process with ``bentoml serve`` of the live service (Ctrl-C stops it)."""
+    import os
+
+    from ml.deploy import SERVICE, bentoml_command, ensure_state, serve_env, serve_host
+    from ml.storage import storage_from_settings
+
+    state = ensure_state(settings, storage_from_settings(settings))
+    env = serve_env(settings)
+    port = str(args.port or settings.serving.port)
+    host = serve_host(settings)
+    print(
+        f"serving v{state.stable} on http://{host}:{port} (state {env['MLOPS_DEPLOYMENT_STATE']})", flush=True
+    )
+    os.chdir(REPO_ROOT)
+    os.execve(bentoml_command(), [bentoml_command(), "serve", SERVICE, "--host", host, "--port", port], env)
+    return {}  # not reached
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
@@ -156,6 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--date", type=_date, required=True, help="curated day YYYY-MM-DD")
     drift.set_defaults(handler=cmd_drift)
 
+    deploy = sub.add_parser(
+        "deploy", parents=[common], help="build the bento, run the serving check, deploy (default: champion)"
+    )
+    deploy.add_argument("version", nargs="?")
+    deploy.add_argument("--stage", choices=["canary", "full"], default="full")
+    deploy.add_argument("--skip-check", action="store_true", help="deploy without the serving check")
+    deploy.add_argument("--by", help="who deploys (default: the current user)")
+    deploy.add_argument("--reason")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    rollback = sub.add_parser(
+        "rollback", parents=[common], help="serve the previous (or a named) version again"
+    )
+    rollback.add_argument("--to", help="model version to return to (default: the previous one)")
+    rollback.add_argument("--reason", required=True, help="why (recorded in the audit)")
+    rollback.add_argument("--by", help="who rolls back (default: the current user)")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the live prediction service (BentoML)")
+    serve.add_argument("--port", type=int, help="default: serving.port")
+    serve.set_defaults(handler=cmd_serve)
+
     config = sub.add_parser("config", parents=[common], help="print the effective config")
     config.set_defaults(handler=cmd_config)
     return parser
@@ -174,6 +249,7 @@ def _emit(payload: dict[str, Any], as_json: bool, stream: Any = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ml.deploy import DeployError
     from ml.ingest import BatchRejected, NothingLanded
 
     args = build_parser().parse_args(argv)
@@ -193,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             {"error": str(exc), "type": "nothing_landed"}, args.json, sys.stdout if args.json else sys.stderr
         )
         return EXIT_NOTHING
+    except DeployError as exc:
+        _emit({"error": str(exc), "type": "deploy"}, args.json, sys.stdout if args.json else sys.stderr)
+        return EXIT_REJECTED
     except ValueError as exc:
         _emit(
             {"error": str(exc), "type": "invalid_argument"},

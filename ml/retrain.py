@@ -59,7 +59,7 @@ def onnx_predict_proba(onnx_path: Path, images: np.ndarray, batch_size: int = 32
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     outputs = []
     for start in range(0, len(images), batch_size):
-        (logits,) = session.run(None, {"image": images[start : start + batch_size]})
+        (logits,) = session.run(["logits"], {"image": images[start : start + batch_size]})
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         outputs.append(shifted / shifted.sum(axis=1, keepdims=True))
     return np.concatenate(outputs)
@@ -306,7 +306,7 @@ def _log_model_and_onnx(
     import torch
     from mlflow.models import infer_signature
 
-    from ml.model import export_onnx, onnx_parity
+    from ml.model import SERVING_OUTPUTS, ServingGraph, export_onnx, onnx_parity
 
     sample = batch_arrays(load_images(storage, list(rows["curated_key"].head(4))), prep)
     with torch.inference_mode():
@@ -325,7 +325,7 @@ def _log_model_and_onnx(
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(model, path, prep.image_size)
+        export_onnx(ServingGraph(model), path, prep.image_size, SERVING_OUTPUTS)
         parity = onnx_parity(model, path, sample)
         mlflow.log_artifact(str(path), "onnx")
     return float(parity)

@@ -155,7 +155,7 @@ class Api:
         return api
 
     def runs(self, dag_id: str) -> list[dict[str, Any]]:
-        return self.call(f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=run_after")["dag_runs"]
+        return self.call(f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=-run_after")["dag_runs"]
 
     def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
         return self.call(f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]

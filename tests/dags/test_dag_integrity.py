@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"ingest_daily", "drift_monitor", "retrain"}
+EXPECTED = {"ingest_daily", "drift_monitor", "retrain", "rollback"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def test_house_rules(dagbag) -> None:
             callbacks = task.on_failure_callback
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             assert callbacks and set(callbacks) <= {failure_callback, landing_timeout_callback}, task.task_id
-        assert any(task.retries >= 1 for task in dag.tasks), dag.dag_id
+        if dag.dag_id != "rollback":  # a retried rollback would flip back: a human re-runs it instead
+            assert any(task.retries >= 1 for task in dag.tasks), dag.dag_id
 
 
 def test_ingest_daily_shape(dagbag) -> None:
@@ -54,10 +55,33 @@ def test_ingest_daily_shape(dagbag) -> None:
 
 def test_retrain_shape(dagbag) -> None:
     dag = dagbag.dags["retrain"]
-    assert [t.task_id for t in dag.topological_sort()] == ["train", "route", "approve", "promote"]
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order == [
+        "train",
+        "registered",
+        "build_and_check",
+        "deploy_canary",
+        "route",
+        "approve",
+        "promote",
+        "deploy_champion",
+        "withdraw_unapproved",
+    ]
+    # nothing reaches the live endpoint before the serving check, nor all traffic before approval
+    assert "build_and_check" in dag.get_task("deploy_canary").upstream_task_ids
+    assert dag.get_task("deploy_champion").upstream_task_ids == {"promote", "train"}
+    assert dag.get_task("withdraw_unapproved").trigger_rule == "all_done"
     assert "retrain_requested" in str(dag.timetable)  # the drift Asset triggers it, besides the cron
     assert {"epochs", "learning_rate", "batch_size", "force", "note"} <= set(dag.params)
     assert type(dag.get_task("approve")).__name__ == "ApprovalOperator"
+
+
+def test_rollback_is_manual_with_a_version_and_a_reason_in_its_form(dagbag) -> None:
+    dag = dagbag.dags["rollback"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # manual trigger only
+    assert {"version", "reason"} <= set(dag.params)
+    assert dag.params.get_param("reason").schema["minLength"] >= 1
+    assert [t.task_id for t in dag.tasks] == ["roll_back"]
 
 
 def test_drift_monitor_shape(dagbag) -> None:

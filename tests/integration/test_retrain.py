@@ -11,7 +11,7 @@ from ml.config import load_settings
 from ml.demo_data import land_days
 from ml.ingest import ingest_day
 from ml.storage import LocalStorage
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 START = dt.date(2026, 6, 1)
@@ -27,6 +27,8 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         "MLOPS__MLFLOW__AUTO_APPROVE": "true",
         "MLOPS__TRAINING__EPOCHS": "25",
         "MLOPS__TRAINING__EARLY_STOPPING__PATIENCE": "6",
+        "MLOPS__SERVING__STATE_DIR": str(root / "serving"),
+        "MLOPS__SERVING__PORT": str(free_port()),  # no live endpoint: deploys write the state only
     }
     settings = load_settings(environ=env)
     storage = LocalStorage(root / "store")
@@ -98,6 +100,13 @@ def test_retrain_registers_tracks_and_promotes(
     ):
         assert expected in artifacts, expected
     assert registry.audit_log(storage)[-1]["version"] == champion
+
+    from ml.deploy import audit_log, state_path
+    from ml.serving import read_state
+
+    assert version.tags["bento_tag"].startswith(f"product-classifier-service:v{champion}-")
+    assert read_state(state_path(settings)).stable == champion  # serving-checked, then deployed
+    assert [entry["action"] for entry in audit_log(storage)] == ["deploy-canary", "deploy-full"]
 
 
 def test_shuffled_labels_are_rejected_by_the_gate_with_reasons(world) -> None:

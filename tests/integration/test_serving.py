@@ -1,0 +1,371 @@
+"""The service for real: bentoml build, the serving check, `bentoml serve` over HTTP, deploy and rollback.
+
+Two models trained on generated demo days; v1 is the champion, v2 the challenger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml.config import load_settings
+from ml.demo_data import land_days
+from ml.ingest import ingest_day
+from ml.storage import LocalStorage
+from tests.conftest import REPO, free_port
+from tests.hostile import encode, photo, png_bomb, with_exif_gps
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+START = dt.date(2026, 6, 1)
+KEY = "integration-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, Any, LocalStorage]]:
+    """Champion v1 and challenger v2; the settings environment applies to everything started here."""
+    from ml import registry
+    from ml.retrain import train_and_register
+
+    root = tmp_path_factory.mktemp("serving")
+    env = {
+        "MLOPS__STORAGE__ROOT": str(root / "store"),
+        "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MLOPS__TRAINING__EPOCHS": "15",
+        "MLOPS__TRAINING__EARLY_STOPPING__PATIENCE": "4",
+        "MLOPS__SERVING__STATE_DIR": str(root / "serving"),
+        "MLOPS__SERVING__PORT": str(free_port()),
+        "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.5",
+        "MLOPS__SERVING__MAX_REQUEST_BYTES": "6000000",
+        "MLOPS_API_KEYS": KEY,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        settings = load_settings()
+        storage = LocalStorage(root / "store")
+        land_days(storage, START, 3, settings.classes, count=120, seed=11)
+        for offset in range(3):
+            ingest_day(settings, storage, START + dt.timedelta(days=offset))
+        first = train_and_register(settings, storage)
+        registry.promote(settings, storage, first["model_version"], "test")
+        second = train_and_register(settings, storage, force=True, overrides={"learning_rate": 0.002})
+        assert (first["model_version"], second["model_version"]) == ("1", "2"), second
+        yield env, settings, storage
+
+
+def test_release_builds_checks_and_deploys_the_champion(world) -> None:
+    from ml import registry
+    from ml.deploy import audit_log, release, state_path
+    from ml.serving import read_state
+
+    _, settings, storage = world
+    result = release(settings, storage, "1", stage="full", by="test")
+    check = result["check"]
+    assert check["passed"] and check["images"] == settings.serving.check_images, check
+    assert check["max_probability_gap"] <= settings.acceptance.onnx_max_abs_diff
+    assert check["p99_ms"] <= settings.serving.check_latency_p99_ms
+    tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, "1").tags
+    assert tags["bento_tag"] == result["bento_tag"] and result["bento_tag"].startswith(
+        "product-classifier-service:v1-"
+    )
+    assert read_state(state_path(settings)).stable == "1"
+    assert result["live"] is None  # no live endpoint yet: the state waits for `mlops serve`
+    assert audit_log(storage)[-1]["action"] == "deploy-full"
+
+
+def test_a_broken_bento_fails_the_serving_check_and_nothing_deploys(world) -> None:
+    import bentoml
+
+    from ml.deploy import DeployError, build_bento, import_model, release, serving_check, state_path
+    from ml.serving import read_state
+
+    _, settings, storage = world
+    tag = build_bento(settings, "2")
+    src = Path(bentoml.get(tag).path) / "src" / "bentos"
+    packed, service = src / "packed.json", src / "service.py"
+    originals = {path: path.read_bytes() for path in (packed, service)}
+    try:
+        wrong = {"model_version": "1", "model_tag": import_model(settings, "1"), "bento_tag": tag}
+        packed.write_text(json.dumps(wrong))  # the bento packs another model than the one checked
+        wrong_model = serving_check(settings, storage, "2", tag)
+        assert not wrong_model.passed and any("/version says model '1'" in r for r in wrong_model.reasons)
+        assert any("served" in r or "differ" in r for r in wrong_model.reasons), wrong_model.reasons
+        packed.write_bytes(originals[packed])
+        service.write_text(originals[service].decode() + "\nraise RuntimeError('broken build')\n")
+        with pytest.raises(DeployError, match="serving check of v2.*exited"):
+            release(settings, storage, "2", stage="canary", by="test")
+        assert read_state(state_path(settings)).canary is None  # nothing was deployed
+    finally:
+        for path, data in originals.items():
+            path.write_bytes(data)
+    assert serving_check(settings, storage, "2", tag).passed
+
+
+@pytest.fixture(scope="module")
+def live(world) -> Iterator[str]:
+    """`mlops serve`: the live service for the deployed model (the champion on its first run)."""
+    from ml.deploy import stop_service, wait_ready
+
+    _, settings, _ = world
+    port = settings.serving.port
+    log = Path(settings.serving.state_dir) / "live.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlops"), "serve", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, 120)
+        yield url
+    finally:
+        stop_service(process)
+
+
+def post(
+    url: str, path: str, files: list[tuple[str, str, bytes]], headers: dict | None = None
+) -> tuple[int, Any]:
+    import requests
+
+    response = requests.post(
+        url + path,
+        files=[(field, (name, data)) for field, name, data in files],
+        headers=AUTH if headers is None else headers,
+        timeout=60,
+    )
+    return response.status_code, response.json()
+
+
+def image(fmt: str, mode: str = "RGB", size: tuple[int, int] = (160, 120)) -> bytes:
+    if mode == "I;16":
+        return encode(Image.fromarray(np.asarray(photo(1, size, "L")).astype("uint16") * 257), fmt)
+    return encode(photo(1, size, mode), fmt)
+
+
+VALID = {
+    "png": image("PNG"),
+    "jpeg": image("JPEG"),
+    "tiff": image("TIFF"),
+    "webp": image("WEBP"),
+    "bmp": image("BMP"),
+    "rgba-png": image("PNG", "RGBA"),
+    "grey-jpeg": image("JPEG", "L"),
+    "16-bit-png": image("PNG", "I;16"),
+    "cmyk-jpeg": image("JPEG", "CMYK"),
+    "8x8": image("PNG", size=(8, 8)),
+    "4000x3000": encode(Image.new("RGB", (4000, 3000), (90, 120, 150)), "JPEG"),
+    "exif-jpeg": with_exif_gps(photo(2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALID))
+def test_every_valid_image_is_answered_over_http(live, name: str) -> None:
+    status, body = post(live, "/predict", [("image", f"upload.{name}", VALID[name])])
+    assert status == 200, body
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4 and body["model_version"] == "1"
+
+
+def raw(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, Any]:
+    from ml.deploy import http
+
+    status, data = http(method, url + path, body=body or None, headers={**AUTH, **(headers or {})})
+    return status, data
+
+
+HOSTILE = {
+    "text-file": lambda u: post(u, "/predict", [("image", "a.png", b"GIF89a but not really")]),
+    "empty-file": lambda u: post(u, "/predict", [("image", "a.png", b"")]),
+    "truncated-png": lambda u: post(u, "/predict", [("image", "a.png", image("PNG")[:200])]),
+    "pixel-bomb": lambda u: post(u, "/predict", [("image", "a.png", png_bomb())]),
+    "wrong-field": lambda u: post(u, "/predict", [("file", "a.png", image("PNG"))]),
+    "two-images": lambda u: post(u, "/predict", [("image", "a.png", image("PNG"))] * 2),
+    "too-large": lambda u: post(u, "/predict", [("image", "a.png", b"0" * 6_100_000)]),
+    "no-key": lambda u: post(u, "/predict", [("image", "a.png", image("PNG"))], headers={}),
+    "wrong-key": lambda u: post(
+        u, "/predict", [("image", "a.png", image("PNG"))], {"Authorization": "Bearer x"}
+    ),
+    "json-body": lambda u: raw(
+        u, "POST", "/predict", b'{"image": "x"}', {"Content-Type": "application/json"}
+    ),
+    "raw-bytes": lambda u: raw(u, "POST", "/predict", image("PNG"), {"Content-Type": "image/png"}),
+    "no-boundary": lambda u: raw(u, "POST", "/predict", b"xx", {"Content-Type": "multipart/form-data"}),
+    "bad-multipart": lambda u: raw(
+        u, "POST", "/predict", b"--b\r\nnonsense", {"Content-Type": "multipart/form-data; boundary=b"}
+    ),
+    "get-predict": lambda u: raw(u, "GET", "/predict"),
+    "feedback-label": lambda u: raw(
+        u,
+        "POST",
+        "/feedback",
+        b'{"request_id": "ab12", "label": "cars"}',
+        {"Content-Type": "application/json"},
+    ),
+    "feedback-broken-json": lambda u: raw(
+        u, "POST", "/feedback", b'{"request_id": ', {"Content-Type": "application/json"}
+    ),
+    "feedback-form": lambda u: post(u, "/feedback", [("request_id", "x", b"ab12")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_requests_get_a_4xx_and_the_service_stays_up(live, name: str) -> None:
+    status, _ = HOSTILE[name](live)
+    assert 400 <= status < 500, (name, status)
+    assert raw(live, "GET", "/readyz")[0] == 200
+
+
+def test_metrics_version_and_the_prediction_log(world, live) -> None:
+    from ml.serving import FEEDBACK_PREFIX, PREDICTIONS_PREFIX, read_records
+
+    _, settings, storage = world
+    request_ids = []
+    for seed in range(3):
+        _, body = post(live, "/predict", [("image", "x.png", encode(photo(seed), "PNG"))])
+        request_ids.append(body["request_id"])
+        time.sleep(0.3)
+    status, body = raw(
+        live,
+        "POST",
+        "/feedback",
+        json.dumps({"request_id": request_ids[0], "label": "toys"}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 200
+    time.sleep(0.6)
+    # nothing more is sent: each worker's watcher writes its rows after log_flush_seconds
+    deadline = time.monotonic() + 10
+    logged: list[dict] = []
+    feedback: list[dict] = []
+    while time.monotonic() < deadline and not (
+        {*request_ids} <= {r["request_id"] for r in logged} and feedback
+    ):
+        time.sleep(0.5)
+        logged = read_records(storage, PREDICTIONS_PREFIX)
+        feedback = read_records(storage, FEEDBACK_PREFIX)
+    row = next(r for r in logged if r["request_id"] == request_ids[0])
+    assert row["model_version"] == "1" and {"embedding_pc0", "brightness", "blur", "latency_ms"} <= set(row)
+    assert "image_key" not in row  # raw images are not kept unless configured
+    assert [(r["request_id"], r["label"]) for r in feedback] == [(request_ids[0], "toys")]
+    status, metrics = raw(live, "GET", "/metrics")
+    text = metrics.decode()
+    assert (
+        'mlops_predictions_total{model_version="1"' in text
+        and "mlops_prediction_latency_seconds_bucket" in text
+    )
+    assert 'mlops_request_errors_total{code="unauthorized",status="401"}' in text
+    info = json.loads(raw(live, "GET", "/version")[1])
+    assert info["model_version"] == "1" and info["dataset_version"].startswith("2026-06-03")
+
+
+class Traffic:
+    """Steady requests from three client threads; every answer is kept."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.answers, self.stop = url, [], threading.Event()
+        self.data = encode(photo(4), "JPEG")
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(3)]
+
+    def run(self, worker: int) -> None:
+        import requests
+
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            headers = {**AUTH, "X-Client-Id": f"client-{worker}-{n % 50}"}
+            try:
+                response = requests.post(
+                    self.url + "/predict", files={"image": ("a.jpg", self.data)}, headers=headers, timeout=30
+                )
+                version = response.json().get("model_version") if response.status_code == 200 else None
+                self.answers.append((time.monotonic(), response.status_code, version))
+            except Exception as exc:  # noqa: BLE001 - a dropped connection is a failed request
+                self.answers.append((time.monotonic(), repr(exc), None))
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def since(self, moment: float) -> list[str | None]:
+        return [version for at, _, version in self.answers if at > moment]
+
+
+def test_canary_full_deploy_and_rollback_under_steady_traffic_fail_no_request(world, live) -> None:
+    from ml import registry
+    from ml.deploy import audit_log, deploy, rollback
+
+    _, settings, storage = world
+    with Traffic(live) as traffic:
+        time.sleep(2)
+        staged = deploy(settings, storage, "2", stage="canary", by="test")
+        assert staged["live"] is True and staged["state"]["canary"] == "2"
+        moment = time.monotonic()
+        time.sleep(6)
+        during_canary = traffic.since(moment)
+        full = deploy(settings, storage, "2", stage="full", by="test")
+        assert full["live"] is True
+        moment = time.monotonic()
+        time.sleep(3)
+        after_full = traffic.since(moment)
+        back = rollback(settings, storage, by="tester", reason="live accuracy dropped")
+        assert back["live"] is True
+        moment = time.monotonic()
+        time.sleep(3)
+        after_rollback = traffic.since(moment)
+    failures = [answer for answer in traffic.answers if answer[1] != 200]
+    assert not failures and len(traffic.answers) > 60, (failures[:5], len(traffic.answers))
+    share = during_canary.count("2") / len(during_canary)
+    assert 0 < share < 0.35, share  # sticky per client id, about 10% of 150 ids
+    assert set(after_full) == {"2"} and set(after_rollback) == {"1"}
+    entry = audit_log(storage)[-1]
+    assert (entry["action"], entry["by"], entry["from"], entry["to"]) == ("rollback", "tester", "2", "1")
+    assert entry["why"] == "live accuracy dropped" and entry["at"]
+    assert registry.version_for_alias(settings, registry.CHAMPION) == "1"
+    tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, "2").tags
+    assert "live accuracy dropped" in tags["rolled_back"]
+
+
+def test_the_rollback_dag_rolls_back_from_its_form(world, live, airflow_db) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    from ml import registry
+    from ml.deploy import audit_log
+
+    _, settings, storage = world
+    dag = DagBag(dag_folder=str(REPO / "dags" / "rollback.py")).dags["rollback"]
+    run = dag.test(run_conf={"version": "2", "reason": "from the Airflow form"})
+    assert run.state == "success"
+    entry = audit_log(storage)[-1]
+    assert (entry["action"], entry["to"], entry["why"]) == ("rollback", "2", "from the Airflow form")
+    assert json.loads(raw(live, "GET", "/version")[1])["model_version"] == "2"
+    assert registry.version_for_alias(settings, registry.CHAMPION) == "2"
+
+
+def test_cli_deploy_and_rollback_explain_what_is_wrong(world) -> None:
+    mlops = str(Path(sys.executable).parent / "mlops")
+    out = subprocess.run([mlops, "deploy", "99", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 3 and "no version 99" in json.loads(out.stdout)["error"]
+    out = subprocess.run(
+        [mlops, "rollback", "--to", "2", "--reason", "x", "--json"], capture_output=True, text=True
+    )
+    assert out.returncode == 3 and "already the live model" in json.loads(out.stdout)["error"]
