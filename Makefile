@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast lint demo up down bench-ingest bench-train bench-drift bench-digits lock clean
+.PHONY: install browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-digits lock clean
 
 install: $(STAMP)
 
@@ -35,9 +35,19 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check ml plugins dags tests bench
+	$(BIN)/ruff format --check ml plugins dags tests bench bentos
 
-test: install
+# Debian's Chromium and ChromeDriver for the browser test (tests/e2e/test_browser.py); nothing else downloads a browser.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "tests/e2e/test_browser.py needs Chromium: sudo apt-get install -y chromium chromium-driver (skipped without it)"; \
+	  fi; \
+	fi
+
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -53,6 +63,9 @@ up: install
 down: install
 	$(BIN)/python -m ml.stack down
 
+serve: install
+	$(BIN)/mlops serve
+
 bench-ingest: install
 	$(BIN)/python bench/ingest.py
 
@@ -61,6 +74,10 @@ bench-train: install
 
 bench-drift: install
 	$(BIN)/python bench/drift.py --quality --images 10000
+
+bench-serve: install
+	@command -v wrk >/dev/null || { echo "bench-serve needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python bench/serve.py
 
 bench-digits: install
 	$(BIN)/python bench/digits.py

@@ -87,6 +87,19 @@ def run_day(api: Any, storage: Storage, settings: Any, day: dt.date, train_after
     return "-", True
 
 
+def settle_unpause_run(api: Any, seconds: float = 45) -> None:
+    """Unpausing ``retrain`` runs its latest cron tick once; let it finish (no data yet) before day 1."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        active = [run for run in api.runs("retrain") if run["state"] in ("queued", "running")]
+        for run in active:
+            state = api.wait("retrain", run["dag_run_id"])
+            print(f"retrain run {run['dag_run_id']} (started by the unpause, before any data): {state}")
+        if active:
+            return
+        time.sleep(3)
+
+
 def main() -> int:
     from ml import stack
     from ml.demo_data import Drift, land_days
@@ -95,6 +108,7 @@ def main() -> int:
     os.environ["MLOPS__STORAGE__ROOT"] = str(DEMO_ROOT)
     os.environ["MLOPS__MLFLOW__TRACKING_URI"] = f"sqlite:///{DEMO_ROOT / 'mlflow' / 'mlflow.db'}"
     os.environ["MLOPS__MLFLOW__AUTO_APPROVE"] = "true"
+    os.environ["MLOPS__SERVING__STATE_DIR"] = str(DEMO_ROOT / "serving")
     settings = load_settings()
     if stack.down() != 0:
         return 1
@@ -124,6 +138,7 @@ def main() -> int:
     ok, passwords = True, stack.airflow_home() / stack.PASSWORDS_FILE
     try:
         api = Api.as_admin()
+        settle_unpause_run(api)
         header = (
             f"\n{'day':<11} {'accepted':>8} {'quarantined':>11} {'drift score':>11} {'pred KL':>7}  "
             f"{'retrain':<34} {'champion':>8}"

@@ -1,0 +1,293 @@
+"""Benchmark: the prediction service vs the plain FastAPI + eager PyTorch server, same model, one run.
+
+A model is trained on generated demo days (or an existing registry is used with --tracking-uri and
+--storage). Each server runs alone on this machine while Debian's ``wrk`` (a C load generator,
+1 thread) posts the same multipart JPEG at concurrency 1, 4, 8 and 32:
+
+- mlops: ``bentoml serve bentos.service:ImageClassifier`` as ``mlops serve`` runs it (ONNX
+  Runtime, adaptive batching, auth on, prediction log on, ``serving.workers`` processes);
+- plain: ``bench/plain_server.py``, the spec's serving.py (FastAPI + uvicorn, eager torch, one
+  image per request, torchvision transforms), loading the same registered version from MLflow.
+
+Reported per server and concurrency: requests/s, p50/p90/p99 latency, non-2xx and socket errors,
+and the peak resident memory of the server's whole process tree.
+
+Usage: python bench/serve.py [--duration 20] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+LUA = REPO / "bench" / "wrk_post.lua"
+START = dt.date(2026, 9, 1)
+KEY = "bench-key"
+CONCURRENCY = (1, 4, 8, 32)
+
+
+def make_world(tmp: Path) -> dict[str, str]:
+    """Three generated demo days, ingested; v1 trained and promoted. Returns the settings environment."""
+    from ml import registry
+    from ml.config import load_settings
+    from ml.demo_data import land_days
+    from ml.ingest import ingest_day
+    from ml.retrain import train_and_register
+    from ml.storage import LocalStorage
+
+    env = {
+        "MLOPS__STORAGE__ROOT": str(tmp / "store"),
+        "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "MLOPS__SERVING__STATE_DIR": str(tmp / "serving"),
+    }
+    settings = load_settings(environ=env)
+    storage = LocalStorage(tmp / "store")
+    land_days(storage, START, 3, settings.classes, count=120, seed=11)
+    for offset in range(3):
+        ingest_day(settings, storage, START + dt.timedelta(days=offset))
+    trained = train_and_register(settings, storage, overrides={"epochs": 15})
+    registry.promote(settings, storage, trained["model_version"], "bench")
+    return env
+
+
+def request_image() -> bytes:
+    """A 640x480 product-like photo as JPEG (quality 90): what a client typically uploads."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640]
+    base = (np.sin(xx / 23) + np.cos(yy / 17)) * 60 + 128
+    rgb = np.stack([base + rng.normal(0, 12, base.shape) + 20 * c for c in range(3)], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class PeakRss:
+    """Samples the resident memory of a process and its children every 100 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.process, self.peak, self.peak_worker = psutil.Process(pid), 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                tree = [self.process, *self.process.children(recursive=True)]
+                sizes = [p.memory_info().rss for p in tree if p.is_running()]
+                self.peak = max(self.peak, sum(sizes))
+                self.peak_worker = max(self.peak_worker, max(sizes, default=0))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wrk(
+    url: str, body_file: Path, content_type: str, auth: str, concurrency: int, seconds: int
+) -> dict[str, Any]:
+    env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type, "AUTH": auth}
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(LUA), url],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    found = dict(re.findall(r"(\w+)=(\d+)", out.split("RESULT", 1)[1]))
+    seconds_run = int(found["duration_us"]) / 1e6
+    return {
+        "concurrency": concurrency,
+        "requests": int(found["requests"]),
+        "rps": round(int(found["requests"]) / seconds_run, 1),
+        "p50_ms": round(int(found["p50_us"]) / 1000, 1),
+        "p90_ms": round(int(found["p90_us"]) / 1000, 1),
+        "p99_ms": round(int(found["p99_us"]) / 1000, 1),
+        "non_2xx": int(found["non2xx"]),
+        "socket_errors": int(found["errors_socket"]),
+    }
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    from ml.deploy import http
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if http("GET", url, timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not up in {timeout} s")
+
+
+def measure(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    health: str,
+    predict: str,
+    auth: str,
+    body: Path,
+    content_type: str,
+    seconds: int,
+    log: Path,
+) -> dict[str, Any]:
+    from ml.deploy import stop_service
+
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_http(health, process)
+        wrk(predict, body, content_type, auth, 8, 3)  # warm-up
+        rows = []
+        with PeakRss(process.pid) as memory:
+            for concurrency in CONCURRENCY:
+                rows.append(wrk(predict, body, content_type, auth, concurrency, seconds))
+                print(name, rows[-1], flush=True)
+        return {
+            "server": name,
+            "runs": rows,
+            "peak_rss_mb": round(memory.peak / 2**20),
+            "peak_process_rss_mb": round(memory.peak_worker / 2**20),
+        }
+    finally:
+        stop_service(process)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.config import load_settings
+    from ml.deploy import SERVICE, bentoml_command, ensure_state, free_port, multipart, serve_env
+    from ml.storage import storage_from_settings
+
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    tmp = Path(tempfile.mkdtemp(prefix="mlops-bench-serve-"))
+    os.environ["BENTOML_HOME"] = str(tmp / "bentoml")
+    env_settings = make_world(tmp)
+    os.environ.update(env_settings)
+    if args.workers:
+        os.environ["MLOPS__SERVING__WORKERS"] = str(args.workers)
+    settings = load_settings()
+    ensure_state(settings, storage_from_settings(settings))
+    data = request_image()
+    body, content_type = multipart("image", [("photo.jpg", data)])
+    body_file = tmp / "body.bin"
+    body_file.write_bytes(body)
+    results = []
+    port = free_port()
+    ours_env = serve_env(settings) | {"MLOPS_API_KEYS": KEY}
+    results.append(
+        measure(
+            "mlops (BentoML + ONNX Runtime)",
+            [bentoml_command(), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
+            ours_env,
+            f"http://127.0.0.1:{port}/readyz",
+            f"http://127.0.0.1:{port}/predict",
+            f"Bearer {KEY}",
+            body_file,
+            content_type,
+            args.duration,
+            tmp / "mlops.log",
+        )
+    )
+    port = free_port()
+    results.append(
+        measure(
+            "plain (FastAPI + eager torch)",
+            [
+                sys.executable,
+                str(REPO / "bench" / "plain_server.py"),
+                "--model-uri",
+                f"models:/{settings.mlflow.registered_model}/1",
+                "--tracking-uri",
+                env_settings["MLOPS__MLFLOW__TRACKING_URI"],
+                "--port",
+                str(port),
+            ],
+            dict(os.environ),
+            f"http://127.0.0.1:{port}/health",
+            f"http://127.0.0.1:{port}/predict",
+            "",
+            body_file,
+            content_type,
+            args.duration,
+            tmp / "plain.log",
+        )
+    )
+    return {
+        "image_bytes": len(data),
+        "image_size": "640x480 JPEG",
+        "workers": settings.serving.workers,
+        "duration_s": args.duration,
+        "cpu_count": os.cpu_count(),
+        "results": results,
+        "tmp": str(tmp),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    ours, plain = report["results"]
+    lines = [
+        "| concurrency | mlops req/s | mlops p50 / p99 ms | plain req/s | plain p50 / p99 ms | throughput |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a, b in zip(ours["runs"], plain["runs"], strict=True):
+        lines.append(
+            f"| {a['concurrency']} | {a['rps']} | {a['p50_ms']} / {a['p99_ms']} | {b['rps']} | "
+            f"{b['p50_ms']} / {b['p99_ms']} | {a['rps'] / b['rps']:.1f}x |"
+        )
+    lines.append(
+        f"\nPeak RSS (whole process tree): mlops {ours['peak_rss_mb']} MB "
+        f"(largest process {ours['peak_process_rss_mb']} MB), plain {plain['peak_rss_mb']} MB. "
+        f"Failed requests: mlops {sum(r['non_2xx'] + r['socket_errors'] for r in ours['runs'])}, "
+        f"plain {sum(r['non_2xx'] + r['socket_errors'] for r in plain['runs'])}."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=20, help="seconds per concurrency level")
+    parser.add_argument("--workers", type=int, help="service worker processes (default: serving.workers)")
+    args = parser.parse_args()
+    report = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps(report, indent=2))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
