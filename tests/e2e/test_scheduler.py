@@ -39,6 +39,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path):
         env.setenv("AIRFLOW__API__PORT", str(free_port()))
         env.setenv("MLOPS__STORAGE__ROOT", str(root / "store"))
         env.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        env.setenv("MLOPS__SERVING__STATE_DIR", str(root / "serving"))
+        env.setenv("MLOPS__SERVING__PORT", str(free_port()))
         assert stack.up(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
         try:
             yield Stack(stack.Api.as_admin(), home, root)
@@ -115,6 +117,10 @@ def test_a_human_approves_the_promotion_through_the_rest_api(stack: Stack) -> No
     tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, version).tags
     assert tags["approved_by"] == "admin"
     assert [record["approved_by"] for record in registry.audit_log(storage)] == ["admin"]
+    from ml.deploy import state_path
+    from ml.serving import read_state
+
+    assert read_state(state_path(settings)).stable == version and tags["bento_tag"]  # checked, deployed
 
 
 def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -> None:
@@ -144,7 +150,10 @@ def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -
         runs = stack.get("dags/retrain/dagRuns")["dag_runs"]
         triggered = [r for r in runs if r["dag_run_id"] not in before and r["run_type"] == "asset_triggered"]
     assert triggered, f"no asset-triggered retrain; see {stack.home / 'standalone.log'}"
-    (monitor,) = stack.get("dags/drift_monitor/dagRuns")["dag_runs"][-1:]
+    monitor: dict = {}
+    while time.monotonic() < deadline and monitor.get("state") not in ("success", "failed"):
+        (monitor,) = stack.get("dags/drift_monitor/dagRuns")["dag_runs"][-1:]  # its task emits before it ends
+        time.sleep(1)
     assert monitor["state"] == "success" and monitor["run_type"] == "asset_triggered"
 
     run_id = triggered[0]["dag_run_id"]
