@@ -94,6 +94,26 @@ def cmd_drift(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return monitor_day(settings, storage_from_settings(settings), args.date)
 
 
+def cmd_monitor(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.monitor import check
+    from ml.storage import storage_from_settings
+
+    notify = None
+    if not args.no_alerts:
+        from mlops_airflow.alerts import notice_alert, send_alert
+
+        def notify(notice: Any) -> dict[str, str]:
+            return send_alert(notice_alert(notice, dag_id="mlops monitor"), settings)
+
+    return check(
+        settings,
+        storage_from_settings(settings),
+        notify=notify,
+        rollback=False if args.no_rollback else None,
+        by=f"mlops monitor ({_who(None)})",
+    )
+
+
 def _who(name: str | None) -> str:
     import getpass
 
@@ -226,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", required=True, help="why (recorded in the audit)")
     rollback.add_argument("--by", help="who rolls back (default: the current user)")
     rollback.set_defaults(handler=cmd_rollback)
+
+    monitor = sub.add_parser(
+        "monitor", parents=[common], help="check the live endpoint: latency, errors, live accuracy, drift"
+    )
+    monitor.add_argument("--no-alerts", action="store_true", help="judge and record, send nothing")
+    monitor.add_argument("--no-rollback", action="store_true", help="never roll back automatically")
+    monitor.set_defaults(handler=cmd_monitor)
 
     serve = sub.add_parser("serve", parents=[common], help="run the live prediction service (BentoML)")
     serve.add_argument("--port", type=int, help="default: serving.port")

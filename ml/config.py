@@ -164,6 +164,17 @@ class MonitoringConfig(_Strict):
     severe_prediction_kl: float = Field(default=0.5, gt=0)
 
 
+class ServingMonitorConfig(_Strict):
+    schedule: str = "@hourly"
+    lookback_minutes: float = Field(default=60, gt=0)
+    min_requests: int = Field(default=20, ge=1)
+    min_feedback: int = Field(default=30, ge=1)
+    min_drift_rows: int = Field(default=100, ge=10)
+    repeat_hours: float = Field(default=24, ge=0)
+    auto_rollback: bool = True
+    scrape_timeout_seconds: float = Field(default=10, gt=0)
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment_name: str
@@ -175,12 +186,24 @@ Severity = Literal["warning", "critical"]
 Channel = Literal["slack", "pagerduty"]
 
 
+LiveMetric = Literal[
+    "accuracy",
+    "p99_latency_ms",
+    "p50_latency_ms",
+    "error_rate",
+    "drift_score",
+    "throughput_rps",
+    "service_up",
+]
+
+
 class AlertRule(_Strict):
     name: str
-    metric: str
+    metric: LiveMetric
     op: Literal["<", "<=", ">", ">="]
     threshold: float
     severity: Severity
+    auto_rollback: bool = False  # firing for a model not yet checked good since its deploy: roll back
 
 
 class AlertsConfig(_Strict):
@@ -203,6 +226,7 @@ class Settings(_Strict):
     inference: InferenceConfig
     serving: ServingConfig = ServingConfig()
     monitoring: MonitoringConfig
+    serving_monitor: ServingMonitorConfig = ServingMonitorConfig()
     mlflow: MlflowConfig
     alerts: AlertsConfig
 

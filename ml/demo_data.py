@@ -792,6 +792,22 @@ def _land_images(
     return rows
 
 
+def labelled_images(
+    classes: Sequence[str], count: int, seed: int, drift: Drift | None = None
+) -> list[tuple[bytes, str]]:
+    """``count`` encoded images (JPEG or PNG, as landed) with their labels, in memory: live traffic."""
+    _check_inputs(classes, count, seed)
+    day_seed = np.random.SeedSequence(seed)
+    weights = class_weights(classes, drift)
+    labels = np.random.default_rng(day_seed).choice(len(classes), size=count, p=weights).tolist()
+    images = []
+    for class_index, image_seed in zip(labels, day_seed.spawn(count), strict=True):
+        rng = np.random.default_rng(image_seed)
+        data, _ = _encode(render_image(classes[class_index], classes, rng, drift), rng)
+        images.append((data, classes[class_index]))
+    return images
+
+
 def land_day(
     storage: Storage,
     day: datetime.date,

@@ -246,6 +246,18 @@ def decide(
 # ---------------------------------------------------------------- the champion's side
 
 
+def load_reference(settings: Settings, version: str) -> Reference:
+    """The drift reference logged with model ``version``'s training run."""
+    from ml import registry
+
+    client = registry.client(settings)
+    model_version = client.get_model_version(settings.mlflow.registered_model, str(version))
+    with tempfile.TemporaryDirectory() as folder:
+        return Reference.load(
+            Path(client.download_artifacts(model_version.run_id, REFERENCE_ARTIFACTS, folder))
+        )
+
+
 def champion_reference(settings: Settings) -> tuple[str, Reference, Any] | None:
     """(version, reference, head) of the current champion, or None when there is none yet."""
     import mlflow
@@ -255,11 +267,7 @@ def champion_reference(settings: Settings) -> tuple[str, Reference, Any] | None:
     version = registry.version_for_alias(settings, registry.CHAMPION)
     if version is None:
         return None
-    client = registry.client(settings)
-    model_version = client.get_model_version(settings.mlflow.registered_model, version)
-    with tempfile.TemporaryDirectory() as folder:
-        path = client.download_artifacts(model_version.run_id, REFERENCE_ARTIFACTS, folder)
-        reference = Reference.load(Path(path))
+    reference = load_reference(settings, version)
     mlflow.set_tracking_uri(registry.tracking_uri(settings))
     model = mlflow.pytorch.load_model(f"models:/{settings.mlflow.registered_model}/{version}")
     return version, reference, model.head.eval()
@@ -291,9 +299,11 @@ def current_frame(
     )
 
 
-def write_report(storage: Storage, day: str, snapshot: Any) -> tuple[str, str, str]:
-    """Store the Evidently report (HTML, JSON); return their URLs and the HTML."""
-    prefix = f"{REPORTS_PREFIX}/{day}"
+def write_report(
+    storage: Storage, day: str, snapshot: Any, prefix: str = REPORTS_PREFIX
+) -> tuple[str, str, str]:
+    """Store the Evidently report (HTML, JSON) under ``prefix/day``; return their URLs and the HTML."""
+    prefix = f"{prefix}/{day}"
     with tempfile.TemporaryDirectory() as folder:
         html, raw = Path(folder) / "report.html", Path(folder) / "report.json"
         snapshot.save_html(str(html))

@@ -73,3 +73,14 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def connect_alerts(monkeypatch: Any, url: str) -> None:
+    """Point the Slack and PagerDuty Airflow connections at a local receiver."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SLACK_ALERTS", json.dumps({"conn_type": "slackwebhook", "password": f"{url}/slack/x"})
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PAGERDUTY_ALERTS",
+        json.dumps({"conn_type": "pagerduty_events", "password": "rk-123", "extra": {"events_url": url}}),
+    )

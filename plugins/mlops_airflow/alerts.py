@@ -31,14 +31,19 @@ class Alert:
     date: str = ""
     link: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    action: str = "trigger"  # "resolve" closes the incident opened under the same dedup key
+    key: str = ""  # dedup key; default: DAG/task/date/title
 
     @property
     def dedup_key(self) -> str:
-        return f"{self.dag_id}/{self.task_id}/{self.date}/{self.title}"
+        return self.key or f"{self.dag_id}/{self.task_id}/{self.date}/{self.title}"
 
     def text(self) -> str:
-        icon = ":rotating_light:" if self.severity == "critical" else ":warning:"
-        lines = [f"{icon} [{self.severity.upper()}] {self.title}"]
+        if self.action == "resolve":
+            lines = [f":white_check_mark: [RESOLVED] {self.title}"]
+        else:
+            icon = ":rotating_light:" if self.severity == "critical" else ":warning:"
+            lines = [f"{icon} [{self.severity.upper()}] {self.title}"]
         where = ", ".join(
             part
             for part in (
@@ -92,6 +97,7 @@ def send_pagerduty(conn_id: str, alert: Alert) -> None:
             summary=alert.text().splitlines()[0][:1024],
             severity="critical" if alert.severity == "critical" else "warning",
             source=alert.dag_id or "mlops",
+            action=alert.action,
             component=alert.task_id or None,
             dedup_key=alert.dedup_key,
             custom_details={"reason": alert.reason, "date": alert.date, "link": alert.link, **alert.details},
@@ -121,6 +127,20 @@ def send_alert(alert: Alert, settings: Settings | None = None) -> dict[str, str]
             outcomes[channel] = f"failed: {type(exc).__name__}: {exc}"
             log.error("alert channel %s failed: %s; alert was: %s", channel, exc, alert.text())
     return outcomes
+
+
+def notice_alert(notice: Any, dag_id: str = "monitor_serving", task_id: str = "check") -> Alert:
+    """An ``ml.monitor.Notice`` as an Alert; one dedup key per rule, so PagerDuty resolves what it opened."""
+    return Alert(
+        title=notice.rule,
+        severity=notice.severity,
+        reason=notice.reason,
+        dag_id=dag_id,
+        task_id=task_id,
+        details=notice.details,
+        action=notice.action,
+        key=f"{dag_id}/{notice.rule}",
+    )
 
 
 def alert_from_context(context: Any, title: str, severity: str, reason: str, link: str = "") -> Alert:

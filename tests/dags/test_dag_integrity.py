@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"ingest_daily", "drift_monitor", "retrain", "rollback"}
+EXPECTED = {"ingest_daily", "drift_monitor", "retrain", "rollback", "monitor_serving"}
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from mlops_airflow.alerts import Alert, failure_callback, send_alert
 
 from ml.config import load_settings
 from tests.receivers import Receiver
+from tests.receivers import connect_alerts as connect
 
 pytestmark = pytest.mark.integration
 SETTINGS = load_settings(environ={})
@@ -21,16 +20,6 @@ ALERT = Alert(
     date="2026-01-06",
     link="s3://bucket/reports/data_docs/2026-01-06/index.html",
 )
-
-
-def connect(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_SLACK_ALERTS", json.dumps({"conn_type": "slackwebhook", "password": f"{url}/slack/x"})
-    )
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_PAGERDUTY_ALERTS",
-        json.dumps({"conn_type": "pagerduty_events", "password": "rk-123", "extra": {"events_url": url}}),
-    )
 
 
 def test_warning_goes_to_slack_only_with_dag_task_date_reason_and_link(monkeypatch, receiver) -> None:

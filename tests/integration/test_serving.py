@@ -369,3 +369,116 @@ def test_cli_deploy_and_rollback_explain_what_is_wrong(world) -> None:
         [mlops, "rollback", "--to", "2", "--reason", "x", "--json"], capture_output=True, text=True
     )
     assert out.returncode == 3 and "already the live model" in json.loads(out.stdout)["error"]
+
+
+def predict_with_feedback(url: str, storage: LocalStorage, uploads: list[tuple[bytes, str]]) -> list[str]:
+    """Classify each upload, send its true label as feedback, and wait until both logs hold them."""
+    from ml.serving import FEEDBACK_PREFIX, PREDICTIONS_PREFIX, read_records
+
+    ids = []
+    for data, label in uploads:
+        status, body = post(url, "/predict", [("image", "x.jpg", data)])
+        assert status == 200, body
+        ids.append(body["request_id"])
+        feedback = json.dumps({"request_id": body["request_id"], "label": label}).encode()
+        assert raw(url, "POST", "/feedback", feedback, {"Content-Type": "application/json"})[0] == 200
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        logged = {r["request_id"] for r in read_records(storage, PREDICTIONS_PREFIX)}
+        labelled = {r["request_id"] for r in read_records(storage, FEEDBACK_PREFIX)}
+        if set(ids) <= logged & labelled:
+            return ids
+        time.sleep(0.5)
+    raise AssertionError("the prediction and feedback logs did not receive every request")
+
+
+def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
+    world, live, receiver, airflow_db, monkeypatch
+) -> None:
+    """v2 serves well; a deliberately bad v3 goes live; feedback shows it; the monitor rolls back to v2."""
+    from airflow.dag_processing.dagbag import DagBag
+    from mlops_airflow.alerts import notice_alert, send_alert
+
+    from ml import monitor, registry
+    from ml.demo_data import labelled_images
+    from ml.deploy import audit_log, deploy, state_path
+    from ml.retrain import train_and_register
+    from ml.serving import read_state
+    from tests.receivers import connect_alerts
+
+    _, settings, storage = world
+    connect_alerts(monkeypatch, receiver.url)
+
+    def notify(notice: monitor.Notice) -> dict[str, str]:
+        return send_alert(notice_alert(notice), settings)
+
+    assert read_state(state_path(settings)).stable == "2"  # left by the rollback DAG's test
+    monitor.check(settings, storage, rollback=False)  # the next check's window starts here
+    predict_with_feedback(live, storage, labelled_images(settings.classes, 110, seed=21))
+    good = monitor.check(settings, storage, notify=notify)
+    assert good["rules"]["model_accuracy_drop"]["outcome"] == "ok", good["facts"]["accuracy_by_version"]
+    assert good["metrics"]["error_rate"] == 0.0 and good["facts"]["requests"]["requests"] >= 220
+    assert 0 < good["metrics"]["p50_latency_ms"] <= good["metrics"]["p99_latency_ms"] < 1000
+    assert good["metrics"]["drift_score"] is not None and good["facts"]["drift"]["report"].endswith(
+        "report.html"
+    )
+    assert good["rollback"] is None and monitor.read_monitor_state(storage)["last_good"]["version"] == "2"
+
+    # a negative control forced through a gate loosened to nothing: it cannot have learned anything
+    loose = settings.acceptance.model_copy(
+        update={
+            "accuracy_min": 0,
+            "precision_min": 0,
+            "recall_min": 0,
+            "f1_macro_min": 0,
+            "non_inferiority_margin": 1,
+        }
+    )
+    bad = train_and_register(
+        settings.model_copy(update={"acceptance": loose}),
+        storage,
+        force=True,
+        shuffle_labels=True,
+        overrides={"epochs": 5},
+    )
+    assert bad["status"] == "registered", bad
+    version = bad["model_version"]
+    registry.promote(settings, storage, version, "careless approver")
+    assert deploy(settings, storage, version, stage="full", by="careless approver")["live"] is True
+    receiver.requests.clear()
+    predict_with_feedback(live, storage, labelled_images(settings.classes, 60, seed=22))
+    fired = monitor.check(settings, storage, notify=notify)
+
+    assert fired["rules"]["model_accuracy_drop"]["outcome"] == "firing", fired["metrics"]
+    assert (
+        fired["rollback"]["from"] == version and fired["rollback"]["to"] == "2" and fired["rollback"]["live"]
+    )
+    assert read_state(state_path(settings)).stable == "2"
+    assert json.loads(raw(live, "GET", "/version")[1])["model_version"] == "2"
+    assert registry.version_for_alias(settings, registry.CHAMPION) == "2"
+    entry = audit_log(storage)[-1]
+    assert (entry["action"], entry["by"], entry["from"], entry["to"]) == (
+        "rollback",
+        "monitor_serving (automatic)",
+        version,
+        "2",
+    )
+    assert "model_accuracy_drop" in entry["why"]
+    slack = [m.body.decode() for m in receiver.on("/slack/") if b"model_accuracy_drop" in m.body]
+    assert len(slack) == 1 and "ROLLED BACK automatically" in slack[0] and f"was v{version}" in slack[0]
+    (page,) = [e.json() for e in receiver.on("/v2/enqueue") if b"model_accuracy_drop" in e.body]
+    assert page["event_action"] == "trigger" and page["dedup_key"] == "monitor_serving/model_accuracy_drop"
+    assert "ROLLED BACK" in page["payload"]["custom_details"]["reason"]
+
+    # v2 serves well again: the hourly DAG's check resolves the incident, on both channels
+    receiver.requests.clear()
+    predict_with_feedback(live, storage, labelled_images(settings.classes, 60, seed=23))
+    dag = DagBag(dag_folder=str(REPO / "dags" / "monitor_serving.py")).dags["monitor_serving"]
+    assert dag.test().state == "success"
+    state = monitor.read_monitor_state(storage)
+    assert state["alerts"]["model_accuracy_drop"]["firing"] is False and state["last_good"]["version"] == "2"
+    resolved = [m.body.decode() for m in receiver.on("/slack/") if b"model_accuracy_drop" in m.body]
+    assert len(resolved) == 1 and "[RESOLVED]" in resolved[0]
+    (page,) = [e.json() for e in receiver.on("/v2/enqueue") if b"model_accuracy_drop" in e.body]
+    assert page["event_action"] == "resolve" and page["dedup_key"] == "monitor_serving/model_accuracy_drop"
+    assert read_state(state_path(settings)).stable == "2"  # a good check changes nothing

@@ -1,0 +1,414 @@
+"""Live monitoring of the prediction endpoint: measure, judge the alert rules, alert once, roll back.
+
+A check (hourly ``monitor_serving``, or ``mlops monitor``) judges what happened since the
+previous check, at most ``serving_monitor.lookback_minutes`` back:
+
+- ``/metrics``: requests and 5xx answers on the served endpoints (counter deltas since the last
+  scrape; a restarted service starts its counters again);
+- the prediction log: p50/p99 latency and throughput;
+- the feedback log joined to the predictions on ``request_id``: live accuracy of the stable model;
+- the stable model's served traffic against its training reference (Evidently, as ``ml.drift``).
+
+Every rule in ``alerts.rules`` is then ``firing``, ``ok`` or ``unknown`` (too little data to
+judge). A rule that starts firing is sent once (again only after ``repeat_hours``); one that
+stops firing is sent as resolved. A rule marked ``auto_rollback`` that fires for a stable model
+with no good check since it was deployed (every such rule measured and passing) returns the
+endpoint to the previous champion, and the alert says so. State and each check's record live in
+storage under ``monitoring/serving/``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import operator
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ml.config import AlertRule, Settings
+from ml.storage import Storage
+
+MONITOR_PREFIX = "monitoring/serving"
+STATE_KEY = f"{MONITOR_PREFIX}/state.json"
+CHECKS_PREFIX = f"{MONITOR_PREFIX}/checks"
+DRIFT_REPORTS_PREFIX = "reports/serving_drift"
+SERVED_ENDPOINTS = ("/predict", "/predict_batch", "/feedback")
+OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One message for the alert channels: a rule that started firing, still fires, or resolved."""
+
+    rule: str
+    severity: str
+    action: str  # "trigger" | "resolve"
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Notify = Callable[[Notice], dict[str, str]]
+
+
+def parse_time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def scrape(url: str, timeout: float) -> dict[str, float]:
+    """Requests, 4xx and 5xx answers on the served endpoints, from BentoML's request counter."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ml.deploy import http
+
+    status, body = http("GET", f"{url}/metrics", timeout=timeout)
+    if status != 200:
+        raise OSError(f"{url}/metrics answered {status}")
+    counters = {"requests": 0.0, "client_errors": 0.0, "server_errors": 0.0}
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name != "bentoml_service_request":
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total") or sample.labels.get("endpoint") not in SERVED_ENDPOINTS:
+                continue
+            code = int(sample.labels.get("http_response_code") or 0)
+            counters["requests"] += sample.value
+            if code >= 500:
+                counters["server_errors"] += sample.value
+            elif code >= 400:
+                counters["client_errors"] += sample.value
+    return counters
+
+
+def counter_delta(now: dict[str, float], before: dict[str, float] | None) -> dict[str, float]:
+    """Counts since the previous scrape; everything when there was none or the service restarted."""
+    if before is None or any(now[key] < before.get(key, 0.0) for key in now):
+        return dict(now)
+    return {key: now[key] - before.get(key, 0.0) for key in now}
+
+
+def log_records(storage: Storage, prefix: str, start: dt.datetime, end: dt.datetime) -> list[dict[str, Any]]:
+    """Records of a serving log with ``start < time <= end``."""
+    from ml.serving import read_records
+
+    span = (end.date() - start.date()).days
+    days = [(start.date() + dt.timedelta(days=n)).isoformat() for n in range(span + 1)]
+    return [r for r in read_records(storage, prefix, days) if start < parse_time(r["time"]) <= end]
+
+
+def live_accuracy(
+    predictions: list[dict[str, Any]], feedback: list[dict[str, Any]]
+) -> dict[str, dict[str, float | int]]:
+    """Per model version: labelled predictions and the share predicted right (last label wins)."""
+    labels = {record["request_id"]: record["label"] for record in feedback}
+    by_version: dict[str, list[bool]] = {}
+    for record in predictions:
+        if record["request_id"] in labels:
+            correct = record["predicted_class"] == labels[record["request_id"]]
+            by_version.setdefault(str(record["model_version"]), []).append(correct)
+    return {
+        version: {"feedback": len(hits), "accuracy": round(float(np.mean(hits)), 4)}
+        for version, hits in by_version.items()
+    }
+
+
+def served_drift(
+    settings: Settings, storage: Storage, records: list[dict[str, Any]], version: str, at: dt.datetime
+) -> dict[str, Any]:
+    """Drift of model ``version``'s served traffic against its training reference; writes the report."""
+    import pandas as pd
+
+    from ml.drift import PROPERTY_COLUMNS, compare, decide, load_reference, prediction_kl, write_report
+
+    reference = load_reference(settings, version)
+    frame = pd.DataFrame(records)
+    embedding = [c for c in reference.frame.columns if c.startswith("embedding_pc") and c in frame]
+    current = frame[[*PROPERTY_COLUMNS, *embedding]].astype(float)
+    current["predicted_class"] = frame["predicted_class"].astype(str)
+    current["confidence"] = frame["confidence"].astype(float)
+    snapshot, columns = compare(current, reference, settings.monitoring)
+    kl = prediction_kl(current["predicted_class"], reference.frame["predicted_class"], reference.classes)
+    score, _, _, _, reasons = decide(columns, kl, settings.monitoring)
+    stamp = at.strftime("%Y-%m-%dT%H%M%SZ")
+    report, _, _ = write_report(storage, stamp, snapshot, prefix=DRIFT_REPORTS_PREFIX)
+    drifted = [c.column for c in columns if c.drifted]
+    return {
+        "drift_score": round(score, 4),
+        "prediction_kl": round(kl, 4),
+        "drifted_columns": drifted,
+        "reasons": reasons,
+        "report": report,
+        "rows": len(current),
+    }
+
+
+def measure(
+    settings: Settings,
+    storage: Storage,
+    stable: str | None,
+    start: dt.datetime,
+    end: dt.datetime,
+    last_scrape: dict[str, float] | None,
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """(metric -> value or None when too little data, facts behind them) for the window."""
+    from ml.deploy import live_url
+    from ml.serving import FEEDBACK_PREFIX, PREDICTIONS_PREFIX
+
+    watch = settings.serving_monitor
+    names = ("service_up", "error_rate", "p99_latency_ms", "p50_latency_ms", "throughput_rps", "accuracy")
+    metrics: dict[str, float | None] = dict.fromkeys((*names, "drift_score"))
+    facts: dict[str, Any] = {"window": [iso(start), iso(end)], "model_version": stable}
+    try:
+        counters = scrape(live_url(settings), watch.scrape_timeout_seconds)
+        metrics["service_up"] = 1.0
+        facts["scrape"] = counters
+        delta = counter_delta(counters, last_scrape)
+        facts["requests"] = delta
+        if delta["requests"] >= watch.min_requests:
+            metrics["error_rate"] = round(delta["server_errors"] / delta["requests"], 4)
+    except OSError as exc:
+        metrics["service_up"] = 0.0 if stable else None  # nothing deployed: nothing should answer
+        facts["scrape_error"] = f"{type(exc).__name__}: {exc}"
+    predictions = log_records(storage, PREDICTIONS_PREFIX, start, end)
+    latencies = np.array([float(r["latency_ms"]) for r in predictions])
+    facts["predictions"] = len(predictions)
+    metrics["throughput_rps"] = round(len(predictions) / max((end - start).total_seconds(), 1.0), 3)
+    if len(latencies) >= watch.min_requests:
+        metrics["p99_latency_ms"] = round(float(np.percentile(latencies, 99)), 1)
+        metrics["p50_latency_ms"] = round(float(np.percentile(latencies, 50)), 1)
+    feedback = log_records(storage, FEEDBACK_PREFIX, start, end)
+    # a label can come long after its prediction: look the predictions up a day further back
+    labelled = log_records(storage, PREDICTIONS_PREFIX, start - dt.timedelta(days=1), end)
+    facts["feedback"] = len(feedback)
+    facts["accuracy_by_version"] = live_accuracy(labelled, feedback)
+    judged = facts["accuracy_by_version"].get(str(stable), {})
+    if judged.get("feedback", 0) >= watch.min_feedback:
+        metrics["accuracy"] = judged["accuracy"]
+    served = [r for r in predictions if str(r["model_version"]) == str(stable)]
+    if stable and len(served) >= watch.min_drift_rows:
+        facts["drift"] = served_drift(settings, storage, served, str(stable), end)
+        metrics["drift_score"] = facts["drift"]["drift_score"]
+    return metrics, facts
+
+
+# ---------------------------------------------------------------- judging and acting
+
+
+def judge(rule: AlertRule, value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    return "firing" if OPS[rule.op](value, rule.threshold) else "ok"
+
+
+def describe(rule: AlertRule, value: float, facts: dict[str, Any]) -> str:
+    """One line: the measured value against the rule, and what it was measured on."""
+    version = facts.get("model_version")
+    if rule.metric == "accuracy":
+        basis = f"{facts['accuracy_by_version'][str(version)]['feedback']} labelled predictions of v{version}"
+    elif rule.metric == "drift_score":
+        drift = facts["drift"]
+        columns = ", ".join(drift["drifted_columns"]) or "no column"
+        basis = f"{drift['rows']} served images of v{version}; drifted: {columns}; report {drift['report']}"
+    elif rule.metric == "error_rate":
+        basis = (
+            f"{facts['requests']['server_errors']:.0f} 5xx of {facts['requests']['requests']:.0f} requests"
+        )
+    elif rule.metric == "service_up":
+        basis = facts.get("scrape_error", "/metrics answered")
+    else:
+        basis = f"{facts['predictions']} predictions"
+    window = " to ".join(facts["window"])
+    return f"{rule.metric} {value:g} {rule.op} {rule.threshold:g} ({basis}; {window})"
+
+
+def deployed_at(storage: Storage, version: str) -> str:
+    """When ``version`` last became the stable model (deploy or rollback audit record)."""
+    from ml.deploy import audit_log
+
+    times = [
+        entry["at"]
+        for entry in audit_log(storage)
+        if entry.get("action") in ("deploy-full", "rollback") and str(entry.get("to")) == str(version)
+    ]
+    return max(times, default="")
+
+
+def proven_good(state: dict[str, Any], version: str | None, since: str) -> bool:
+    """Has ``version`` passed a check (every auto-rollback rule measured ok) since ``since``?"""
+    good = state.get("last_good") or {}
+    return bool(version) and good.get("version") == str(version) and good.get("at", "") >= since
+
+
+def read_monitor_state(storage: Storage) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(STATE_KEY)) if storage.exists(STATE_KEY) else {}
+
+
+def check(
+    settings: Settings,
+    storage: Storage,
+    *,
+    notify: Notify | None = None,
+    rollback: bool | None = None,
+    by: str = "monitor_serving",
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """One monitoring check: measure, judge every rule, notify changes, roll back if it must."""
+    from ml import deploy
+    from ml.serving import read_state
+
+    end = now or dt.datetime.now(dt.UTC)
+    state = read_monitor_state(storage)
+    lookback = end - dt.timedelta(minutes=settings.serving_monitor.lookback_minutes)
+    start = max(parse_time(state["last_check_at"]), lookback) if state.get("last_check_at") else lookback
+    deployment = read_state(deploy.state_path(settings))
+    stable = deployment.stable if deployment else None
+    metrics, facts = measure(settings, storage, stable, start, end, state.get("last_scrape"))
+    rules = settings.alerts.rules
+    outcomes = {rule.name: judge(rule, metrics.get(rule.metric)) for rule in rules}
+
+    guarding = [rule for rule in rules if rule.auto_rollback]
+    since = deployed_at(storage, stable) if stable else ""
+    if stable and guarding and all(outcomes[rule.name] == "ok" for rule in guarding):
+        state["last_good"] = {"version": stable, "at": iso(end)}
+    triggers = [rule for rule in guarding if outcomes[rule.name] == "firing"]
+    rolled: dict[str, Any] | None = None
+    rollback_note = ""
+    if triggers and stable:
+        wanted = settings.serving_monitor.auto_rollback if rollback is None else rollback
+        if proven_good(state, stable, since):
+            rollback_note = f"no automatic rollback: v{stable} checked good since its deploy"
+        elif not wanted:
+            rollback_note = "automatic rollback is off"
+        elif not (deployment and deployment.previous):
+            rollback_note = f"no automatic rollback: v{stable} has no previous version to return to"
+        else:
+            why = "; ".join(
+                f"{rule.name}: {describe(rule, metrics[rule.metric], facts)}" for rule in triggers
+            )
+            rolled = deploy.rollback(settings, storage, by=f"{by} (automatic)", reason=why)
+            rollback_note = (
+                f"ROLLED BACK automatically: the live endpoint serves v{rolled['state']['stable']} again "
+                f"(was v{stable}, deployed {since})"
+            )
+
+    notices = plan_notices(
+        rules,
+        outcomes,
+        metrics,
+        facts,
+        state.get("alerts", {}),
+        end,
+        settings,
+        triggers,
+        rollback_note,
+        rolled,
+    )
+    sent = [
+        {"notice": asdict(n), "outcome": notify(n) if notify else {"log": "no channels"}} for n in notices
+    ]
+
+    state["alerts"] = next_alert_state(
+        rules, outcomes, metrics, state.get("alerts", {}), notices, end, stable
+    )
+    state["last_check_at"] = iso(end)
+    if "scrape" in facts:
+        state["last_scrape"] = facts["scrape"]
+    record = {
+        "at": iso(end),
+        "deployment": {"stable": stable, "canary": deployment.canary if deployment else None, "since": since},
+        "metrics": metrics,
+        "rules": {
+            rule.name: {
+                "outcome": outcomes[rule.name],
+                "value": metrics.get(rule.metric),
+                "rule": f"{rule.metric} {rule.op} {rule.threshold:g}",
+                "severity": rule.severity,
+            }
+            for rule in rules
+        },
+        "facts": facts,
+        "notices": sent,
+        "rollback": rolled and {"from": stable, "to": rolled["state"]["stable"], "live": rolled["live"]},
+    }
+    key = f"{CHECKS_PREFIX}/{end:%Y-%m-%d}/{end:%H%M%S%f}.json"
+    storage.write_bytes(key, json.dumps(record, indent=2, default=str).encode())
+    storage.write_bytes(STATE_KEY, json.dumps(state, indent=2).encode())
+    return record | {"record": storage.url(key)}
+
+
+def plan_notices(
+    rules: list[AlertRule],
+    outcomes: dict[str, str],
+    metrics: dict[str, float | None],
+    facts: dict[str, Any],
+    alerts: dict[str, dict[str, Any]],
+    now: dt.datetime,
+    settings: Settings,
+    triggers: list[AlertRule],
+    rollback_note: str,
+    rolled: dict[str, Any] | None,
+) -> list[Notice]:
+    """New firing rules, repeats past ``repeat_hours``, resolutions, and any rollback decision."""
+    repeat = dt.timedelta(hours=settings.serving_monitor.repeat_hours)
+    notices = []
+    for rule in rules:
+        outcome, before = outcomes[rule.name], alerts.get(rule.name, {})
+        value = metrics.get(rule.metric)
+        if outcome == "firing":
+            assert value is not None
+            last = before.get("last_sent")
+            stale = bool(repeat) and last is not None and now - parse_time(last) >= repeat
+            if before.get("firing") and not stale and not (rolled and rule in triggers):
+                continue
+            reason = describe(rule, value, facts)
+            if rule in triggers and rollback_note:
+                reason = f"{reason}. {rollback_note}"
+            if before.get("firing"):
+                reason = f"still firing since {before.get('since')}: {reason}"
+            notices.append(Notice(rule.name, rule.severity, "trigger", reason, {"value": value}))
+        elif outcome == "ok" and before.get("firing"):
+            reason = f"resolved: {describe(rule, value, facts)}; firing since {before.get('since')}"  # type: ignore[arg-type]
+            notices.append(Notice(rule.name, rule.severity, "resolve", reason, {"value": value}))
+    return notices
+
+
+def next_alert_state(
+    rules: list[AlertRule],
+    outcomes: dict[str, str],
+    metrics: dict[str, float | None],
+    alerts: dict[str, dict[str, Any]],
+    notices: list[Notice],
+    now: dt.datetime,
+    stable: str | None,
+) -> dict[str, dict[str, Any]]:
+    sent = {notice.rule for notice in notices if notice.action == "trigger"}
+    updated = {}
+    for rule in rules:
+        before, outcome = dict(alerts.get(rule.name, {})), outcomes[rule.name]
+        if outcome == "firing":
+            updated[rule.name] = {
+                "firing": True,
+                "since": before.get("since") if before.get("firing") else iso(now),
+                "last_sent": iso(now) if rule.name in sent else before.get("last_sent"),
+                "value": metrics.get(rule.metric),
+                "model_version": stable,
+            }
+        elif outcome == "ok":
+            updated[rule.name] = {"firing": False, "value": metrics.get(rule.metric), "resolved_at": iso(now)}
+        else:
+            updated[rule.name] = before  # too little data: keep what we knew
+    return updated
