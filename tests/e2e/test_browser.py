@@ -1,0 +1,177 @@
+"""The Airflow 3 web UI in headless Chromium: log in as admin, trigger ``retrain`` from its DAG
+page with non-default parameters, and watch the run succeed.
+
+Debian's ``chromium`` and ``chromium-driver`` drive the browser (``make test`` installs them);
+Selenium is given the driver's path, so Selenium Manager never downloads a browser or a driver.
+With nothing ingested, retrain's ``train`` task returns ``no_data`` and skips the rest, so the run
+succeeds within seconds of starting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+REQUIRED = os.environ.get("MLOPS_REQUIRE_BROWSER") == "1"  # CI (.ci/run): a missing browser fails
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER) and not REQUIRED,
+        reason="needs Debian's chromium and chromium-driver (`make browser` installs them as root: "
+        "apt-get install -y chromium chromium-driver)",
+    ),
+]
+SCREENSHOT = REPO / ".data" / "screenshots" / "browser_retrain.png"
+STEP_SECONDS = 120  # a page, an element (2 slow cores, a cold React bundle)
+RUN_SECONDS = 480  # the manual run may queue behind the scheduled one (max_active_runs=1)
+
+
+@dataclass(frozen=True)
+class Airflow:
+    api: Any  # ml.stack.Api, logged in as admin
+    url: str
+    home: Path
+    password: str
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path) -> Iterator[Airflow]:
+    """One ``airflow standalone`` (same setup as tests/e2e/test_scheduler.py), nothing ingested."""
+    from ml import stack
+
+    root = tmp_path_factory.mktemp("browser")
+    home = root / "airflow"
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_HOME", str(home))
+        env.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
+        env.setenv("AIRFLOW__API__PORT", str(free_port()))
+        env.setenv("MLOPS__STORAGE__ROOT", str(root / "store"))
+        env.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        env.setenv("MLOPS__SERVING__STATE_DIR", str(root / "serving"))
+        env.setenv("MLOPS__SERVING__PORT", str(free_port()))
+        env.setenv("SE_OFFLINE", "true")  # Selenium Manager, were it ever asked, must not download
+        assert stack.start_airflow(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
+        try:
+            password = json.loads((stack.airflow_home() / stack.PASSWORDS_FILE).read_text())["admin"]
+            yield Airflow(stack.Api.as_admin(), stack.api_url(), home, password)
+        finally:
+            stack.down()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless Debian Chromium through its own ChromeDriver; page source and screenshot kept on failure."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",  # the machine's network is closed: no calls home
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(STEP_SECONDS)
+    try:
+        yield driver
+    finally:
+        (tmp_path / "last_page.html").write_text(driver.page_source)
+        driver.save_screenshot(str(tmp_path / "last_page.png"))
+        driver.quit()
+
+
+def test_trigger_retrain_from_the_ui_with_parameters(airflow: Airflow, browser: Any, tmp_path: Path) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, STEP_SECONDS, poll_frequency=1)
+    note = f"browser test {uuid.uuid4()}"
+
+    # The DAG page redirects to the simple auth manager's login form, then back.
+    browser.get(f"{airflow.url}/dags/retrain")
+    wait.until(ec.visibility_of_element_located((By.NAME, "username"))).send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys(airflow.password)
+    wait.until(ec.element_to_be_clickable((By.XPATH, "//form//button[@type='submit']"))).click()
+    wait.until(ec.url_contains("/dags/retrain"))
+
+    # Trigger -> the form built from the DAG's params (inputs named element_<param>).
+    trigger = "//button[normalize-space()='Trigger']"
+    wait.until(ec.element_to_be_clickable((By.XPATH, trigger))).click()
+    dialog = "//*[@role='dialog']"
+    epochs = wait.until(
+        ec.visibility_of_element_located((By.XPATH, f"{dialog}//input[@name='element_epochs']"))
+    )
+    epochs.send_keys(Keys.CONTROL, "a")
+    epochs.send_keys("3")
+    note_input = browser.find_element(By.XPATH, f"{dialog}//input[@name='element_note']")
+    note_input.send_keys(Keys.CONTROL, "a")
+    note_input.send_keys(note)
+    wait.until(lambda _: epochs.get_attribute("value") == "3" and note_input.get_attribute("value") == note)
+    submit = f"{dialog}//button[@data-testid='trigger-dag-submit' or normalize-space()='Trigger']"
+    wait.until(ec.element_to_be_clickable((By.XPATH, submit))).click()
+
+    # The UI opens the new run's page: /dags/retrain/runs/<run_id>.
+    wait.until(ec.url_contains("/dags/retrain/runs/"))
+    run_id = urllib.parse.unquote(browser.current_url.split("/runs/", 1)[1].split("/")[0].split("?")[0])
+    assert run_id.startswith("manual__"), browser.current_url
+    badge = (By.CSS_SELECTOR, "[data-testid='header-card'] [data-testid='state-badge']")
+    last_reload = [time.monotonic()]
+
+    def run_state_shown(driver: Any) -> str | bool:
+        header = driver.find_element(By.CSS_SELECTOR, "[data-testid='header-card']").text
+        state = driver.find_element(*badge).text.strip().lower()
+        if run_id in header and state in ("success", "failed"):
+            return state
+        if time.monotonic() - last_reload[0] > 30:  # the page polls while a run is active; reload anyway
+            last_reload[0] = time.monotonic()
+            driver.refresh()
+        return False
+
+    state = WebDriverWait(
+        browser,
+        RUN_SECONDS,
+        poll_frequency=2,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    ).until(run_state_shown, f"run {run_id} did not end; see {airflow.home / 'standalone.log'}")
+
+    shot = tmp_path / "browser_retrain.png"
+    assert browser.save_screenshot(str(shot))
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, SCREENSHOT)
+    print(f"\nscreenshot: {shot} (copied to {SCREENSHOT})")
+    assert state == "success", f"the UI shows run {run_id} {state}; see {airflow.home / 'standalone.log'}"
+
+    # The REST API agrees: triggered from the UI by admin, with the values typed into the form.
+    run = airflow.api.call(f"/api/v2/dags/retrain/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+    assert run["state"] == "success" and run["run_type"] == "manual"
+    assert run["triggered_by"] == "ui" and run["triggering_user_name"] == "admin"
+    assert run["conf"]["epochs"] == 3 and run["conf"]["note"] == note
+    assert run["conf"]["force"] is False
