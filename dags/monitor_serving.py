@@ -39,7 +39,7 @@ from ml.config import get_settings
 )
 def monitor_serving() -> None:
     @task
-    def check(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def check(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Measure the window, alert on changes, roll back a bad new model."""
         from mlops_airflow.alerts import notice_alert, send_alert
         from mlops_airflow.storage import dag_storage
@@ -52,6 +52,7 @@ def monitor_serving() -> None:
             dag_storage(settings),
             notify=lambda notice: send_alert(notice_alert(notice), settings),
             rollback=None if (params or {}).get("auto_rollback", True) else False,  # None: the config's
+            run_id=run_id or "",
         )
         for name, rule in record["rules"].items():
             print(f"{name:<24} {rule['outcome']:<8} {rule['value']!s:>10}  ({rule['rule']})")

@@ -265,6 +265,7 @@ def check(
     rollback: bool | None = None,
     by: str = "monitor_serving",
     now: dt.datetime | None = None,
+    run_id: str = "",
 ) -> dict[str, Any]:
     """One monitoring check: measure, judge every rule, notify changes, roll back if it must."""
     from ml import deploy
@@ -329,6 +330,7 @@ def check(
         state["last_scrape"] = facts["scrape"]
     record = {
         "at": iso(end),
+        "run_id": run_id,
         "deployment": {"stable": stable, "canary": deployment.canary if deployment else None, "since": since},
         "metrics": metrics,
         "rules": {

@@ -1,9 +1,11 @@
 """``make up`` / ``make down``: start and stop the long-running pieces on one machine.
 
-``up`` starts ``airflow standalone`` (API server and UI on 127.0.0.1:8080, scheduler, DAG
-processor, triggerer) in its own process group, waits until it is healthy and unpauses the
-project's DAGs so schedules and Asset triggers run. ``down`` stops it with SIGINT, the signal
-``airflow standalone`` shuts its children down on.
+``up`` starts, each in its own process group with a pid file under ``$AIRFLOW_HOME``:
+``airflow standalone`` (API server and UI on 127.0.0.1:8080, scheduler, DAG processor,
+triggerer; the project's DAGs unpaused so schedules and Asset triggers run), the MLflow UI
+(127.0.0.1:5000, ``MLOPS_MLFLOW_UI_PORT``) on the configured tracking store, and the prediction
+service (``mlops serve``, 127.0.0.1:3000) once a champion exists. ``down`` stops them: SIGINT
+for ``airflow standalone`` (the signal it shuts its children down on), SIGTERM for the others.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
-DAG_IDS = ("ingest_daily", "drift_monitor", "retrain")
+DAG_IDS = ("ingest_daily", "drift_monitor", "retrain", "rollback", "monitor_serving")
 
 
 def api_url() -> str:
@@ -33,8 +35,12 @@ def airflow_home() -> Path:
     return Path(os.environ.get("AIRFLOW_HOME", Path.cwd() / ".airflow"))
 
 
-def _pidfile() -> Path:
-    return airflow_home() / "standalone.pid"
+def _pidfile(name: str = "standalone") -> Path:
+    return airflow_home() / f"{name}.pid"
+
+
+def mlflow_ui_url() -> str:
+    return f"http://127.0.0.1:{os.environ.get('MLOPS_MLFLOW_UI_PORT', '5000')}"
 
 
 def airflow_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,13 +59,24 @@ def local_secret(name: str) -> str:
     return path.read_text().strip()
 
 
-def _running_pid() -> int | None:
+def _running_pid(name: str = "standalone") -> int | None:
     try:
-        pid = int(_pidfile().read_text())
+        pid = int(_pidfile(name).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child: a zombie still answers kill(0)
+    except ChildProcessError:
+        pass  # started by another process (`make up` earlier)
+    try:
         os.kill(pid, 0)
         return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+    except (ProcessLookupError, PermissionError):
         return None
+
+
+def service_running() -> bool:
+    return _running_pid("service") is not None
 
 
 def healthy(timeout: float = 2.0) -> bool:
@@ -80,27 +97,105 @@ def _unpause(dag_id: str, deadline: float) -> bool:
     return False
 
 
+def _spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group, output to ``$AIRFLOW_HOME/<name>.log``, pid in a file."""
+    home = airflow_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    _pidfile(name).write_text(str(process.pid))
+    return process
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answers
+        except OSError:
+            time.sleep(1)
+    return False
+
+
+def _stop(name: str, sig: int = signal.SIGTERM, wait_seconds: float = 30.0) -> bool:
+    """Signal the process group in ``<name>.pid`` and wait for it; True when something was running."""
+    pid = _running_pid(name)
+    if pid is None:
+        _pidfile(name).unlink(missing_ok=True)
+        return False
+    os.killpg(pid, sig)
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline and _running_pid(name):
+        time.sleep(0.5)
+    if _running_pid(name):
+        os.killpg(pid, signal.SIGKILL)
+    _pidfile(name).unlink(missing_ok=True)
+    return True
+
+
+def start_mlflow_ui(wait_seconds: float = 90.0) -> int:
+    from ml import registry
+    from ml.config import load_settings
+
+    if _running_pid("mlflow"):
+        return 0
+    port = mlflow_ui_url().rsplit(":", 1)[1]
+    uri = registry.tracking_uri(load_settings())
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    process = _spawn(
+        "mlflow", [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", port]
+    )
+    if not _wait_http(mlflow_ui_url(), process, wait_seconds):
+        print(f"the MLflow UI did not start; see {airflow_home() / 'mlflow.log'}")
+        return 1
+    print(f"MLflow UI:   {mlflow_ui_url()}  ({uri})")
+    return 0
+
+
+def start_service(wait_seconds: float = 120.0) -> int:
+    """``mlops serve``: the live endpoint for the deployed model (none before the first champion)."""
+    from ml import registry
+    from ml.config import load_settings
+
+    settings = load_settings()
+    url = f"http://127.0.0.1:{settings.serving.port}"
+    if _running_pid("service"):
+        return 0
+    if registry.version_for_alias(settings, registry.CHAMPION) is None:
+        print("service:     not started (no champion model yet; `make up` again after the first retrain)")
+        return 0
+    process = _spawn("service", [str(Path(sys.executable).parent / "mlops"), "serve"])
+    if not _wait_http(f"{url}/readyz", process, wait_seconds):
+        print(f"the service did not become ready; see {airflow_home() / 'service.log'}")
+        return 1
+    print(f"service:     {url}  (POST /predict, /feedback; GET /metrics, /version)")
+    return 0
+
+
 def up(wait_seconds: float = 240.0) -> int:
+    """Airflow standalone, then the MLflow UI and the service."""
+    code = start_airflow(wait_seconds)
+    return code or start_mlflow_ui() or start_service()
+
+
+def start_airflow(wait_seconds: float = 240.0) -> int:
     home = airflow_home()
     home.mkdir(parents=True, exist_ok=True)
     if _running_pid():
-        print(f"already running (pid {_running_pid()}): {api_url()}")
+        print(f"Airflow:     already running (pid {_running_pid()}): {api_url()}")
         return 0
-    log = (home / "standalone.log").open("ab")
     env = dict(os.environ)  # standalone starts its components as `airflow ...` from PATH
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # Every component must sign and verify task tokens with the same key.
     env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", local_secret("jwt_secret"))
     env.setdefault("AIRFLOW__API__SECRET_KEY", local_secret("api_secret_key"))
     env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"{api_url()}/execution/")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "airflow"), "standalone"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env,
-    )
-    _pidfile().write_text(str(process.pid))
+    process = _spawn("standalone", [str(Path(sys.executable).parent / "airflow"), "standalone"], env)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline and not healthy():
         if process.poll() is not None:
@@ -180,18 +275,11 @@ class Api:
 
 
 def down(wait_seconds: float = 60.0) -> int:
-    pid = _running_pid()
-    if pid is None:
-        print("not running")
-        return 0
-    os.killpg(pid, signal.SIGINT)
-    deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline and _running_pid():
-        time.sleep(1)
-    if _running_pid():
-        os.killpg(pid, signal.SIGKILL)
-    _pidfile().unlink(missing_ok=True)
-    print("stopped")
+    """Stop the service, the MLflow UI and Airflow (whatever of them runs)."""
+    stopped = [name for name in ("service", "mlflow") if _stop(name)]
+    if _stop("standalone", signal.SIGINT, wait_seconds):
+        stopped.append("airflow")
+    print(f"stopped {', '.join(stopped)}" if stopped else "not running")
     return 0
 
 

@@ -41,7 +41,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path):
         env.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         env.setenv("MLOPS__SERVING__STATE_DIR", str(root / "serving"))
         env.setenv("MLOPS__SERVING__PORT", str(free_port()))
-        assert stack.up(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
+        assert stack.start_airflow(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
         try:
             yield Stack(stack.Api.as_admin(), home, root)
         finally:
