@@ -133,22 +133,6 @@ def wrk(
     }
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
-    from ml.deploy import http
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if http("GET", url, timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not up in {timeout} s")
-
-
 def measure(
     name: str,
     command: list[str],
@@ -161,14 +145,14 @@ def measure(
     seconds: int,
     log: Path,
 ) -> dict[str, Any]:
-    from ml.deploy import stop_service
+    from ml.deploy import stop_service, wait_ready
 
     with log.open("ab") as out:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        wait_http(health, process)
+        wait_ready(health, process, 180, path="")
         wrk(predict, body, content_type, auth, 8, 3)  # warm-up
         rows = []
         with PeakRss(process.pid) as memory:

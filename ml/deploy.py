@@ -225,13 +225,16 @@ def multipart(field_name: str, files: list[tuple[str, bytes]]) -> tuple[bytes, s
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes] | None, timeout: float, path: str = "/readyz"
+) -> None:
+    """Poll ``url + path`` until it answers 200; ``DeployError`` if the process exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise DeployError(f"the service exited with code {process.returncode} before it was ready")
         try:
-            if http("GET", f"{url}/readyz", timeout=2)[0] == 200:
+            if http("GET", f"{url}{path}", timeout=2)[0] == 200:
                 return
         except OSError:
             pass
@@ -460,7 +463,8 @@ def wait_live(settings: Settings, state: DeploymentState, timeout: float = 60) -
         return None
     if status != 200:
         return None
-    headers = {"Authorization": f"Bearer {first_key()}"} if first_key() else {}
+    key = first_key()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     wanted = (state.stable, state.canary if state.canary_share > 0 else None)
     deadline, streak = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:

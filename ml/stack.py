@@ -109,17 +109,14 @@ def _spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> sub
     return process
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return True
-        except urllib.error.HTTPError:
-            return True  # it answers
-        except OSError:
-            time.sleep(1)
-    return False
+def _ready(url: str, process: subprocess.Popen[bytes], seconds: float) -> bool:
+    from ml.deploy import DeployError, wait_ready
+
+    try:
+        wait_ready(url, process, seconds, path="")
+        return True
+    except DeployError:
+        return False
 
 
 def _stop(name: str, sig: int = signal.SIGTERM, wait_seconds: float = 30.0) -> bool:
@@ -150,7 +147,7 @@ def start_mlflow_ui(wait_seconds: float = 90.0) -> int:
     process = _spawn(
         "mlflow", [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", port]
     )
-    if not _wait_http(mlflow_ui_url(), process, wait_seconds):
+    if not _ready(f"{mlflow_ui_url()}/health", process, wait_seconds):
         print(f"the MLflow UI did not start; see {airflow_home() / 'mlflow.log'}")
         return 1
     print(f"MLflow UI:   {mlflow_ui_url()}  ({uri})")
@@ -170,7 +167,7 @@ def start_service(wait_seconds: float = 120.0) -> int:
         print("service:     not started (no champion model yet; `make up` again after the first retrain)")
         return 0
     process = _spawn("service", [str(Path(sys.executable).parent / "mlops"), "serve"])
-    if not _wait_http(f"{url}/readyz", process, wait_seconds):
+    if not _ready(f"{url}/readyz", process, wait_seconds):
         print(f"the service did not become ready; see {airflow_home() / 'service.log'}")
         return 1
     print(f"service:     {url}  (POST /predict, /feedback; GET /metrics, /version)")

@@ -7,7 +7,6 @@ starts) uses a throwaway SQLite database and this checkout's dags/ and plugins/.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,12 +43,6 @@ for name in [n for n in os.environ if n.startswith("MLOPS__") or n == "MLOPS_CON
     del os.environ[name]  # tests start from the repo's params.yaml only
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata database for this test session."""
@@ -66,6 +59,8 @@ def airflow_db() -> Path:
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible HTTP endpoint (moto) on 127.0.0.1."""
     from moto.server import ThreadedMotoServer
+
+    from ml.deploy import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

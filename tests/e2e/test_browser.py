@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.e2e.standalone import standalone
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -55,23 +56,10 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path) -> Itera
     from ml import stack
 
     root = tmp_path_factory.mktemp("browser")
-    home = root / "airflow"
-    home.mkdir()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AIRFLOW_HOME", str(home))
-        env.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
-        env.setenv("AIRFLOW__API__PORT", str(free_port()))
-        env.setenv("MLOPS__STORAGE__ROOT", str(root / "store"))
-        env.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        env.setenv("MLOPS__SERVING__STATE_DIR", str(root / "serving"))
-        env.setenv("MLOPS__SERVING__PORT", str(free_port()))
-        env.setenv("SE_OFFLINE", "true")  # Selenium Manager, were it ever asked, must not download
-        assert stack.start_airflow(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
-        try:
-            password = json.loads((stack.airflow_home() / stack.PASSWORDS_FILE).read_text())["admin"]
-            yield Airflow(stack.Api.as_admin(), stack.api_url(), home, password)
-        finally:
-            stack.down()
+    # Selenium Manager, were it ever asked, must not download
+    with standalone(root, SE_OFFLINE="true") as home:
+        password = json.loads((stack.airflow_home() / stack.PASSWORDS_FILE).read_text())["admin"]
+        yield Airflow(stack.Api.as_admin(), stack.api_url(), home, password)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from ml.demo_data import land_days
 from ml.ingest import ingest_day
 from ml.storage import LocalStorage
-from tests.conftest import free_port
+from tests.e2e.standalone import standalone
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 DAY = dt.date(2026, 4, 1)
@@ -31,21 +31,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path):
     from ml import stack
 
     root = tmp_path_factory.mktemp("e2e")
-    home = root / "airflow"
-    home.mkdir()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AIRFLOW_HOME", str(home))
-        env.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
-        env.setenv("AIRFLOW__API__PORT", str(free_port()))
-        env.setenv("MLOPS__STORAGE__ROOT", str(root / "store"))
-        env.setenv("MLOPS__MLFLOW__TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        env.setenv("MLOPS__SERVING__STATE_DIR", str(root / "serving"))
-        env.setenv("MLOPS__SERVING__PORT", str(free_port()))
-        assert stack.start_airflow(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
-        try:
-            yield Stack(stack.Api.as_admin(), home, root)
-        finally:
-            stack.down()
+    with standalone(root) as home:
+        yield Stack(stack.Api.as_admin(), home, root)
 
 
 @dataclass(frozen=True)
@@ -169,3 +156,39 @@ def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -
     tags = mlflow_run.data.tags
     assert f"drift on {day}" in tags["reason"] and tags["report"].endswith(f"reports/drift/{day}/report.html")
     assert mlflow_run.data.params["airflow_run_id"] == run_id
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_up_adds_the_mlflow_ui_and_the_service_and_down_stops_everything(stack: Stack) -> None:
+    """`make up` beside a running Airflow: the MLflow UI and the champion's service; `make down` ends all."""
+    from ml import registry
+    from ml import stack as stacks
+    from ml.config import load_settings
+    from ml.deploy import http
+
+    settings = load_settings()
+    champion = registry.version_for_alias(settings, registry.CHAMPION)
+    assert champion, "the tests above leave a champion"
+    assert stacks.up() == 0
+    service = f"http://127.0.0.1:{settings.serving.port}"
+    assert http("GET", f"{stacks.mlflow_ui_url()}/health")[0] == 200
+    assert json.loads(http("GET", f"{service}/version")[1])["model_version"] == champion
+    pids = {name: stacks._running_pid(name) for name in ("standalone", "mlflow", "service")}
+    assert all(pids.values()), pids
+    assert stacks.down() == 0
+    for name, pid in pids.items():
+        assert stacks._running_pid(name) is None and not group_members(pid), name
+    with pytest.raises(OSError):
+        http("GET", f"{service}/readyz", timeout=2)

@@ -9,9 +9,10 @@ import pytest
 
 from ml.config import load_settings
 from ml.demo_data import land_days
+from ml.deploy import free_port
 from ml.ingest import ingest_day
 from ml.storage import LocalStorage
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 START = dt.date(2026, 6, 1)

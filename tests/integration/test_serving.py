@@ -21,9 +21,10 @@ from PIL import Image
 
 from ml.config import load_settings
 from ml.demo_data import land_days
+from ml.deploy import free_port
 from ml.ingest import ingest_day
 from ml.storage import LocalStorage
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.hostile import encode, photo, png_bomb, with_exif_gps
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
