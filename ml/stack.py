@@ -10,6 +10,7 @@ for ``airflow standalone`` (the signal it shuts its children down on), SIGTERM f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -119,18 +120,35 @@ def _ready(url: str, process: subprocess.Popen[bytes], seconds: float) -> bool:
         return False
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def _stop(name: str, sig: int = signal.SIGTERM, wait_seconds: float = 30.0) -> bool:
-    """Signal the process group in ``<name>.pid`` and wait for it; True when something was running."""
+    """Signal the process group in ``<name>.pid``, wait until none of it lives; True when it was running."""
     pid = _running_pid(name)
     if pid is None:
         _pidfile(name).unlink(missing_ok=True)
         return False
-    os.killpg(pid, sig)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
     deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline and _running_pid(name):
+    while time.monotonic() < deadline and (_running_pid(name) or group_members(pid)):
         time.sleep(0.5)
-    if _running_pid(name):
-        os.killpg(pid, signal.SIGKILL)
+    if _running_pid(name) or group_members(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # children that outlived their leader go too
+        time.sleep(0.5)
+        _running_pid(name)  # reap it
     _pidfile(name).unlink(missing_ok=True)
     return True
 

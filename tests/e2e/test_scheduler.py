@@ -158,19 +158,6 @@ def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -
     assert mlflow_run.data.params["airflow_run_id"] == run_id
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
 def test_up_adds_the_mlflow_ui_and_the_service_and_down_stops_everything(stack: Stack) -> None:
     """`make up` beside a running Airflow: the MLflow UI and the champion's service; `make down` ends all."""
     from ml import registry
@@ -189,6 +176,6 @@ def test_up_adds_the_mlflow_ui_and_the_service_and_down_stops_everything(stack: 
     assert all(pids.values()), pids
     assert stacks.down() == 0
     for name, pid in pids.items():
-        assert stacks._running_pid(name) is None and not group_members(pid), name
+        assert stacks._running_pid(name) is None and not stacks.group_members(pid), name
     with pytest.raises(OSError):
         http("GET", f"{service}/readyz", timeout=2)
