@@ -183,7 +183,9 @@ def measure(
     except OSError as exc:
         metrics["service_up"] = 0.0 if stable else None  # nothing deployed: nothing should answer
         facts["scrape_error"] = f"{type(exc).__name__}: {exc}"
-    predictions = log_records(storage, PREDICTIONS_PREFIX, start, end)
+    # a label can come long after its prediction: predictions are read a day further back for the join
+    labelled = log_records(storage, PREDICTIONS_PREFIX, start - dt.timedelta(days=1), end)
+    predictions = [r for r in labelled if parse_time(r["time"]) > start]
     latencies = np.array([float(r["latency_ms"]) for r in predictions])
     facts["predictions"] = len(predictions)
     metrics["throughput_rps"] = round(len(predictions) / max((end - start).total_seconds(), 1.0), 3)
@@ -191,8 +193,6 @@ def measure(
         metrics["p99_latency_ms"] = round(float(np.percentile(latencies, 99)), 1)
         metrics["p50_latency_ms"] = round(float(np.percentile(latencies, 50)), 1)
     feedback = log_records(storage, FEEDBACK_PREFIX, start, end)
-    # a label can come long after its prediction: look the predictions up a day further back
-    labelled = log_records(storage, PREDICTIONS_PREFIX, start - dt.timedelta(days=1), end)
     facts["feedback"] = len(feedback)
     facts["accuracy_by_version"] = live_accuracy(labelled, feedback)
     judged = facts["accuracy_by_version"].get(str(stable), {})

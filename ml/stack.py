@@ -153,43 +153,43 @@ def _stop(name: str, sig: int = signal.SIGTERM, wait_seconds: float = 30.0) -> b
     return True
 
 
+def _launch(name: str, argv: list[str], ready_url: str, wait_seconds: float, shown: str) -> int:
+    """Start ``argv`` as ``name`` unless it runs; 0 once ``ready_url`` answers 200, else 1."""
+    if _running_pid(name):
+        return 0
+    if not _ready(ready_url, _spawn(name, argv), wait_seconds):
+        print(f"{name} did not become ready; see {airflow_home() / f'{name}.log'}")
+        return 1
+    print(shown)
+    return 0
+
+
 def start_mlflow_ui(wait_seconds: float = 90.0) -> int:
     from ml import registry
     from ml.config import load_settings
 
-    if _running_pid("mlflow"):
-        return 0
     port = mlflow_ui_url().rsplit(":", 1)[1]
     uri = registry.tracking_uri(load_settings())
-    mlflow = str(Path(sys.executable).parent / "mlflow")
-    process = _spawn(
-        "mlflow", [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", port]
-    )
-    if not _ready(f"{mlflow_ui_url()}/health", process, wait_seconds):
-        print(f"the MLflow UI did not start; see {airflow_home() / 'mlflow.log'}")
-        return 1
-    print(f"MLflow UI:   {mlflow_ui_url()}  ({uri})")
-    return 0
+    argv = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri]
+    argv += ["--host", "127.0.0.1", "--port", port]
+    shown = f"MLflow UI:   {mlflow_ui_url()}  ({uri})"
+    return _launch("mlflow", argv, f"{mlflow_ui_url()}/health", wait_seconds, shown)
 
 
 def start_service(wait_seconds: float = 120.0) -> int:
     """``mlops serve``: the live endpoint for the deployed model (none before the first champion)."""
     from ml import registry
     from ml.config import load_settings
+    from ml.deploy import live_url
 
     settings = load_settings()
-    url = f"http://127.0.0.1:{settings.serving.port}"
-    if _running_pid("service"):
-        return 0
-    if registry.version_for_alias(settings, registry.CHAMPION) is None:
+    if not _running_pid("service") and registry.version_for_alias(settings, registry.CHAMPION) is None:
         print("service:     not started (no champion model yet; `make up` again after the first retrain)")
         return 0
-    process = _spawn("service", [str(Path(sys.executable).parent / "mlops"), "serve"])
-    if not _ready(f"{url}/readyz", process, wait_seconds):
-        print(f"the service did not become ready; see {airflow_home() / 'service.log'}")
-        return 1
-    print(f"service:     {url}  (POST /predict, /feedback; GET /metrics, /version)")
-    return 0
+    url = live_url(settings)
+    shown = f"service:     {url}  (POST /predict, /feedback; GET /metrics, /version)"
+    argv = [str(Path(sys.executable).parent / "mlops"), "serve"]
+    return _launch("service", argv, f"{url}/readyz", wait_seconds, shown)
 
 
 def up(wait_seconds: float = 240.0) -> int:
