@@ -36,6 +36,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check ml plugins dags tests bench bentos
+	$(BIN)/lint-imports
 
 # Debian's Chromium and ChromeDriver for the browser test (tests/e2e/test_browser.py); nothing else downloads a browser.
 browser:
@@ -49,6 +50,7 @@ browser:
 
 test: install browser
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 test-fast: install
@@ -58,10 +60,10 @@ demo: install
 	$(BIN)/python -m ml.demo
 
 up: install
-	$(BIN)/python -m ml.stack up
+	$(BIN)/python -m ml.ops.stack up
 
 down: install
-	$(BIN)/python -m ml.stack down
+	$(BIN)/python -m ml.ops.stack down
 
 serve: install
 	$(BIN)/mlops serve

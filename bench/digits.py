@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from ml.config import load_settings
-from ml.ingest import ingest_day
-from ml.retrain import train_and_register
+from ml.data.ingest import ingest_day
 from ml.storage import LocalStorage
+from ml.training.pipeline import retrain
 
 DAY = dt.date(2026, 9, 1)
 CLASSES = [str(digit) for digit in range(10)]
@@ -63,8 +63,8 @@ def main() -> None:
         settings = load_settings(overlay, environ={})
         storage = LocalStorage(Path(tmp) / "store")
         landed = land_digits(storage, args.limit)
-        ingested = ingest_day(settings, storage, DAY)
-        result = train_and_register(settings, storage)
+        ingested = ingest_day(settings, storage, DAY).to_dict()
+        result = retrain(settings, storage).to_dict()
     summary = {
         "landed": landed,
         "curated": ingested["curated"]["new_images"],

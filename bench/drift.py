@@ -2,7 +2,7 @@
 
 Quality (default): a champion trained on three generated demo days; then, one day each, no-drift
 days with new seeds and every drift knob at several strengths, each landed, ingested and
-monitored exactly as the ``drift_monitor`` DAG does (``ml.drift.monitor_day``).
+monitored exactly as the ``drift_monitor`` DAG does (``ml.monitoring.drift.measure_day``).
 
 Speed (``--images N``): N vs N images of one distribution, features already cached by ingestion
 and training (the normal case). Side by side, in one run:
@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ml.config import load_settings
-from ml.demo_data import Drift, land_day, land_days
-from ml.ingest import ingest_day
+from ml.data.ingest import ingest_day
+from ml.demo.drawing import Drift
+from ml.demo.landing import land_day, land_days
 from ml.storage import LocalStorage
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,8 +41,8 @@ NO_DRIFT_DAYS = 12
 
 def quality(per_day: int) -> dict:
     from ml import registry
-    from ml.drift import monitor_day
-    from ml.retrain import train_and_register
+    from ml.monitoring.drift import measure_day
+    from ml.training.pipeline import retrain
 
     with tempfile.TemporaryDirectory(prefix="mlops-bench-drift-") as tmp:
         env = {"MLOPS__STORAGE__ROOT": f"{tmp}/store", "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{tmp}/m.db"}
@@ -50,7 +51,7 @@ def quality(per_day: int) -> dict:
         land_days(storage, START, 3, settings.classes, count=per_day, seed=11)
         for offset in range(3):
             ingest_day(settings, storage, START + dt.timedelta(days=offset))
-        trained = train_and_register(settings, storage, overrides={"epochs": 25})
+        trained = retrain(settings, storage, overrides={"epochs": 25}).to_dict()
         registry.promote(settings, storage, trained["model_version"], "bench")
         rows, day = [], START + dt.timedelta(days=10)
         cases = [(None, 0.0)] * NO_DRIFT_DAYS + [
@@ -62,7 +63,7 @@ def quality(per_day: int) -> dict:
             land_day(storage, day, settings.classes, count=per_day, seed=seed, drift=drift)
             ingest_day(settings, storage, day)
             started = time.perf_counter()
-            summary = monitor_day(settings, storage, day)
+            summary = measure_day(settings, storage, day).summary()
             rows.append(
                 {
                     "drift": str(drift) if drift else "none",
@@ -83,13 +84,12 @@ def speed(images: int) -> dict:
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    from ml import drift
-    from ml.catalog import read_partition
-    from ml.features import extract
-    from ml.model import Head, build_backbone
-    from ml.preprocessing import Preprocessing, decode_rgb
-    from ml.retrain import feature_cache
-    from ml.train import predict_proba
+    from ml.data.catalog import read_partition
+    from ml.monitoring import drift
+    from ml.training.features import extract, feature_cache
+    from ml.training.model import Head, build_backbone, predict_proba
+    from ml.training.preprocessing import Preprocessing, decode_rgb
+    from ml.training.reference import batch_frame, build_reference
 
     with tempfile.TemporaryDirectory(prefix="mlops-bench-drift-") as tmp:
         # Drift compares clean views only, so the bench caches one view per image.
@@ -111,7 +111,7 @@ def speed(images: int) -> dict:
         torch.manual_seed(0)
         head = Head(backbone.dim, len(settings.classes), 0.0).eval()
         embeddings = reference_features[:, 0]
-        reference = drift.build_reference(
+        reference = build_reference(
             reference_rows,
             embeddings,
             predict_proba(head, embeddings),
@@ -129,7 +129,7 @@ def speed(images: int) -> dict:
         kl = drift.prediction_kl(
             current["predicted_class"], reference.frame["predicted_class"], reference.classes
         )
-        score, detected, _, _, _ = drift.decide(columns, kl, settings.monitoring)
+        score, detected, _, _, _ = drift.drift_verdict(columns, kl, settings.monitoring)
         drift.write_report(storage, "bench", snapshot)
         mlops_s = time.perf_counter() - started
 
@@ -137,7 +137,7 @@ def speed(images: int) -> dict:
         pictures = [decode_rgb(storage.read_bytes(key)) for key in current_rows["curated_key"]]
         fresh = extract(backbone, pictures, prep, batch_size=32)
         projected = reference.project(fresh)
-        plain = drift.batch_frame(current_rows, projected, predict_proba(head, fresh), reference.classes)
+        plain = batch_frame(current_rows, projected, predict_proba(head, fresh), reference.classes)
         categorical = ["label", "predicted_class"]
         definition = DataDefinition(
             numerical_columns=[c for c in plain.columns if c not in categorical],

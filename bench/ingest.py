@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from ml.config import load_settings
-from ml.demo_data import render_image
-from ml.images import ImageLimits
-from ml.ingest import ingest_day, inspect_all
+from ml.data.images import ImageLimits
+from ml.data.ingest import ingest_day, inspect_all
+from ml.demo.drawing import render_image
 from ml.storage import LocalStorage
 
 DAY = dt.date(2026, 3, 1)
@@ -137,7 +137,7 @@ def main() -> None:
             timed(
                 "mlops ingest_day (end to end)",
                 len(names),
-                lambda: ingest_day(settings, storage, DAY)["curated"]["files"],
+                lambda: ingest_day(settings, storage, DAY).curated.files,
             ),
         ]
     baseline = rows[0]["images_per_s"]

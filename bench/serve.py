@@ -46,10 +46,10 @@ def make_world(tmp: Path) -> dict[str, str]:
     """Three generated demo days, ingested; v1 trained and promoted. Returns the settings environment."""
     from ml import registry
     from ml.config import load_settings
-    from ml.demo_data import land_days
-    from ml.ingest import ingest_day
-    from ml.retrain import train_and_register
+    from ml.data.ingest import ingest_day
+    from ml.demo.landing import land_days
     from ml.storage import LocalStorage
+    from ml.training.pipeline import retrain
 
     env = {
         "MLOPS__STORAGE__ROOT": str(tmp / "store"),
@@ -61,7 +61,7 @@ def make_world(tmp: Path) -> dict[str, str]:
     land_days(storage, START, 3, settings.classes, count=120, seed=11)
     for offset in range(3):
         ingest_day(settings, storage, START + dt.timedelta(days=offset))
-    trained = train_and_register(settings, storage, overrides={"epochs": 15})
+    trained = retrain(settings, storage, overrides={"epochs": 15}).to_dict()
     registry.promote(settings, storage, trained["model_version"], "bench")
     return env
 
@@ -145,7 +145,8 @@ def measure(
     seconds: int,
     log: Path,
 ) -> dict[str, Any]:
-    from ml.deploy import stop_service, wait_ready
+    from ml.http import wait_ready
+    from ml.release.service import stop_service
 
     with log.open("ab") as out:
         process = subprocess.Popen(
@@ -171,7 +172,10 @@ def measure(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ml.config import load_settings
-    from ml.deploy import SERVICE, bentoml_command, ensure_state, free_port, multipart, serve_env
+    from ml.http import free_port, multipart
+    from ml.release.build import SERVICE
+    from ml.release.deploy import ensure_state
+    from ml.release.service import bentoml_command, serve_env
     from ml.storage import storage_from_settings
 
     if shutil.which("wrk") is None:

@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from ml.config import load_settings
-from ml.demo_data import land_day
-from ml.ingest import ingest_day
-from ml.model import Head, build_backbone
-from ml.preprocessing import Preprocessing, augmented_view, decode_rgb, to_array
-from ml.retrain import feature_cache
+from ml.data.catalog import dataset_rows
+from ml.data.ingest import ingest_day
+from ml.demo.landing import land_day
 from ml.storage import LocalStorage
-from ml.train import Hyperparameters, dataset_rows, fit_head, split_data
+from ml.training.features import feature_cache
+from ml.training.model import Head, build_backbone
+from ml.training.preprocessing import Preprocessing, augmented_view, decode_rgb, to_array
+from ml.training.train import Hyperparameters, fit_head, split_data
 
 DAY = dt.date(2026, 8, 1)
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,4 +1,4 @@
-"""The prediction service (BentoML 1.4): a thin HTTP layer over ``ml.serving.Predictor``.
+"""The prediction service (BentoML 1.4): a thin HTTP layer over ``ml.serving.predictor.Predictor``.
 
 POST /predict (multipart field ``image``), POST /predict_batch (multipart field ``images``,
 repeated), POST /feedback (JSON ``request_id``, ``label``), GET /version; BentoML adds /healthz,
@@ -24,9 +24,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ml import serving
 from ml.config import get_settings
-from ml.images import ImageLimits
+from ml.data.images import ImageLimits
+from ml.serving import uploads
+from ml.serving.auth import api_keys, key_matches
+from ml.serving.log import PredictionLog
+from ml.serving.predictor import Predictor
+from ml.serving.uploads import BadRequest
 from ml.storage import storage_from_settings
 
 log = logging.getLogger("mlops.service")
@@ -65,76 +69,6 @@ def error_response(
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-FILE_FIELDS = {"/predict": ("image", 1), "/predict_batch": ("images", None)}  # field, exact count
-JSON_ROUTES = ("/feedback",)
-
-
-def upload_problem(path: str, body: bytes, content_type: str) -> tuple[int, str, str] | None:
-    """(status, code, detail) when a body breaks its route's contract, else None.
-
-    BentoML answers a malformed multipart body, a text field where a file belongs or an unexpected
-    field with a 500; checking the body here makes each of them the client's 4xx.
-    """
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    kind, options = parse_options_header(content_type)
-    if path in JSON_ROUTES:
-        return (
-            None if kind == b"application/json" else (415, "unsupported_media_type", "send application/json")
-        )
-    if path not in FILE_FIELDS:
-        return None
-    field, count = FILE_FIELDS[path]
-    expected = f"send multipart/form-data with the image file in field {field!r}"
-    if kind != b"multipart/form-data":
-        return 415, "unsupported_media_type", expected
-    boundary = options.get(b"boundary")
-    if not boundary:
-        return 400, "malformed_multipart", "multipart/form-data without a boundary"
-    parts: list[dict[bytes, bytes]] = []
-    header: dict[str, bytes] = {"field": b"", "value": b""}
-    ended = False
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        if header["field"].lower() == b"content-disposition":
-            parts[-1] |= parse_options_header(header["value"])[1]
-        header["field"], header["value"] = b"", b""
-
-    def on_end() -> None:
-        nonlocal ended
-        ended = True
-
-    callbacks = {
-        "on_part_begin": lambda: parts.append({}),
-        "on_header_field": on_header_field,
-        "on_header_value": on_header_value,
-        "on_header_end": on_header_end,
-        "on_end": on_end,
-    }
-    try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        parser.write(body)
-        parser.finalize()
-    except Exception as exc:  # noqa: BLE001 - the parser raises several kinds for malformed input
-        return 400, "malformed_multipart", f"malformed multipart body: {exc}"
-    if not ended:
-        return 400, "malformed_multipart", "multipart body ends before its closing boundary"
-    names = [part.get(b"name", b"").decode("latin-1") for part in parts]
-    unexpected = sorted(set(names) - {field})
-    if unexpected:
-        return 400, "unexpected_field", f"unexpected field(s) {unexpected}: {expected}"
-    files = [part for part in parts if b"filename" in part]
-    if len(files) != len(parts) or not files or (count is not None and len(files) != count):
-        return 400, "missing_image", f"{expected} ({'exactly one' if count else 'one or more'} file part)"
-    return None
-
-
 class GuardMiddleware:
     """API-key auth and the request-size limit, before BentoML parses anything.
 
@@ -144,7 +78,7 @@ class GuardMiddleware:
     def __init__(self, app: Any) -> None:
         settings = get_settings()
         self.app = app
-        self.keys = serving.api_keys(keys_file=settings.serving.api_keys_file)
+        self.keys = api_keys(keys_file=settings.serving.api_keys_file)
         self.max_bytes = settings.serving.max_request_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -152,7 +86,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        if self.keys and not serving.key_matches(headers.get("authorization"), self.keys):
+        if self.keys and not key_matches(headers.get("authorization"), self.keys):
             reply = error_response(
                 401, "unauthorized", "send Authorization: Bearer <api key>", {"WWW-Authenticate": "Bearer"}
             )
@@ -179,7 +113,7 @@ class GuardMiddleware:
                     scope, receive, send
                 )
                 return
-        problem = upload_problem(scope["path"], bytes(body), headers.get("content-type", ""))
+        problem = uploads.upload_problem(scope["path"], bytes(body), headers.get("content-type", ""))
         if problem:
             await error_response(*problem)(scope, receive, send)
             return
@@ -202,17 +136,17 @@ async def version_endpoint(request: Request) -> Response:
         return JSONResponse({"error": "not_ready", "detail": "service is starting"}, status_code=503)
 
 
-def refuse(ctx: bentoml.Context, exc: serving.BadRequest) -> dict[str, str]:
+def refuse(ctx: bentoml.Context, exc: BadRequest) -> dict[str, str]:
     """A client error from inside an API: BentoML takes the status from the context."""
     ERRORS.labels(exc.code, str(exc.status)).inc()
     ctx.response.status_code = exc.status
     return exc.body()
 
 
-def _prediction_log() -> serving.PredictionLog | None:
+def _prediction_log() -> PredictionLog | None:
     if os.environ.get(LOG_ENV, "").lower() == "off":
         return None
-    return serving.PredictionLog(
+    return PredictionLog(
         storage_from_settings(SETTINGS),
         get_settings().serving.log_flush_rows,
         get_settings().serving.log_flush_seconds,
@@ -237,7 +171,7 @@ def _resolve(tag: str) -> Path:
 )
 class ImageClassifier:
     def __init__(self) -> None:
-        keys = serving.api_keys(keys_file=get_settings().serving.api_keys_file)
+        keys = api_keys(keys_file=get_settings().serving.api_keys_file)
         if not keys:
             log.warning(
                 "NO API KEY CONFIGURED (MLOPS_API_KEYS): every caller is accepted; bind to 127.0.0.1 only"
@@ -245,7 +179,7 @@ class ImageClassifier:
         packed = json.loads(PACKED_FILE.read_text()) if PACKED_FILE.exists() else {}
         state = os.environ.get(STATE_ENV)
         self.bento_tag = str(packed.get("bento_tag", "development"))
-        self.predictor = serving.Predictor(
+        self.predictor = Predictor(
             _resolve,
             ImageLimits.from_settings(get_settings().ingest),
             state_path=Path(state) if state else None,
@@ -294,7 +228,7 @@ class ImageClassifier:
         """Classify one image (multipart field ``image``): class, confidence, probabilities, version, id."""
         try:
             return await self.predictor.predict(image.read_bytes(), ctx.request.headers.get("x-client-id"))
-        except serving.BadRequest as exc:
+        except BadRequest as exc:
             return refuse(ctx, exc)
 
     @bentoml.api(route="/predict_batch")
@@ -309,7 +243,7 @@ class ImageClassifier:
         async def one(path: Path) -> dict[str, Any]:
             try:
                 return await self.predictor.predict(path.read_bytes(), key)
-            except serving.BadRequest as exc:
+            except BadRequest as exc:
                 ERRORS.labels(exc.code, str(exc.status)).inc()
                 return {**exc.body(), "status": exc.status}
 
@@ -323,7 +257,7 @@ class ImageClassifier:
         """Record the true label for an earlier prediction's ``request_id``."""
         try:
             return self.predictor.feedback(request_id, label, self.predictor.classes())
-        except serving.BadRequest as exc:
+        except BadRequest as exc:
             return refuse(ctx, exc)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from airflow.sdk import CronDataIntervalTimetable, PokeReturnValue, dag, task
 from mlops_airflow.alerts import landing_timeout_callback
 from mlops_airflow.assets import CURATED_IMAGES
-from mlops_airflow.defaults import date_param, default_args, run_day
+from mlops_airflow.defaults import date_param, default_args
 
 from ml.config import get_settings
 
@@ -47,7 +47,8 @@ def ingest_daily() -> None:
         """Done when landing/DAY/labels.csv exists (images land first, labels.csv last)."""
         from mlops_airflow.storage import dag_storage
 
-        from ml.ingest import DayLayout
+        from ml.layout import DayLayout
+        from ml.runs import run_day
 
         day = run_day(params, data_interval_start)
         storage = dag_storage(get_settings())
@@ -62,24 +63,16 @@ def ingest_daily() -> None:
         from airflow.sdk.exceptions import AirflowFailException
         from mlops_airflow.storage import dag_storage
 
-        from ml.ingest import BatchRejected, ingest_day
+        from ml.data.ingest import BatchRejected, ingest_day
 
         settings = get_settings()
         try:
             result = ingest_day(settings, dag_storage(settings), dt.date.fromisoformat(day))
         except BatchRejected as exc:
             raise AirflowFailException(str(exc)) from exc  # a rejected batch is not retried
-        landed, curated, quarantined = result["landed"], result["curated"], result["quarantined"]
-        print(
-            f"{day}: landed {landed['objects']} objects, curated {curated['files']} files "
-            f"({curated['new_images']} new images), quarantined {quarantined['files']} files "
-            f"and {quarantined['rows']} rows; dataset {result['dataset_version']}"
-        )
-        outlet_events[CURATED_IMAGES].extra = {"day": day, "dataset_version": result["dataset_version"]}
-        return {
-            key: result[key]
-            for key in ("day", "landed", "curated", "quarantined", "dataset_version", "reports")
-        }
+        print(result.summary_line())
+        outlet_events[CURATED_IMAGES].extra = result.asset_extra()
+        return result.to_xcom()
 
     ingest(wait_for_labels())
 

@@ -41,21 +41,21 @@ def monitor_serving() -> None:
     @task
     def check(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Measure the window, alert on changes, roll back a bad new model."""
-        from mlops_airflow.alerts import notice_alert, send_alert
+        from mlops_airflow.alerts import notifier
         from mlops_airflow.storage import dag_storage
 
-        from ml.monitor import check as run_check
+        from ml.monitoring.live import rule_lines
+        from ml.release.guard import check_live
 
         settings = get_settings()
-        record = run_check(
+        record = check_live(
             settings,
             dag_storage(settings),
-            notify=lambda notice: send_alert(notice_alert(notice), settings),
-            rollback=None if (params or {}).get("auto_rollback", True) else False,  # None: the config's
+            notify=notifier(settings),
+            allow_rollback=None if (params or {}).get("auto_rollback", True) else False,  # None: the config's
             run_id=run_id or "",
         )
-        for name, rule in record["rules"].items():
-            print(f"{name:<24} {rule['outcome']:<8} {rule['value']!s:>10}  ({rule['rule']})")
+        print("\n".join(rule_lines(record)))
         return {key: record[key] for key in ("at", "deployment", "metrics", "rollback", "record")}
 
     check()

@@ -23,6 +23,112 @@ from ml.config import get_settings
 SETTINGS = get_settings()
 
 
+@task(execution_timeout=dt.timedelta(hours=6))
+def train(
+    params: dict[str, Any] | None = None, dag_run: Any = None, triggering_asset_events: Any = None
+) -> dict:
+    """Train, evaluate and gate a challenger; register it when the gate passes."""
+    from mlops_airflow.storage import dag_storage
+
+    from ml.runs import event_extras, retrain_context
+    from ml.training.pipeline import retrain as run_retrain
+
+    params = params or {}
+    context = retrain_context(
+        getattr(dag_run, "run_id", ""),
+        getattr(dag_run, "run_type", ""),
+        event_extras(triggering_asset_events),
+        note=params.get("note", ""),
+    )
+    settings = get_settings()
+    result = run_retrain(
+        settings,
+        dag_storage(settings),
+        overrides={key: params.get(key) for key in ("epochs", "learning_rate", "batch_size")},
+        context=context,
+        force=bool(params.get("force")),
+    )
+    print(f"retrain: {result.status}; model version {result.model_version}; gate {result.gate}")
+    return result.to_dict()
+
+
+@task.short_circuit
+def registered(result: dict) -> bool:
+    """Only a registered challenger goes on to build, check and deploy."""
+    return result["status"] == "registered"
+
+
+@task(execution_timeout=dt.timedelta(minutes=30))
+def build_and_check(result: dict) -> dict:
+    """Build the bento and run it on a scratch port against golden test images; page on failure."""
+    from mlops_airflow.alerts import notifier
+    from mlops_airflow.storage import dag_storage
+
+    from ml.release.check import build_and_check as check
+
+    settings = get_settings()
+    outcome = check(settings, dag_storage(settings), result["model_version"], notifier(settings))
+    print(f"serving check of {outcome.bento_tag}: {outcome.to_dict()}")
+    return outcome.to_dict()
+
+
+@task
+def deploy_canary(result: dict, check: dict) -> dict:
+    """Stage the challenger on the canary share of live traffic (the first model takes all of it)."""
+    from mlops_airflow.storage import dag_storage
+
+    from ml.release.deploy import deploy
+
+    settings = get_settings()
+    version = result["model_version"]
+    return deploy(settings, dag_storage(settings), version, stage="canary", by="retrain DAG").to_dict()
+
+
+@task.branch
+def route(result: dict) -> str:
+    """A human approves the promotion, unless the config auto-approves (demo only)."""
+    return "promote" if get_settings().mlflow.auto_approve else "approve"
+
+
+@task(trigger_rule="none_failed_min_one_success")
+def promote(result: dict, ti: Any = None) -> dict:
+    """Move the champion alias; record who approved it (or that the config auto-approved)."""
+    from dataclasses import asdict
+
+    from mlops_airflow.storage import dag_storage
+
+    from ml import registry
+    from ml.runs import approver
+
+    settings = get_settings()
+    answer = ti.xcom_pull(task_ids="approve") if ti else None
+    version, note = result["model_version"], f"retrain {result['run_id']}"
+    return asdict(registry.promote(settings, dag_storage(settings), version, approver(answer), note=note))
+
+
+@task
+def deploy_champion(result: dict) -> dict:
+    """The approved champion takes all live traffic; the previous one is kept for rollback."""
+    from mlops_airflow.storage import dag_storage
+
+    from ml.release.deploy import deploy
+
+    settings = get_settings()
+    version = result["model_version"]
+    return deploy(settings, dag_storage(settings), version, stage="full", by="retrain DAG").to_dict()
+
+
+@task(trigger_rule="all_done")
+def withdraw_unapproved(result: dict) -> str:
+    """A staged challenger that did not become champion (rejected, failed) leaves the canary."""
+    from mlops_airflow.storage import dag_storage
+
+    from ml.release.deploy import withdraw_unapproved as withdraw
+
+    settings = get_settings()
+    return withdraw(settings, dag_storage(settings), result.get("model_version"), by="retrain DAG")
+
+
 @dag(
     dag_id="retrain",
     schedule=AssetOrTimeSchedule(
@@ -49,87 +155,6 @@ SETTINGS = get_settings()
     },
 )
 def retrain() -> None:
-    @task(execution_timeout=dt.timedelta(hours=6))
-    def train(
-        params: dict[str, Any] | None = None, dag_run: Any = None, triggering_asset_events: Any = None
-    ) -> dict:
-        """Train, evaluate and gate a challenger; register it when the gate passes."""
-        from mlops_airflow.storage import dag_storage
-
-        from ml.retrain import RunContext, train_and_register
-
-        params = params or {}
-        context = RunContext(
-            trigger="schedule", airflow_run_id=getattr(dag_run, "run_id", ""), note=params.get("note", "")
-        )
-        events = [event for events in (triggering_asset_events or {}).values() for event in events]
-        if events:
-            extra = dict(events[-1].extra or {})
-            context = RunContext(
-                "drift",
-                context.airflow_run_id,
-                str(extra.get("reason", "")),
-                str(extra.get("report", "")),
-                context.note,
-            )
-        elif getattr(dag_run, "run_type", "") == "manual":
-            context = RunContext("manual", context.airflow_run_id, note=context.note)
-        settings = get_settings()
-        overrides = {key: params.get(key) for key in ("epochs", "learning_rate", "batch_size")}
-        result = train_and_register(
-            settings,
-            dag_storage(settings),
-            overrides=overrides,
-            context=context,
-            force=bool(params.get("force")),
-        )
-        status, version = result["status"], result.get("model_version")
-        print(f"retrain: {status}; model version {version}; gate {result.get('gate')}")
-        return result
-
-    @task.short_circuit
-    def registered(result: dict) -> bool:
-        """Only a registered challenger goes on to build, check and deploy."""
-        return result["status"] == "registered"
-
-    @task(execution_timeout=dt.timedelta(minutes=30))
-    def build_and_check(result: dict) -> dict:
-        """Build the bento and run it on a scratch port against golden test images; page on failure."""
-        from mlops_airflow.alerts import Alert, send_alert
-        from mlops_airflow.storage import dag_storage
-
-        from ml.deploy import build_bento, serving_check
-
-        settings = get_settings()
-        version = result["model_version"]
-        bento_tag = build_bento(settings, version)
-        check = serving_check(settings, dag_storage(settings), version, bento_tag)
-        print(f"serving check of {bento_tag}: {check.to_dict()}")
-        if not check.passed:
-            reason = f"v{version} ({bento_tag}) failed its serving check: {'; '.join(check.reasons)}"
-            send_alert(
-                Alert("serving_check_failed", "critical", reason, "retrain", "build_and_check"), settings
-            )
-            raise RuntimeError(f"{reason}. Nothing was deployed.")
-        return check.to_dict()
-
-    @task
-    def deploy_canary(result: dict, check: dict) -> dict:
-        """Stage the challenger on the canary share of live traffic (the first model takes all of it)."""
-        from mlops_airflow.storage import dag_storage
-
-        from ml.deploy import deploy
-
-        settings = get_settings()
-        return deploy(
-            settings, dag_storage(settings), result["model_version"], stage="canary", by="retrain DAG"
-        )
-
-    @task.branch
-    def route(result: dict) -> str:
-        """A human approves the promotion, unless the config auto-approves (demo only)."""
-        return "promote" if get_settings().mlflow.auto_approve else "approve"
-
     approve = ApprovalOperator(
         task_id="approve",
         subject="Promote model version {{ ti.xcom_pull(task_ids='train')['model_version'] }} to champion?",
@@ -140,56 +165,6 @@ def retrain() -> None:
         ),
         response_timeout=dt.timedelta(days=7),
     )
-
-    @task(trigger_rule="none_failed_min_one_success")
-    def promote(result: dict, ti: Any = None) -> dict:
-        """Move the champion alias; record who approved it (or that the config auto-approved)."""
-        from dataclasses import asdict
-
-        from mlops_airflow.storage import dag_storage
-
-        from ml import registry
-
-        settings = get_settings()
-        answer = ti.xcom_pull(task_ids="approve") if ti else None
-        approver = "auto-approve (mlflow.auto_approve config)"
-        if answer:
-            user = answer.get("responded_by_user") or {}
-            approver = str(user.get("name") or user.get("id") or "airflow-ui")
-        approval = registry.promote(
-            settings,
-            dag_storage(settings),
-            result["model_version"],
-            approver,
-            note=f"retrain {result['run_id']}",
-        )
-        return asdict(approval)
-
-    @task
-    def deploy_champion(result: dict) -> dict:
-        """The approved champion takes all live traffic; the previous one is kept for rollback."""
-        from mlops_airflow.storage import dag_storage
-
-        from ml.deploy import deploy
-
-        settings = get_settings()
-        return deploy(
-            settings, dag_storage(settings), result["model_version"], stage="full", by="retrain DAG"
-        )
-
-    @task(trigger_rule="all_done")
-    def withdraw_unapproved(result: dict) -> str:
-        """A staged challenger that did not become champion (rejected, failed) leaves the canary."""
-        from mlops_airflow.storage import dag_storage
-
-        from ml import registry
-        from ml.deploy import withdraw_canary
-
-        settings = get_settings()
-        version = result.get("model_version")
-        if not version or registry.version_for_alias(settings, registry.CHAMPION) == version:
-            return "nothing to withdraw"
-        return withdraw_canary(settings, dag_storage(settings), version, by="retrain DAG")
 
     trained = train()
     checked = build_and_check(trained)

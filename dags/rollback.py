@@ -38,22 +38,19 @@ def rollback() -> None:
     @task
     def roll_back(params: dict[str, Any] | None = None, dag_run: Any = None) -> dict:
         """Serve the previous (or chosen) version again and make it the champion."""
-        from mlops_airflow.alerts import Alert, send_alert
+        from mlops_airflow.alerts import notifier
         from mlops_airflow.storage import dag_storage
 
         from ml.config import get_settings
-        from ml.deploy import rollback as roll
+        from ml.release.deploy import rollback as roll
 
         params = params or {}
         settings = get_settings()
         who = str(getattr(dag_run, "triggering_user_name", "") or "airflow")
-        result = roll(
-            settings, dag_storage(settings), to=params.get("version") or None, by=who, reason=params["reason"]
-        )
-        entry = result["audit"]
-        reason = f"v{entry['from']} -> v{entry['to']} by {who}: {entry['why']}"
-        send_alert(Alert("model_rolled_back", "warning", reason, "rollback", "roll_back"), settings)
-        return result
+        storage = dag_storage(settings)
+        result = roll(settings, storage, to=params.get("version") or None, by=who, reason=params["reason"])
+        notifier(settings)(result.alert(who))
+        return result.to_dict()
 
     roll_back()
 

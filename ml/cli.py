@@ -12,6 +12,7 @@ from typing import Any
 from ml.config import REPO_ROOT, ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED, EXIT_NOTHING = 0, 2, 3, 4
+Handler = Callable[[Settings, argparse.Namespace], dict[str, Any]]
 DEMO_START = dt.date(2026, 1, 5)
 
 
@@ -23,14 +24,15 @@ def _date(value: str) -> dt.date:
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ml.ingest import ingest_day
+    from ml.data.ingest import ingest_day
     from ml.storage import storage_from_settings
 
-    return ingest_day(settings, storage_from_settings(settings), args.date)
+    return ingest_day(settings, storage_from_settings(settings), args.date).to_dict()
 
 
 def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ml.demo_data import Drift, land_days
+    from ml.demo.drawing import Drift
+    from ml.demo.landing import land_days
     from ml.storage import storage_from_settings
 
     storage = storage_from_settings(settings)
@@ -49,11 +51,12 @@ def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> dict[str, Any
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ml.retrain import RunContext, train_and_register
+    from ml.runs import RunContext
     from ml.storage import storage_from_settings
+    from ml.training.pipeline import retrain
 
     overrides = {"epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size}
-    return train_and_register(
+    return retrain(
         settings,
         storage_from_settings(settings),
         overrides=overrides,
@@ -61,12 +64,12 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         dataset_day=args.dataset_day,
         force=args.force,
         shuffle_labels=args.shuffle_labels,
-    )
+    ).to_dict()
 
 
 def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ml.retrain import evaluate_version
     from ml.storage import storage_from_settings
+    from ml.training.pipeline import evaluate_version
 
     return evaluate_version(settings, storage_from_settings(settings), args.model_version)
 
@@ -88,28 +91,23 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_drift(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ml.drift import monitor_day
+    from ml.monitoring.drift import measure_day
     from ml.storage import storage_from_settings
 
-    return monitor_day(settings, storage_from_settings(settings), args.date)
+    return measure_day(settings, storage_from_settings(settings), args.date).summary()
 
 
 def cmd_monitor(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ml.monitor import check
+    from ml.alerts import env_notify
+    from ml.release.guard import check_live
     from ml.storage import storage_from_settings
 
-    notify = None
-    if not args.no_alerts:
-        from mlops_airflow.alerts import notice_alert, send_alert
-
-        def notify(notice: Any) -> dict[str, str]:
-            return send_alert(notice_alert(notice, dag_id="mlops monitor"), settings)
-
-    return check(
+    return check_live(
         settings,
         storage_from_settings(settings),
-        notify=notify,
-        rollback=False if args.no_rollback else None,
+        notify=None if args.no_alerts else env_notify(settings),
+        origin="mlops monitor",
+        allow_rollback=False if args.no_rollback else None,
         by=f"mlops monitor ({_who(None)})",
     )
 
@@ -122,7 +120,7 @@ def _who(name: str | None) -> str:
 
 def cmd_deploy(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     from ml import registry
-    from ml.deploy import release
+    from ml.release.deploy import release
     from ml.storage import storage_from_settings
 
     version = args.version or registry.version_for_alias(settings, registry.CHAMPION)
@@ -140,28 +138,27 @@ def cmd_deploy(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_rollback(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ml.deploy import rollback
+    from ml.release.deploy import rollback
     from ml.storage import storage_from_settings
 
-    return rollback(
-        settings, storage_from_settings(settings), to=args.to, by=_who(args.by), reason=args.reason
-    )
+    storage = storage_from_settings(settings)
+    return rollback(settings, storage, to=args.to, by=_who(args.by), reason=args.reason).to_dict()
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Replace this process with ``bentoml serve`` of the live service (Ctrl-C stops it)."""
     import os
 
-    from ml.deploy import SERVICE, bentoml_command, ensure_state, serve_env, serve_host
+    from ml.release.build import SERVICE
+    from ml.release.deploy import ensure_state
+    from ml.release.service import STATE_ENV, bentoml_command, serve_env, serve_host
     from ml.storage import storage_from_settings
 
     state = ensure_state(settings, storage_from_settings(settings))
     env = serve_env(settings)
     port = str(args.port or settings.serving.port)
     host = serve_host(settings)
-    print(
-        f"serving v{state.stable} on http://{host}:{port} (state {env['MLOPS_DEPLOYMENT_STATE']})", flush=True
-    )
+    print(f"serving v{state.stable} on http://{host}:{port} (state {env[STATE_ENV]})", flush=True)
     os.chdir(REPO_ROOT)
     os.execve(bentoml_command(), [bentoml_command(), "serve", SERVICE, "--host", host, "--port", port], env)
     return {}  # not reached
@@ -171,27 +168,24 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="overlay config file (default: $MLOPS_CONFIG)")
-    common.add_argument("--json", action="store_true", help="print one JSON result on stdout")
-    parser = argparse.ArgumentParser(prog="mlops", description=__doc__, parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    ingest = sub.add_parser("ingest", parents=[common], help="validate and curate one landing day")
+def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    ingest = add("ingest", cmd_ingest, "validate and curate one landing day")
     ingest.add_argument("--date", type=_date, required=True, help="landing day YYYY-MM-DD")
-    ingest.set_defaults(handler=cmd_ingest)
 
-    demo = sub.add_parser("demo-data", parents=[common], help="land generated demo days")
+    demo = add("demo-data", cmd_demo_data, "land generated demo days")
     demo.add_argument("--days", type=int, default=3)
     demo.add_argument("--start", type=_date, default=DEMO_START, help=f"first day (default {DEMO_START})")
     demo.add_argument("--per-day", type=int, default=200, help="images per day")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--drift", help="KIND:STRENGTH, KIND in brightness, blur, class_mix; strength 0..1")
     demo.add_argument("--drift-from", type=int, default=None, help="0-based day index where drift starts")
-    demo.set_defaults(handler=cmd_demo_data)
 
-    train = sub.add_parser("train", parents=[common], help="train, evaluate, gate and register a challenger")
+    drift = add("drift", cmd_drift, "drift of one curated day against the champion (Evidently report)")
+    drift.add_argument("--date", type=_date, required=True, help="curated day YYYY-MM-DD")
+
+
+def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    train = add("train", cmd_train, "train, evaluate, gate and register a challenger")
     train.add_argument("--epochs", type=int)
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--batch-size", type=int)
@@ -207,59 +201,53 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="negative control: train on shuffled labels (the gate must reject)",
     )
-    train.set_defaults(handler=cmd_train)
 
-    evaluate = sub.add_parser(
-        "evaluate", parents=[common], help="evaluate a registered model version on the test split"
-    )
+    evaluate = add("evaluate", cmd_evaluate, "evaluate a registered model version on the test split")
     evaluate.add_argument("--model-version", required=True)
-    evaluate.set_defaults(handler=cmd_evaluate)
 
-    promote = sub.add_parser(
-        "promote", parents=[common], help="approve a version as champion (default: challenger)"
-    )
+    promote = add("promote", cmd_promote, "approve a version as champion (default: challenger)")
     promote.add_argument("version", nargs="?")
     promote.add_argument("--approved-by", help="who approves (default: the current user)")
     promote.add_argument("--note")
-    promote.set_defaults(handler=cmd_promote)
 
-    drift = sub.add_parser(
-        "drift", parents=[common], help="drift of one curated day against the champion (Evidently report)"
-    )
-    drift.add_argument("--date", type=_date, required=True, help="curated day YYYY-MM-DD")
-    drift.set_defaults(handler=cmd_drift)
 
-    deploy = sub.add_parser(
-        "deploy", parents=[common], help="build the bento, run the serving check, deploy (default: champion)"
-    )
+def _serving_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    deploy = add("deploy", cmd_deploy, "build the bento, run the serving check, deploy (default: champion)")
     deploy.add_argument("version", nargs="?")
     deploy.add_argument("--stage", choices=["canary", "full"], default="full")
     deploy.add_argument("--skip-check", action="store_true", help="deploy without the serving check")
     deploy.add_argument("--by", help="who deploys (default: the current user)")
     deploy.add_argument("--reason")
-    deploy.set_defaults(handler=cmd_deploy)
 
-    rollback = sub.add_parser(
-        "rollback", parents=[common], help="serve the previous (or a named) version again"
-    )
+    rollback = add("rollback", cmd_rollback, "serve the previous (or a named) version again")
     rollback.add_argument("--to", help="model version to return to (default: the previous one)")
     rollback.add_argument("--reason", required=True, help="why (recorded in the audit)")
     rollback.add_argument("--by", help="who rolls back (default: the current user)")
-    rollback.set_defaults(handler=cmd_rollback)
 
-    monitor = sub.add_parser(
-        "monitor", parents=[common], help="check the live endpoint: latency, errors, live accuracy, drift"
-    )
+    monitor = add("monitor", cmd_monitor, "check the live endpoint: latency, errors, live accuracy, drift")
     monitor.add_argument("--no-alerts", action="store_true", help="judge and record, send nothing")
     monitor.add_argument("--no-rollback", action="store_true", help="never roll back automatically")
-    monitor.set_defaults(handler=cmd_monitor)
 
-    serve = sub.add_parser("serve", parents=[common], help="run the live prediction service (BentoML)")
+    serve = add("serve", cmd_serve, "run the live prediction service (BentoML)")
     serve.add_argument("--port", type=int, help="default: serving.port")
-    serve.set_defaults(handler=cmd_serve)
 
-    config = sub.add_parser("config", parents=[common], help="print the effective config")
-    config.set_defaults(handler=cmd_config)
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="overlay config file (default: $MLOPS_CONFIG)")
+    common.add_argument("--json", action="store_true", help="print one JSON result on stdout")
+    parser = argparse.ArgumentParser(prog="mlops", description=__doc__, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=[common], help=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    _data_commands(add)
+    _training_commands(add)
+    _serving_commands(add)
+    add("config", cmd_config, "print the effective config")
     return parser
 
 
@@ -276,11 +264,11 @@ def _emit(payload: dict[str, Any], as_json: bool, stream: Any = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ml.deploy import DeployError
-    from ml.ingest import BatchRejected, NothingLanded
+    from ml.data.ingest import BatchRejected, NothingLanded
+    from ml.release.errors import DeployError
 
     args = build_parser().parse_args(argv)
-    handler: Callable[[Settings, argparse.Namespace], dict[str, Any]] = args.handler
+    handler: Handler = args.handler
     try:
         settings = load_settings(args.config)
         _emit(handler(settings, args), args.json)
@@ -289,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emit({"error": str(exc), "type": "config"}, args.json, sys.stdout if args.json else sys.stderr)
         return EXIT_USAGE
     except BatchRejected as exc:
-        _emit({"error": str(exc), "type": "batch_rejected", "result": exc.result}, args.json)
+        _emit({"error": str(exc), "type": "batch_rejected", "result": exc.result.to_dict()}, args.json)
         return EXIT_REJECTED
     except NothingLanded as exc:
         _emit(

@@ -151,6 +151,14 @@ class ServingConfig(_Strict):
     check_latency_p99_ms: float = Field(default=500.0, gt=0)
     check_timeout_seconds: float = Field(default=120.0, gt=0)
 
+    @property
+    def live_url(self) -> str:
+        """Where this machine reaches the live endpoint."""
+        host = (
+            "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        )  # bind-all: reach it on loopback
+        return f"http://{host}:{self.port}"
+
 
 class MonitoringConfig(_Strict):
     data_drift_threshold: float = Field(gt=0, lt=1)

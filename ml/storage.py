@@ -7,10 +7,11 @@ killed task never leaves a half-written object behind.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -149,6 +150,16 @@ class S3Storage:
 
     def url(self, key: str) -> str:
         return f"{self.root_url}/{key}" if key else self.root_url
+
+
+def read_jsonl(storage: Storage, prefix: str, days: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every record of a day-partitioned JSONL log (``prefix/DAY/*.jsonl``), optionally some days only."""
+    records = []
+    for key in storage.list(prefix):
+        if days is not None and key.removeprefix(prefix + "/")[:10] not in days:
+            continue
+        records.extend(json.loads(line) for line in storage.read_bytes(key).decode().splitlines() if line)
+    return records
 
 
 def resolve_local_root(root: str) -> Path:

@@ -10,8 +10,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,36 @@ for name in [n for n in os.environ if n.startswith("MLOPS__") or n == "MLOPS_CON
     del os.environ[name]  # tests start from the repo's params.yaml only
 
 
+def setting_overrides(**settings: Any) -> dict[str, str]:
+    """``section__key=value`` keywords as ``MLOPS__SECTION__KEY`` variables."""
+    return {
+        f"MLOPS__{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in settings.items()
+    }
+
+
+def world_env(root: Path, **settings: Any) -> dict[str, str]:
+    """The settings environment of a test world under ``root``: its own storage, MLflow store,
+    deployment state and service port, then ``section__key=value`` overrides on top."""
+    from ml.http import free_port
+
+    return {
+        "MLOPS__STORAGE__ROOT": str(root / "store"),
+        "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MLOPS__SERVING__STATE_DIR": str(root / "serving"),
+        "MLOPS__SERVING__PORT": str(free_port()),
+        **setting_overrides(**settings),
+    }
+
+
+@pytest.fixture(scope="session")
+def make_settings() -> Callable[..., Any]:
+    """``make_settings(section__key=value, ...)``: settings from params.yaml and these overrides only."""
+    from ml.config import load_settings
+
+    return lambda **settings: load_settings(environ=setting_overrides(**settings))
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata database for this test session."""
@@ -60,7 +91,7 @@ def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible HTTP endpoint (moto) on 127.0.0.1."""
     from moto.server import ThreadedMotoServer
 
-    from ml.deploy import free_port
+    from ml.http import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -1,4 +1,4 @@
-"""What every DAG shares: owner, retries with backoff, the failure alert, the landing day."""
+"""What every DAG shares: owner, retries with backoff, the failure alert, the optional day form."""
 
 from __future__ import annotations
 
@@ -26,13 +26,3 @@ def default_args(retries: int = 2) -> dict[str, Any]:
 def date_param(title: str, description: str) -> Param:
     """An optional YYYY-MM-DD day for the trigger form (empty: the run decides)."""
     return Param(None, type=["null", "string"], format="date", title=title, description=description)
-
-
-def run_day(params: dict[str, Any] | None, data_interval_start: Any) -> dt.date:
-    """The day a run works on: the ``date`` param if given, else the start of its data interval."""
-    chosen = (params or {}).get("date")
-    if chosen:
-        return dt.date.fromisoformat(str(chosen))
-    if data_interval_start is None:
-        raise ValueError("this run has no data interval: trigger it with the 'date' parameter")
-    return data_interval_start.date()

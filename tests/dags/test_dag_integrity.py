@@ -107,15 +107,3 @@ def test_parse_is_fast_and_imports_nothing_heavy(path) -> None:
     assert loaded == "[]", f"{path.name} imports heavy modules at parse time: {loaded}"
     assert float(seconds) < 2.0, f"{path.name} took {seconds} s to parse (airflow.sdk already imported)"
     assert time.perf_counter() - started < 60
-
-
-def test_drift_monitor_compares_every_day_the_triggering_ingests_published() -> None:
-    import datetime as dt
-    import runpy
-    from types import SimpleNamespace
-
-    monitored_days = runpy.run_path(str(REPO / "dags" / "drift_monitor.py"))["monitored_days"]
-    events = {"curated_images": [SimpleNamespace(extra={"day": d}) for d in ("2026-05-02", "2026-05-01")]}
-    assert monitored_days({}, events, None) == [dt.date(2026, 5, 1), dt.date(2026, 5, 2)]
-    assert monitored_days({"date": "2026-04-30"}, events, None) == [dt.date(2026, 4, 30)]
-    assert monitored_days({}, {}, dt.datetime(2026, 6, 1, 3)) == [dt.date(2026, 6, 1)]

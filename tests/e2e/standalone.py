@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ml.deploy import free_port
+from ml.http import free_port
 
 
 @contextlib.contextmanager
 def standalone(root: Path, **extra_env: str) -> Iterator[Path]:
     """Airflow (scheduler, API server, LocalExecutor) with its own home, DB, port, storage and MLflow."""
-    from ml import stack
+    from ml.ops import stack
 
     home = root / "airflow"
     home.mkdir()

@@ -53,7 +53,7 @@ class Airflow:
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path) -> Iterator[Airflow]:
     """One ``airflow standalone`` (same setup as tests/e2e/test_scheduler.py), nothing ingested."""
-    from ml import stack
+    from ml.ops import stack
 
     root = tmp_path_factory.mktemp("browser")
     # Selenium Manager, were it ever asked, must not download

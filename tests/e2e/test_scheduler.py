@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ml.demo_data import land_days
-from ml.ingest import ingest_day
+from ml.data.ingest import ingest_day
+from ml.demo.landing import land_days
 from ml.storage import LocalStorage
 from tests.e2e.standalone import standalone
 
@@ -28,7 +28,7 @@ CLASSES = ["electronics", "clothing", "home", "books", "toys"]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path):
     """One ``airflow standalone`` (scheduler, API server, LocalExecutor) for this module's tests."""
-    from ml import stack
+    from ml.ops import stack
 
     root = tmp_path_factory.mktemp("e2e")
     with standalone(root) as home:
@@ -104,8 +104,8 @@ def test_a_human_approves_the_promotion_through_the_rest_api(stack: Stack) -> No
     tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, version).tags
     assert tags["approved_by"] == "admin"
     assert [record["approved_by"] for record in registry.audit_log(storage)] == ["admin"]
-    from ml.deploy import state_path
-    from ml.serving import read_state
+    from ml.release.service import state_path
+    from ml.serving.state import read_state
 
     assert read_state(state_path(settings)).stable == version and tags["bento_tag"]  # checked, deployed
 
@@ -114,8 +114,9 @@ def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -
     """ingest_daily -> curated_images -> drift_monitor -> retrain_requested -> retrain, all scheduled."""
     from ml import registry
     from ml.config import load_settings
-    from ml.demo_data import Drift, land_day
-    from ml.retrain import train_and_register
+    from ml.demo.drawing import Drift
+    from ml.demo.landing import land_day
+    from ml.training.pipeline import retrain
 
     settings = load_settings()
     storage = LocalStorage(stack.root / "store")
@@ -124,7 +125,7 @@ def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -
         land_days(storage, start, 3, CLASSES, count=120, seed=11)
         for offset in range(3):
             ingest_day(settings, storage, start + dt.timedelta(days=offset))
-        registry.promote(settings, storage, train_and_register(settings, storage)["model_version"], "e2e")
+        registry.promote(settings, storage, retrain(settings, storage).model_version, "e2e")
     day = DAY + dt.timedelta(days=10)
     land_day(storage, day, CLASSES, count=120, seed=5, drift=Drift("brightness", 0.7))
     before = {run["dag_run_id"] for run in stack.get("dags/retrain/dagRuns")["dag_runs"]}
@@ -161,9 +162,9 @@ def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -
 def test_up_adds_the_mlflow_ui_and_the_service_and_down_stops_everything(stack: Stack) -> None:
     """`make up` beside a running Airflow: the MLflow UI and the champion's service; `make down` ends all."""
     from ml import registry
-    from ml import stack as stacks
     from ml.config import load_settings
-    from ml.deploy import http
+    from ml.http import http
+    from ml.ops import stack as stacks
 
     settings = load_settings()
     champion = registry.version_for_alias(settings, registry.CHAMPION)

@@ -73,3 +73,32 @@ def test_failure_callback_names_the_reason_and_the_report_link(monkeypatch, rece
     text = message.json()["text"]
     assert "too much junk" in text and "Report: file:///x/index.html" in text and "date 2026-01-06" in text
     failure_callback({})  # even an empty context must not raise
+
+
+def test_outside_airflow_the_same_connections_reach_the_same_receivers(monkeypatch, receiver) -> None:
+    """The CLI's senders read AIRFLOW_CONN_* themselves (ml never imports Airflow): same messages."""
+    from ml.alerts import connection_from_env, env_senders, route
+
+    connect(monkeypatch, receiver.url)
+    critical = Alert(**{**ALERT.__dict__, "severity": "critical", "title": "Accuracy below 0.80"})
+    assert route(critical, SETTINGS, env_senders(SETTINGS)) == {"slack": "sent", "pagerduty": "sent"}
+    (message,) = receiver.on("/slack/")
+    assert "CRITICAL" in message.json()["text"] and ALERT.link in message.json()["text"]
+    (event,) = receiver.on("/v2/enqueue")
+    body = event.json()
+    assert body["routing_key"] == "rk-123" and body["event_action"] == "trigger"
+    assert body["payload"]["custom_details"]["reason"] == ALERT.reason
+    assert body["dedup_key"] == critical.dedup_key
+
+    from urllib.parse import quote
+
+    uri = f"slackwebhook://:{quote(receiver.url + '/slack/uri', safe='')}@"  # as Airflow writes a URI
+    monkeypatch.setenv("AIRFLOW_CONN_SLACK_ALERTS", uri)
+    assert connection_from_env("slack_alerts").password == f"{receiver.url}/slack/uri"
+    assert route(ALERT, SETTINGS, env_senders(SETTINGS)) == {"slack": "sent"}
+    assert receiver.on("/slack/uri")
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_ALERTS")
+    assert route(ALERT, SETTINGS, env_senders(SETTINGS))["slack"].startswith("not configured")
+    with Receiver(fail=True) as failing:
+        connect(monkeypatch, failing.url)
+        assert route(critical, SETTINGS, env_senders(SETTINGS))["pagerduty"].startswith("failed")

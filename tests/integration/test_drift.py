@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from ml.config import load_settings
-from ml.demo_data import Drift, land_day, land_days
-from ml.ingest import ingest_day
+from ml.data.ingest import ingest_day
+from ml.demo.drawing import Drift
+from ml.demo.landing import land_day, land_days
 from ml.storage import LocalStorage
-from tests.conftest import REPO
+from tests.conftest import REPO, world_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 START = dt.date(2026, 6, 1)
@@ -25,21 +26,16 @@ CLEAR = {"brightness": 0.6, "blur": 0.6, "class_mix": 0.6}
 def world(tmp_path_factory: pytest.TempPathFactory):
     """Three ingested demo days and a champion trained on them."""
     from ml import registry
-    from ml.retrain import train_and_register
+    from ml.training.pipeline import retrain
 
     root = tmp_path_factory.mktemp("drift")
-    env = {
-        "MLOPS__STORAGE__ROOT": str(root / "store"),
-        "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "MLOPS__TRAINING__EPOCHS": "25",
-        "MLOPS__TRAINING__EARLY_STOPPING__PATIENCE": "6",
-    }
+    env = world_env(root, training__epochs=25, training__early_stopping__patience=6)
     settings = load_settings(environ=env)
     storage = LocalStorage(root / "store")
     land_days(storage, START, TRAIN_DAYS, settings.classes, count=120, seed=11)
     for offset in range(TRAIN_DAYS):
         ingest_day(settings, storage, START + dt.timedelta(days=offset))
-    result = train_and_register(settings, storage)
+    result = retrain(settings, storage).to_dict()
     assert result["status"] == "registered", result
     registry.promote(settings, storage, result["model_version"], "test")
     return env, settings, storage
@@ -51,14 +47,14 @@ def land_and_ingest(settings, storage, day: dt.date, seed: int, drift: Drift | N
 
 
 def test_ten_new_no_drift_days_raise_no_alarm(world) -> None:
-    from ml.drift import monitor_day
+    from ml.monitoring.drift import measure_day
 
     _, settings, storage = world
     scores = []
     for offset in range(10):
         day = START + dt.timedelta(days=10 + offset)
         land_and_ingest(settings, storage, day, seed=100 + offset)
-        summary = monitor_day(settings, storage, day)
+        summary = measure_day(settings, storage, day).summary()
         assert summary["status"] == "measured" and summary["model_version"] == "1"
         scores.append((summary["drift_score"], summary["prediction_kl"], summary["reasons"]))
     assert not any(score > 0.1 or kl > 0.05 for score, kl, _ in scores), scores
@@ -69,12 +65,12 @@ def test_ten_new_no_drift_days_raise_no_alarm(world) -> None:
 @pytest.mark.parametrize("kind", sorted(CLEAR))
 def test_each_drift_knob_at_a_clear_strength_is_detected(world, kind: str) -> None:
     from ml import registry
-    from ml.drift import monitor_day
+    from ml.monitoring.drift import measure_day
 
     _, settings, storage = world
     day = START + dt.timedelta(days=30 + sorted(CLEAR).index(kind))
     land_and_ingest(settings, storage, day, seed=7, drift=Drift(kind, CLEAR[kind]))
-    summary = monitor_day(settings, storage, day)
+    summary = measure_day(settings, storage, day).summary()
     assert summary["drift_detected"], summary["reasons"]
     if kind == "class_mix":
         assert summary["prediction_drift"] and summary["prediction_kl"] > 0.05
@@ -127,7 +123,7 @@ def test_drift_monitor_dag_warns_requests_a_retrain_then_cools_down(
     again = dag.test(logical_date=dt.datetime(2026, 8, 2, tzinfo=dt.UTC), run_conf={"date": str(second)})
     states = {ti.task_id: ti.state for ti in again.get_task_instances()}
     assert states["measure"] == "success" and states["request_retrain"] == "skipped", states
-    from ml.drift import retrain_requests
+    from ml.monitoring.drift import retrain_requests
 
     assert [r["day"] for r in retrain_requests(storage)] == [str(first)]
     assert "cooldown" in receiver.wait_for("/slack/", count=2)[-1].json()["text"]

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from ml.config import load_settings
-from ml.demo_data import land_days
-from ml.deploy import free_port
-from ml.ingest import ingest_day
+from ml.data.ingest import ingest_day
+from ml.demo.landing import land_days
 from ml.storage import LocalStorage
-from tests.conftest import REPO
+from tests.conftest import REPO, world_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 START = dt.date(2026, 6, 1)
@@ -22,15 +21,10 @@ DAYS = 3
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("retrain")
-    env = {
-        "MLOPS__STORAGE__ROOT": str(root / "store"),
-        "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "MLOPS__MLFLOW__AUTO_APPROVE": "true",
-        "MLOPS__TRAINING__EPOCHS": "25",
-        "MLOPS__TRAINING__EARLY_STOPPING__PATIENCE": "6",
-        "MLOPS__SERVING__STATE_DIR": str(root / "serving"),
-        "MLOPS__SERVING__PORT": str(free_port()),  # no live endpoint: deploys write the state only
-    }
+    # no live endpoint on the world's port: deploys write the state only
+    env = world_env(
+        root, mlflow__auto_approve=True, training__epochs=25, training__early_stopping__patience=6
+    )
     settings = load_settings(environ=env)
     storage = LocalStorage(root / "store")
     land_days(storage, START, DAYS, settings.classes, count=120, seed=11)
@@ -102,8 +96,9 @@ def test_retrain_registers_tracks_and_promotes(
         assert expected in artifacts, expected
     assert registry.audit_log(storage)[-1]["version"] == champion
 
-    from ml.deploy import audit_log, state_path
-    from ml.serving import read_state
+    from ml.release.audit import audit_log
+    from ml.release.service import state_path
+    from ml.serving.state import read_state
 
     assert version.tags["bento_tag"].startswith(f"product-classifier-service:v{champion}-")
     assert read_state(state_path(settings)).stable == champion  # serving-checked, then deployed
@@ -112,11 +107,11 @@ def test_retrain_registers_tracks_and_promotes(
 
 def test_shuffled_labels_are_rejected_by_the_gate_with_reasons(world) -> None:
     from ml import registry
-    from ml.retrain import train_and_register
+    from ml.training.pipeline import retrain
 
     env, settings, storage, _ = world
     before = registry.version_for_alias(settings, registry.CHALLENGER)
-    result = train_and_register(settings, storage, overrides={"epochs": 10}, force=True, shuffle_labels=True)
+    result = retrain(settings, storage, overrides={"epochs": 10}, force=True, shuffle_labels=True).to_dict()
     assert result["status"] == "rejected" and result["model_version"] is None
     assert not result["gate"]["passed"]
     assert any("accuracy" in reason for reason in result["gate"]["reasons"])
@@ -124,8 +119,8 @@ def test_shuffled_labels_are_rejected_by_the_gate_with_reasons(world) -> None:
 
 
 def test_an_unchanged_dataset_is_not_retrained_unless_forced(world) -> None:
-    from ml.retrain import train_and_register
+    from ml.training.pipeline import retrain
 
     env, settings, storage, _ = world
-    result = train_and_register(settings, storage, overrides={"epochs": 5})
+    result = retrain(settings, storage, overrides={"epochs": 5}).to_dict()
     assert result["status"] == "skipped" and "force" in result["reason"]

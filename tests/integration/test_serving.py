@@ -20,11 +20,10 @@ import pytest
 from PIL import Image
 
 from ml.config import load_settings
-from ml.demo_data import land_days
-from ml.deploy import free_port
-from ml.ingest import ingest_day
+from ml.data.ingest import ingest_day
+from ml.demo.landing import land_days
 from ml.storage import LocalStorage
-from tests.conftest import REPO
+from tests.conftest import REPO, world_env
 from tests.hostile import encode, photo, png_bomb, with_exif_gps
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,20 +36,16 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, Any, LocalStorage]]:
     """Champion v1 and challenger v2; the settings environment applies to everything started here."""
     from ml import registry
-    from ml.retrain import train_and_register
+    from ml.training.pipeline import retrain
 
     root = tmp_path_factory.mktemp("serving")
-    env = {
-        "MLOPS__STORAGE__ROOT": str(root / "store"),
-        "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "MLOPS__TRAINING__EPOCHS": "15",
-        "MLOPS__TRAINING__EARLY_STOPPING__PATIENCE": "4",
-        "MLOPS__SERVING__STATE_DIR": str(root / "serving"),
-        "MLOPS__SERVING__PORT": str(free_port()),
-        "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.5",
-        "MLOPS__SERVING__MAX_REQUEST_BYTES": "6000000",
-        "MLOPS_API_KEYS": KEY,
-    }
+    env = world_env(
+        root,
+        training__epochs=15,
+        training__early_stopping__patience=4,
+        serving__log_flush_seconds=0.5,
+        serving__max_request_bytes=6000000,
+    ) | {"MLOPS_API_KEYS": KEY}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -59,17 +54,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, Any,
         land_days(storage, START, 3, settings.classes, count=120, seed=11)
         for offset in range(3):
             ingest_day(settings, storage, START + dt.timedelta(days=offset))
-        first = train_and_register(settings, storage)
+        first = retrain(settings, storage).to_dict()
         registry.promote(settings, storage, first["model_version"], "test")
-        second = train_and_register(settings, storage, force=True, overrides={"learning_rate": 0.002})
+        second = retrain(settings, storage, force=True, overrides={"learning_rate": 0.002}).to_dict()
         assert (first["model_version"], second["model_version"]) == ("1", "2"), second
         yield env, settings, storage
 
 
 def test_release_builds_checks_and_deploys_the_champion(world) -> None:
     from ml import registry
-    from ml.deploy import audit_log, release, state_path
-    from ml.serving import read_state
+    from ml.release.audit import audit_log
+    from ml.release.deploy import release
+    from ml.release.service import state_path
+    from ml.serving.state import read_state
 
     _, settings, storage = world
     result = release(settings, storage, "1", stage="full", by="test")
@@ -89,8 +86,12 @@ def test_release_builds_checks_and_deploys_the_champion(world) -> None:
 def test_a_broken_bento_fails_the_serving_check_and_nothing_deploys(world) -> None:
     import bentoml
 
-    from ml.deploy import DeployError, build_bento, import_model, release, serving_check, state_path
-    from ml.serving import read_state
+    from ml.release.build import build_bento, import_model
+    from ml.release.check import serving_check
+    from ml.release.deploy import release
+    from ml.release.errors import DeployError
+    from ml.release.service import state_path
+    from ml.serving.state import read_state
 
     _, settings, storage = world
     tag = build_bento(settings, "2")
@@ -117,7 +118,8 @@ def test_a_broken_bento_fails_the_serving_check_and_nothing_deploys(world) -> No
 @pytest.fixture(scope="module")
 def live(world) -> Iterator[str]:
     """`mlops serve`: the live service for the deployed model (the champion on its first run)."""
-    from ml.deploy import stop_service, wait_ready
+    from ml.http import wait_ready
+    from ml.release.service import stop_service
 
     _, settings, _ = world
     port = settings.serving.port
@@ -182,7 +184,7 @@ def test_every_valid_image_is_answered_over_http(live, name: str) -> None:
 
 
 def raw(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, Any]:
-    from ml.deploy import http
+    from ml.http import http
 
     status, data = http(method, url + path, body=body or None, headers={**AUTH, **(headers or {})})
     return status, data
@@ -231,7 +233,8 @@ def test_hostile_requests_get_a_4xx_and_the_service_stays_up(live, name: str) ->
 
 
 def test_metrics_version_and_the_prediction_log(world, live) -> None:
-    from ml.serving import FEEDBACK_PREFIX, PREDICTIONS_PREFIX, read_records
+    from ml.layout import FEEDBACK_PREFIX, PREDICTIONS_PREFIX
+    from ml.storage import read_jsonl
 
     _, settings, storage = world
     request_ids = []
@@ -256,8 +259,8 @@ def test_metrics_version_and_the_prediction_log(world, live) -> None:
         {*request_ids} <= {r["request_id"] for r in logged} and feedback
     ):
         time.sleep(0.5)
-        logged = read_records(storage, PREDICTIONS_PREFIX)
-        feedback = read_records(storage, FEEDBACK_PREFIX)
+        logged = read_jsonl(storage, PREDICTIONS_PREFIX)
+        feedback = read_jsonl(storage, FEEDBACK_PREFIX)
     row = next(r for r in logged if r["request_id"] == request_ids[0])
     assert row["model_version"] == "1" and {"embedding_pc0", "brightness", "blur", "latency_ms"} <= set(row)
     assert "image_key" not in row  # raw images are not kept unless configured
@@ -313,22 +316,23 @@ class Traffic:
 
 def test_canary_full_deploy_and_rollback_under_steady_traffic_fail_no_request(world, live) -> None:
     from ml import registry
-    from ml.deploy import audit_log, deploy, rollback
+    from ml.release.audit import audit_log
+    from ml.release.deploy import deploy, rollback
 
     _, settings, storage = world
     with Traffic(live) as traffic:
         time.sleep(2)
-        staged = deploy(settings, storage, "2", stage="canary", by="test")
+        staged = deploy(settings, storage, "2", stage="canary", by="test").to_dict()
         assert staged["live"] is True and staged["state"]["canary"] == "2"
         moment = time.monotonic()
         time.sleep(6)
         during_canary = traffic.since(moment)
-        full = deploy(settings, storage, "2", stage="full", by="test")
+        full = deploy(settings, storage, "2", stage="full", by="test").to_dict()
         assert full["live"] is True
         moment = time.monotonic()
         time.sleep(3)
         after_full = traffic.since(moment)
-        back = rollback(settings, storage, by="tester", reason="live accuracy dropped")
+        back = rollback(settings, storage, by="tester", reason="live accuracy dropped").to_dict()
         assert back["live"] is True
         moment = time.monotonic()
         time.sleep(3)
@@ -350,7 +354,7 @@ def test_the_rollback_dag_rolls_back_from_its_form(world, live, airflow_db) -> N
     from airflow.dag_processing.dagbag import DagBag
 
     from ml import registry
-    from ml.deploy import audit_log
+    from ml.release.audit import audit_log
 
     _, settings, storage = world
     dag = DagBag(dag_folder=str(REPO / "dags" / "rollback.py")).dags["rollback"]
@@ -374,7 +378,8 @@ def test_cli_deploy_and_rollback_explain_what_is_wrong(world) -> None:
 
 def predict_with_feedback(url: str, storage: LocalStorage, uploads: list[tuple[bytes, str]]) -> list[str]:
     """Classify each upload, send its true label as feedback, and wait until both logs hold them."""
-    from ml.serving import FEEDBACK_PREFIX, PREDICTIONS_PREFIX, read_records
+    from ml.layout import FEEDBACK_PREFIX, PREDICTIONS_PREFIX
+    from ml.storage import read_jsonl
 
     ids = []
     for data, label in uploads:
@@ -385,8 +390,8 @@ def predict_with_feedback(url: str, storage: LocalStorage, uploads: list[tuple[b
         assert raw(url, "POST", "/feedback", feedback, {"Content-Type": "application/json"})[0] == 200
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        logged = {r["request_id"] for r in read_records(storage, PREDICTIONS_PREFIX)}
-        labelled = {r["request_id"] for r in read_records(storage, FEEDBACK_PREFIX)}
+        logged = {r["request_id"] for r in read_jsonl(storage, PREDICTIONS_PREFIX)}
+        labelled = {r["request_id"] for r in read_jsonl(storage, FEEDBACK_PREFIX)}
         if set(ids) <= logged & labelled:
             return ids
         time.sleep(0.5)
@@ -398,32 +403,34 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
 ) -> None:
     """v2 serves well; a deliberately bad v3 goes live; feedback shows it; the monitor rolls back to v2."""
     from airflow.dag_processing.dagbag import DagBag
-    from mlops_airflow.alerts import notice_alert, send_alert
+    from mlops_airflow.alerts import notifier
 
-    from ml import monitor, registry
-    from ml.demo_data import labelled_images
-    from ml.deploy import audit_log, deploy, state_path
-    from ml.retrain import train_and_register
-    from ml.serving import read_state
+    from ml import registry
+    from ml.demo.landing import labelled_images
+    from ml.monitoring.live import read_monitor_state
+    from ml.release.audit import audit_log
+    from ml.release.deploy import deploy
+    from ml.release.guard import check_live
+    from ml.release.service import state_path
+    from ml.serving.state import read_state
+    from ml.training.pipeline import retrain
     from tests.receivers import connect_alerts
 
     _, settings, storage = world
     connect_alerts(monkeypatch, receiver.url)
-
-    def notify(notice: monitor.Notice) -> dict[str, str]:
-        return send_alert(notice_alert(notice), settings)
+    notify = notifier(settings)
 
     assert read_state(state_path(settings)).stable == "2"  # left by the rollback DAG's test
-    monitor.check(settings, storage, rollback=False)  # the next check's window starts here
+    check_live(settings, storage, allow_rollback=False)  # the next check's window starts here
     predict_with_feedback(live, storage, labelled_images(settings.classes, 110, seed=21))
-    good = monitor.check(settings, storage, notify=notify)
+    good = check_live(settings, storage, notify=notify)
     assert good["rules"]["model_accuracy_drop"]["outcome"] == "ok", good["facts"]["accuracy_by_version"]
     assert good["metrics"]["error_rate"] == 0.0 and good["facts"]["requests"]["requests"] >= 220
     assert 0 < good["metrics"]["p50_latency_ms"] <= good["metrics"]["p99_latency_ms"] < 1000
     assert good["metrics"]["drift_score"] is not None and good["facts"]["drift"]["report"].endswith(
         "report.html"
     )
-    assert good["rollback"] is None and monitor.read_monitor_state(storage)["last_good"]["version"] == "2"
+    assert good["rollback"] is None and read_monitor_state(storage)["last_good"]["version"] == "2"
 
     # a negative control forced through a gate loosened to nothing: it cannot have learned anything
     loose = settings.acceptance.model_copy(
@@ -435,20 +442,20 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
             "non_inferiority_margin": 1,
         }
     )
-    bad = train_and_register(
+    bad = retrain(
         settings.model_copy(update={"acceptance": loose}),
         storage,
         force=True,
         shuffle_labels=True,
         overrides={"epochs": 5},
-    )
+    ).to_dict()
     assert bad["status"] == "registered", bad
     version = bad["model_version"]
     registry.promote(settings, storage, version, "careless approver")
-    assert deploy(settings, storage, version, stage="full", by="careless approver")["live"] is True
+    assert deploy(settings, storage, version, stage="full", by="careless approver").live is True
     receiver.requests.clear()
     predict_with_feedback(live, storage, labelled_images(settings.classes, 60, seed=22))
-    fired = monitor.check(settings, storage, notify=notify)
+    fired = check_live(settings, storage, notify=notify)
 
     assert fired["rules"]["model_accuracy_drop"]["outcome"] == "firing", fired["metrics"]
     assert (
@@ -476,7 +483,7 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
     predict_with_feedback(live, storage, labelled_images(settings.classes, 60, seed=23))
     dag = DagBag(dag_folder=str(REPO / "dags" / "monitor_serving.py")).dags["monitor_serving"]
     assert dag.test().state == "success"
-    state = monitor.read_monitor_state(storage)
+    state = read_monitor_state(storage)
     assert state["alerts"]["model_accuracy_drop"]["firing"] is False and state["last_good"]["version"] == "2"
     resolved = [m.body.decode() for m in receiver.on("/slack/") if b"model_accuracy_drop" in m.body]
     assert len(resolved) == 1 and "[RESOLVED]" in resolved[0]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ml import catalog
-from ml.catalog import SplitCandidate, assign_splits, split_from_hash
+from ml.data import catalog
+from ml.data.catalog import SplitCandidate, assign_splits, split_from_hash
 from ml.storage import LocalStorage
 
 FRACTIONS = (0.70, 0.15, 0.15)
@@ -81,7 +81,7 @@ def test_similar_but_distinct_small_images_keep_the_split_fractions() -> None:
     from PIL import Image
 
     from ml.config import load_settings
-    from ml.images import perceptual_hash
+    from ml.data.images import perceptual_hash
 
     images, _ = mnist_data()
     candidates = []

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml import demo_data
-from ml.demo_data import DRIFT_KINDS, Drift, class_weights, land_day, land_days, render_image
+from ml.demo import landing
+from ml.demo.drawing import DRIFT_KINDS, Drift, class_weights, render_image
+from ml.demo.landing import land_day, land_days
 from ml.storage import LocalStorage
 
 CLASSES = ["electronics", "clothing", "home", "books", "toys"]
@@ -181,7 +182,7 @@ def test_class_mix_does_not_change_pixels() -> None:
 
 
 def test_class_mix_makes_the_first_class_dominant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo_data, "render_image", _tiny_image)
+    monkeypatch.setattr(landing, "render_image", _tiny_image)
     storage = LocalStorage(tmp_path)
     summary = land_day(storage, DAY, CLASSES, count=300, seed=1, drift=Drift("class_mix", 1.0))
     labels = Counter(row["label"] for row in _read_labels(storage, DAY))
@@ -207,7 +208,7 @@ def test_land_days_applies_drift_from_the_given_day(tmp_path: Path, monkeypatch:
         seen.append(drift)
         return _tiny_image(label, classes, rng)
 
-    monkeypatch.setattr(demo_data, "render_image", recording)
+    monkeypatch.setattr(landing, "render_image", recording)
     drift = Drift("brightness", 0.5)
     summaries = land_days(LocalStorage(tmp_path), DAY, 3, CLASSES, count=2, seed=1, drift=drift, drift_from=1)
     assert [s["day"] for s in summaries] == ["2024-03-01", "2024-03-02", "2024-03-03"]

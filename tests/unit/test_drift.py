@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml import drift
 from ml.config import load_settings
+from ml.monitoring import drift
 from ml.storage import LocalStorage
+from ml.training import reference as references
 
 CLASSES = ["a", "b", "c", "d", "e"]
 MONITORING = load_settings().monitoring
@@ -40,31 +41,33 @@ def batch(n: int, seed: int, *, shift: float = 0.0, labels: list[str] | None = N
     logits = embeddings[:, :5] * 2
     proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     if ref is None:
-        return drift.build_reference(
+        return references.build_reference(
             frame, embeddings, proba, CLASSES, cache_id="c", dataset_version="v", components=4, max_rows=10000
         )
-    return drift.batch_frame(frame, ref.project(embeddings), proba, CLASSES)
+    return references.batch_frame(frame, ref.project(embeddings), proba, CLASSES)
 
 
 @pytest.fixture(scope="module")
-def reference() -> drift.Reference:
+def reference() -> references.Reference:
     return batch(400, seed=0)
 
 
-def test_reference_round_trips_and_projects_like_the_fit(reference: drift.Reference, tmp_path: Path) -> None:
+def test_reference_round_trips_and_projects_like_the_fit(
+    reference: references.Reference, tmp_path: Path
+) -> None:
     reference.save(tmp_path / "ref")
-    loaded = drift.Reference.load(tmp_path / "ref")
+    loaded = references.Reference.load(tmp_path / "ref")
     pd.testing.assert_frame_equal(loaded.frame, reference.frame)
     assert (loaded.cache_id, loaded.classes, loaded.dataset_version) == ("c", CLASSES, "v")
-    assert list(reference.frame.columns[6:10]) == drift.pca_columns(4)
-    assert np.allclose(reference.frame[drift.pca_columns(4)].mean(), 0, atol=1e-4)  # centred on the fit
+    assert list(reference.frame.columns[6:10]) == references.pca_columns(4)
+    assert np.allclose(reference.frame[references.pca_columns(4)].mean(), 0, atol=1e-4)  # centred on the fit
 
 
 def test_reference_is_capped_by_sampling() -> None:
     capped = batch(400, seed=0).frame
     assert len(capped) == 400
     rng = np.random.default_rng(1)
-    small = drift.build_reference(
+    small = references.build_reference(
         rows(300, rng),
         rng.normal(size=(300, 8)),
         np.full((300, 5), 0.2),
@@ -88,11 +91,11 @@ def test_prediction_kl_is_near_zero_for_the_same_mix_and_large_for_a_shift() -> 
     assert np.isfinite(drift.prediction_kl(missing, reference, CLASSES))
 
 
-def test_same_distribution_does_not_drift_and_a_shift_does(reference: drift.Reference) -> None:
+def test_same_distribution_does_not_drift_and_a_shift_does(reference: references.Reference) -> None:
     for seed in range(1, 6):
         current = batch(120, seed, ref=reference)
         _, columns = drift.compare(current, reference, MONITORING)
-        score, data_drift, _, _, reasons = drift.decide(columns, 0.0, MONITORING)
+        score, data_drift, _, _, reasons = drift.drift_verdict(columns, 0.0, MONITORING)
         assert not data_drift, reasons
     shifted = batch(120, 9, shift=30.0, ref=reference)
     _, columns = drift.compare(shifted, reference, MONITORING)
@@ -113,13 +116,13 @@ def test_decide_reasons_and_severity() -> None:
     columns = [
         drift.ColumnDrift(f"c{i}", "numerical", 0.5, "wasserstein", 0.0, "ks", i < 3) for i in range(10)
     ]
-    score, data_drift, prediction_drift, severe, reasons = drift.decide(columns, 0.2, MONITORING)
+    score, data_drift, prediction_drift, severe, reasons = drift.drift_verdict(columns, 0.2, MONITORING)
     assert score == 0.3 and data_drift and prediction_drift and not severe
     assert "3/10 columns" in reasons[0] and "KL 0.200" in reasons[1]
-    _, _, _, severe, _ = drift.decide(columns, 0.9, MONITORING)
+    _, _, _, severe, _ = drift.drift_verdict(columns, 0.9, MONITORING)
     assert severe
     one = [dataclass_copy(c, drifted=i == 0) for i, c in enumerate(columns)]
-    assert drift.decide(one, 0.0, MONITORING)[1] is False  # 0.1 is not above the 0.1 threshold
+    assert drift.drift_verdict(one, 0.0, MONITORING)[1] is False  # 0.1 is not above the 0.1 threshold
 
 
 def dataclass_copy(column: drift.ColumnDrift, **changes) -> drift.ColumnDrift:

@@ -20,12 +20,12 @@ from sklearn.metrics import (
 )
 
 from ml.config import load_settings
-from ml.evaluate import (
+from ml.training.evaluate import (
     Evaluation,
     classification_report_text,
     confusion_matrix_png,
-    decide,
     evaluate,
+    gate,
     mcnemar,
     non_inferiority,
 )
@@ -92,7 +92,7 @@ def test_perfect_predictions() -> None:
     assert ev.correct.dtype == bool and ev.correct.all()
     assert ev.roc_auc_macro is not None and ev.roc_auc_macro.value == 1.0
 
-    decision = decide(ev, ACCEPTANCE)
+    decision = gate(ev, ACCEPTANCE)
     assert decision.passed
     assert failed_names(decision) == []
     assert len(decision.reasons) == 1 and "no champion yet" in decision.reasons[0]
@@ -365,7 +365,7 @@ def test_gate_fails_a_model_that_is_bad_on_one_class() -> None:
     assert ev.accuracy.value >= ACCEPTANCE.accuracy_min
     assert ev.f1_macro.value >= ACCEPTANCE.f1_macro_min
 
-    decision = decide(ev, ACCEPTANCE)
+    decision = gate(ev, ACCEPTANCE)
 
     assert not decision.passed
     assert failed_names(decision) == ["recall[toys]"]
@@ -377,7 +377,7 @@ def test_gate_fails_a_model_that_is_bad_on_one_class() -> None:
 def test_gate_explains_a_class_never_predicted_and_a_class_without_examples() -> None:
     y = np.repeat([0, 1, 2], 50)  # "lamps" has no test examples
     pred = np.where(y == 2, 0, y)  # "toys" is never predicted
-    decision = decide(evaluate(y, proba_for(pred, 4), ["shoes", "bags", "toys", "lamps"]), ACCEPTANCE)
+    decision = gate(evaluate(y, proba_for(pred, 4), ["shoes", "bags", "toys", "lamps"]), ACCEPTANCE)
 
     assert not decision.passed
     assert "precision for 'toys' 0.00 < 0.80 (never predicted)" in decision.reasons
@@ -388,7 +388,7 @@ def test_gate_fails_random_predictions_on_several_checks() -> None:
     rng = np.random.default_rng(5)
     y = rng.integers(0, len(CLASSES), 2000)
     proba = rng.dirichlet(np.ones(len(CLASSES)), size=y.size)  # unrelated to the labels
-    decision = decide(evaluate(y, proba, CLASSES, n_bootstrap=100), ACCEPTANCE)
+    decision = gate(evaluate(y, proba, CLASSES, n_bootstrap=100), ACCEPTANCE)
 
     failed = failed_names(decision)
     assert not decision.passed
@@ -403,9 +403,9 @@ def test_gate_fails_a_challenger_significantly_worse_than_the_champion() -> None
     y = np.arange(n) % k
     challenger = evaluate(y, proba_for(with_errors(y, k, 0.09, seed=1), k), list("abcd"), n_bootstrap=100)
     champion_correct = with_errors(y, k, 0.02, seed=2) == y
-    assert decide(challenger, ACCEPTANCE).passed  # good enough on its own
+    assert gate(challenger, ACCEPTANCE).passed  # good enough on its own
 
-    decision = decide(challenger, ACCEPTANCE, champion_correct)
+    decision = gate(challenger, ACCEPTANCE, champion_correct)
 
     assert not decision.passed
     assert set(failed_names(decision)) == {"non_inferiority", "mcnemar"}
@@ -425,17 +425,17 @@ def test_gate_takes_margin_and_alpha_from_the_config_unless_given() -> None:
     def check(decision, name: str) -> dict:
         return next(c for c in decision.checks if c["name"] == name)
 
-    default = decide(challenger, ACCEPTANCE, champion_correct)
+    default = gate(challenger, ACCEPTANCE, champion_correct)
     loose_config = ACCEPTANCE.model_copy(update={"non_inferiority_margin": 0.10})
-    loose = decide(challenger, loose_config, champion_correct)
-    explicit = decide(challenger, ACCEPTANCE, champion_correct, margin=0.10)
+    loose = gate(challenger, loose_config, champion_correct)
+    explicit = gate(challenger, ACCEPTANCE, champion_correct, margin=0.10)
 
     assert check(default, "non_inferiority")["threshold"] == -0.02
     assert not check(default, "non_inferiority")["passed"]
     for decision in (loose, explicit):
         assert check(decision, "non_inferiority")["threshold"] == -0.10
         assert check(decision, "non_inferiority")["passed"]
-    tiny_alpha = decide(challenger, ACCEPTANCE, champion_correct, alpha=1e-12)
+    tiny_alpha = gate(challenger, ACCEPTANCE, champion_correct, alpha=1e-12)
     assert check(default, "mcnemar")["passed"] is False
     assert check(tiny_alpha, "mcnemar")["passed"] is True
 
@@ -447,7 +447,7 @@ def test_gate_passes_a_challenger_significantly_better_than_the_champion() -> No
     champion_correct = with_errors(y, k, 0.09, seed=6) == y
     assert mcnemar(challenger.correct, champion_correct).p_value < 0.05
 
-    decision = decide(challenger, ACCEPTANCE, champion_correct)
+    decision = gate(challenger, ACCEPTANCE, champion_correct)
 
     assert decision.passed, decision.reasons
     assert failed_names(decision) == []
@@ -459,7 +459,7 @@ def test_gate_passes_a_challenger_as_good_as_the_champion() -> None:
     challenger = evaluate(y, proba_for(with_errors(y, k, 0.05, seed=3), k), list("abcd"), n_bootstrap=100)
     champion_correct = with_errors(y, k, 0.055, seed=4) == y
 
-    decision = decide(challenger, ACCEPTANCE, champion_correct)
+    decision = gate(challenger, ACCEPTANCE, champion_correct)
 
     assert decision.passed, decision.reasons
     assert {"non_inferiority", "mcnemar"} <= {check["name"] for check in decision.checks}
@@ -468,7 +468,7 @@ def test_gate_passes_a_challenger_as_good_as_the_champion() -> None:
 
 def test_gate_decision_takes_further_checks() -> None:
     y = np.arange(200) % len(CLASSES)
-    decision = decide(evaluate(y, proba_for(y, len(CLASSES)), CLASSES, n_bootstrap=50), ACCEPTANCE)
+    decision = gate(evaluate(y, proba_for(y, len(CLASSES)), CLASSES, n_bootstrap=50), ACCEPTANCE)
     assert decision.passed
 
     decision.add_check("onnx_parity", 1e-5, 1e-3, True, "ONNX matches PyTorch")
@@ -485,4 +485,4 @@ def test_gate_decision_takes_further_checks() -> None:
 def test_gate_rejects_champion_correctness_of_another_length() -> None:
     ev = small_evaluation(CLASSES)
     with pytest.raises(ValueError, match="same"):
-        decide(ev, ACCEPTANCE, np.ones(ev.n + 1, dtype=bool))
+        gate(ev, ACCEPTANCE, np.ones(ev.n + 1, dtype=bool))

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from ml.demo_data import KNOWN_CLASSES, render_image
-from ml.features import FeatureCache, cache_id, extract
-from ml.model import Backbone, build_backbone
-from ml.preprocessing import Preprocessing, decode_rgb, to_array
+from ml.demo.drawing import KNOWN_CLASSES, render_image
 from ml.storage import LocalStorage
+from ml.training.features import FeatureCache, cache_id, extract
+from ml.training.model import Backbone, build_backbone
+from ml.training.preprocessing import Preprocessing, decode_rgb, to_array
 
 PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SMALL = dataclasses.replace(PREP, image_size=96)  # fast, for the cache mechanics
@@ -185,7 +185,7 @@ def test_bad_arguments_are_rejected(small: Backbone, tmp_path: Path) -> None:
 def test_onnx_runner_matches_torch_and_reuses_its_export(
     lite0: Backbone, images: list[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from ml import model
+    from ml.training import model
 
     monkeypatch.setattr(model, "ONNX_BACKBONE_DIR", tmp_path / "onnx")
     pictures = [decode_rgb(data) for data in images[:6]]
@@ -203,7 +203,7 @@ def test_onnx_runner_matches_torch_and_reuses_its_export(
 def test_onnx_runner_falls_back_to_torch_when_the_export_disagrees(
     small: Backbone, images: list[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from ml import model
+    from ml.training import model
 
     monkeypatch.setattr(model, "ONNX_BACKBONE_DIR", tmp_path / "onnx")
     other = build_backbone("resnet18", pretrained=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml.images import ImageLimits, hamming_distances, inspect_image, perceptual_hash, to_rgb
+from ml.data.images import ImageLimits, hamming_distances, inspect_image, perceptual_hash, to_rgb
 from tests.hostile import encode, photo, png_bomb, with_exif_gps
 
 LIMITS = ImageLimits(frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"}), 40_000_000, 25_000_000)

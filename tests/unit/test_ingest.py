@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ml import catalog
-from ml.config import Settings, load_settings
-from ml.ingest import BatchRejected, NothingLanded, ingest_day, read_manifest
+from ml.config import Settings
+from ml.data import catalog
+from ml.data.ingest import BatchRejected, NothingLanded, ingest_day, read_manifest
 from ml.storage import LocalStorage
 from tests.hostile import encode, land_hostile_day, photo
 
@@ -19,8 +19,8 @@ DAY = dt.date(2026, 2, 1)
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return load_settings(environ={"MLOPS__INGEST__MAX_REJECTED_SHARE": "0.4", "MLOPS__INGEST__WORKERS": "2"})
+def settings(make_settings) -> Settings:
+    return make_settings(ingest__max_rejected_share=0.4, ingest__workers=2)
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_hostile_day_every_object_gets_its_expected_outcome(
     storage: LocalStorage, settings: Settings
 ) -> None:
     spec = land_hostile_day(storage, DAY)
-    result = ingest_day(settings, storage, DAY)
+    result = ingest_day(settings, storage, DAY).to_dict()
     assert result["reconciled"] and result["status"] == "published"
     entries = ledger(storage, DAY)
     assert len(entries) == len(spec.expect_file) + len(spec.rows)
@@ -63,11 +63,11 @@ def test_hostile_day_every_object_gets_its_expected_outcome(
 
 def test_rerun_changes_nothing(storage: LocalStorage, settings: Settings) -> None:
     land_hostile_day(storage, DAY)
-    first = ingest_day(settings, storage, DAY)
+    first = ingest_day(settings, storage, DAY).to_dict()
     snapshot = {
         k: storage.read_bytes(k) for p in ("curated", "quarantine", "catalog") for k in storage.list(p)
     }
-    second = ingest_day(settings, storage, DAY)
+    second = ingest_day(settings, storage, DAY).to_dict()
     assert second == first
     assert {
         k: storage.read_bytes(k) for p in ("curated", "quarantine", "catalog") for k in storage.list(p)
@@ -82,7 +82,7 @@ def test_fixing_a_day_and_rerunning_removes_stale_quarantine(
     ingest_day(settings, storage, DAY)
     assert storage.exists(f"quarantine/{DAY}/images/x.png")
     land(storage, DAY, [*items, ("x.png", encode(photo(50), "PNG"), "toys")])  # label fixed upstream
-    result = ingest_day(settings, storage, DAY)
+    result = ingest_day(settings, storage, DAY).to_dict()
     assert result["quarantined"]["files"] == 0
     assert storage.list(f"quarantine/{DAY}") == [f"quarantine/{DAY}/_reasons.csv"]
 
@@ -95,7 +95,7 @@ def test_duplicates_and_conflicts_across_days(storage: LocalStorage, settings: S
     conflict = [("c.png", encode(photo(4), "PNG"), "toys")]  # same content, other label
     fresh = [(f"d{i}.png", encode(photo(100 + i), "PNG"), "home") for i in range(6)]
     land(storage, day2, again + conflict + fresh)
-    result = ingest_day(settings, storage, day2)
+    result = ingest_day(settings, storage, day2).to_dict()
     assert result["curated"]["new_images"] == 6
     assert result["quarantined"]["by_reason"] == {"label_conflicts_with_catalog": 2}  # the row and the file
     notes = {e["ref"].rsplit("/", 1)[-1]: e["note"] for e in ledger(storage, day2) if e["kind"] == "file"}
@@ -106,7 +106,7 @@ def test_duplicates_and_conflicts_across_days(storage: LocalStorage, settings: S
 def test_near_duplicate_lands_in_the_split_of_its_original(storage: LocalStorage, settings: Settings) -> None:
     import numpy as np
 
-    from ml.demo_data import render_image
+    from ml.demo.drawing import render_image
 
     rng = np.random.default_rng(4)
     images = [render_image(settings.classes[i % 5], settings.classes, rng) for i in range(16)]
@@ -140,7 +140,7 @@ def test_gate_rejects_a_bad_batch_and_publishes_nothing(storage: LocalStorage, s
     with pytest.raises(BatchRejected, match="rejected share") as caught:
         ingest_day(settings, storage, DAY)
     assert "Data Docs: file://" in str(caught.value)
-    assert caught.value.result["gate"]["passed"] is False
+    assert caught.value.result.to_dict()["gate"]["passed"] is False
     assert not storage.list("curated") and not storage.list("catalog") and not storage.list("quarantine")
     assert storage.exists(f"reports/data_docs/{DAY}/index.html")
     result = json.loads(storage.read_bytes(f"reports/ingest/{DAY}/result.json"))

@@ -12,8 +12,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from ml.demo_data import KNOWN_CLASSES, render_image
-from ml.model import (
+from ml.demo.drawing import KNOWN_CLASSES, render_image
+from ml.training.model import (
     RANDOM_INIT,
     Backbone,
     Classifier,
@@ -26,7 +26,7 @@ from ml.model import (
     packaged_efficientnet_lite0_weights,
     set_deterministic,
 )
-from ml.preprocessing import Preprocessing, batch_arrays
+from ml.training.preprocessing import Preprocessing, batch_arrays
 
 PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLASSES = list(KNOWN_CLASSES[:4])

@@ -6,10 +6,12 @@ import datetime as dt
 
 import pytest
 
+from ml.alerts import judge
 from ml.config import AlertRule, load_settings
-from ml.monitor import (
+from ml.monitoring.live import (
+    RollbackDecision,
+    Verdicts,
     counter_delta,
-    judge,
     live_accuracy,
     next_alert_state,
     plan_notices,
@@ -78,10 +80,10 @@ def step(alerts: dict, metrics: dict, at: dt.datetime, triggers=(), rolled=None,
     settings = load_settings()
     rules = [ACCURACY, LATENCY]
     outcomes = {rule.name: judge(rule, metrics.get(rule.metric)) for rule in rules}
-    notices = plan_notices(
-        rules, outcomes, metrics, FACTS, alerts, at, settings, list(triggers), note, rolled
-    )
-    return notices, next_alert_state(rules, outcomes, metrics, alerts, notices, at, "2")
+    verdicts = Verdicts(rules, outcomes, metrics, FACTS, at)
+    decision = RollbackDecision(list(triggers), note, rolled)
+    notices = plan_notices(verdicts, alerts, settings.serving_monitor.repeat_hours, decision)
+    return notices, next_alert_state(verdicts, alerts, notices, "2")
 
 
 def test_an_alert_is_sent_once_repeated_after_repeat_hours_and_resolved_once() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml import serving
+from ml.serving.state import DeploymentState, write_state
 from tests.hostile import encode, photo, png_bomb
 from tests.unit.test_serving import CLASSES, make_bundle
 
@@ -35,7 +35,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             for item in bundle.iterdir():
                 (Path(model.path) / item.name).write_bytes(item.read_bytes())
     state = folder / "deployment.json"
-    serving.write_state(state, serving.DeploymentState(stable="1"))
+    write_state(state, DeploymentState(stable="1"))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLOPS_DEPLOYMENT_STATE", str(state))
         env.setenv("MLOPS_API_KEYS", KEY)
@@ -152,12 +152,12 @@ def test_feedback_is_accepted_for_a_prediction(client) -> None:
 
 
 def test_a_new_deployment_state_is_picked_up_without_a_restart(client) -> None:
-    serving.write_state(client.state_file, serving.DeploymentState(stable="2", previous="1"))
+    write_state(client.state_file, DeploymentState(stable="2", previous="1"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and client.get("/version", headers=AUTH).json()["model_version"] != "2":
         time.sleep(0.2)
     assert post_image(client, encode(photo(5), "PNG")).json()["model_version"] == "2"
-    serving.write_state(client.state_file, serving.DeploymentState(stable="1"))
+    write_state(client.state_file, DeploymentState(stable="1"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and client.get("/version", headers=AUTH).json()["model_version"] != "1":
         time.sleep(0.2)

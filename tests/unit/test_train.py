@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ml.config import load_settings
-from ml.train import Hyperparameters, SplitData, fit_head, predict_proba, split_data, training_curves_png
+from ml.training.model import predict_proba
+from ml.training.train import Hyperparameters, SplitData, fit_head, split_data, training_curves_png
 
 SETTINGS = load_settings(environ={})
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ml.config import Settings
+
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_small")
@@ -145,6 +147,12 @@ def build_backbone(
     module.requires_grad_(not freeze)
     module.to(memory_format=torch.channels_last)  # ~1.6x faster convolutions on CPU (measured here)
     return Backbone(architecture, module, dim, weights_id)
+
+
+def backbone_from_settings(settings: Settings) -> Backbone:
+    """The configured backbone (architecture, pretrained weights or a local weights file)."""
+    model = settings.model
+    return build_backbone(model.architecture, model.pretrained, model.weights_path)
 
 
 class Head(nn.Module):
@@ -311,3 +319,14 @@ def set_deterministic(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def predict_proba(head: nn.Module, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities of ``head`` on (N, D) features."""
+    head.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            logits = head(torch.from_numpy(np.ascontiguousarray(features[start : start + batch_size])))
+            outputs.append(torch.softmax(logits, dim=1).numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)

@@ -33,13 +33,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ml.model import Backbone, FeatureRunner, torch_runner
-from ml.preprocessing import Preprocessing, augmented_view, batch_arrays, decode_rgb
+from ml.config import Settings
+from ml.layout import feature_shard_key
 from ml.storage import Storage
+from ml.training.model import Backbone, FeatureRunner, onnx_runner, torch_runner
+from ml.training.preprocessing import Preprocessing, augmented_view, batch_arrays, decode_rgb
 
 log = logging.getLogger(__name__)
 
-FEATURES_PREFIX = "features"
 FEATURES_FORMAT = "pooled-fp16-sha-seeded-views-v1"  # bump when view seeding or the shard layout changes
 REQUIRED_COLUMNS = ("sha256", "day", "curated_key")
 
@@ -134,7 +135,7 @@ class FeatureCache:
         self.id = cache_id(backbone, prep, views, self.augmentations)
 
     def shard_key(self, day: str) -> str:
-        return f"{FEATURES_PREFIX}/{self.id}/{day}.npz"
+        return feature_shard_key(self.id, day)
 
     def features_for(self, rows: pd.DataFrame) -> tuple[np.ndarray, CacheStats]:
         """Features (N, V, D) float32 in the order of ``rows``; computes and stores the missing ones."""
@@ -208,3 +209,17 @@ class FeatureCache:
         buffer = io.BytesIO()
         np.savez(buffer, sha256=shard.sha256.astype(str), features=shard.features.astype(np.float16))
         self.storage.write_bytes(self.shard_key(day), buffer.getvalue())
+
+
+def feature_cache(
+    settings: Settings, storage: Storage, backbone: Backbone, prep: Preprocessing
+) -> FeatureCache:
+    """The feature cache the config asks for: the clean view plus augmented views when augmenting."""
+    kinds = list(settings.preprocessing.augmentation)
+    views = settings.training.augmented_views + 1 if kinds else 1
+    runner = (
+        onnx_runner(backbone, prep.image_size, settings.model.feature_threads)
+        if settings.model.feature_runtime == "onnxruntime"
+        else torch_runner(backbone)
+    )
+    return FeatureCache(storage, backbone, prep, views, kinds, batch_size=16, runner=runner)

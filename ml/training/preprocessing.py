@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ml.images import to_rgb
+from ml.data.images import to_rgb
 
 PREPROCESSING_VERSION = "resize-bilinear-imagenet-v1"  # part of every feature-cache key
 

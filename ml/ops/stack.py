@@ -111,12 +111,12 @@ def _spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> sub
 
 
 def _ready(url: str, process: subprocess.Popen[bytes], seconds: float) -> bool:
-    from ml.deploy import DeployError, wait_ready
+    from ml.http import NotReady, wait_ready
 
     try:
         wait_ready(url, process, seconds, path="")
         return True
-    except DeployError:
+    except NotReady:
         return False
 
 
@@ -180,13 +180,12 @@ def start_service(wait_seconds: float = 120.0) -> int:
     """``mlops serve``: the live endpoint for the deployed model (none before the first champion)."""
     from ml import registry
     from ml.config import load_settings
-    from ml.deploy import live_url
 
     settings = load_settings()
     if not _running_pid("service") and registry.version_for_alias(settings, registry.CHAMPION) is None:
         print("service:     not started (no champion model yet; `make up` again after the first retrain)")
         return 0
-    url = live_url(settings)
+    url = settings.serving.live_url
     shown = f"service:     {url}  (POST /predict, /feedback; GET /metrics, /version)"
     argv = [str(Path(sys.executable).parent / "mlops"), "serve"]
     return _launch("service", argv, f"{url}/readyz", wait_seconds, shown)
@@ -301,7 +300,7 @@ def down(wait_seconds: float = 60.0) -> int:
 def main(argv: list[str] | None = None) -> int:
     command = (argv or sys.argv[1:] or ["up"])[0]
     if command not in ("up", "down"):
-        print("usage: python -m ml.stack up|down", file=sys.stderr)
+        print("usage: python -m ml.ops.stack up|down", file=sys.stderr)
         return 2
     return up() if command == "up" else down()
 

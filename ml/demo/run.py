@@ -28,6 +28,8 @@ from typing import Any
 import yaml
 
 from ml.config import REPO_ROOT, Settings, load_settings
+from ml.demo.drawing import Drift
+from ml.layout import DayLayout, drift_summary_key
 from ml.storage import LocalStorage, Storage
 
 DEMO_ROOT = REPO_ROOT / ".data" / "demo"
@@ -54,14 +56,14 @@ NO_TRAFFIC = {"traffic": "-", "acc": "-", "served": "-", "p99": "-", "drift": "-
 
 def land_broken_objects(storage: Storage, day: dt.date) -> int:
     """Add a few bad objects to a landed day, as real uploads do; returns how many rows were added."""
-    base = f"landing/{day.isoformat()}"
-    labels = storage.read_bytes(f"{base}/labels.csv").decode()
-    storage.write_bytes(f"{base}/images/truncated.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 64)
-    storage.write_bytes(f"{base}/images/notes.jpg", b"meeting notes, not a photo\n")
-    first = storage.list(f"{base}/images")[0]
-    storage.write_bytes(f"{base}/images/unlabelled_{first.rsplit('/', 1)[-1]}", storage.read_bytes(first))
+    layout = DayLayout(day)
+    labels = storage.read_bytes(layout.labels).decode()
+    storage.write_bytes(f"{layout.images}/truncated.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    storage.write_bytes(f"{layout.images}/notes.jpg", b"meeting notes, not a photo\n")
+    first = storage.list(layout.images)[0]
+    storage.write_bytes(f"{layout.images}/unlabelled_{first.rsplit('/', 1)[-1]}", storage.read_bytes(first))
     extra = "truncated.jpg,toys,upload\nnotes.jpg,books,upload\nmissing.jpg,home,upload\n"
-    storage.write_bytes(f"{base}/labels.csv", (labels.rstrip("\n") + "\n" + extra).encode())
+    storage.write_bytes(layout.labels, (labels.rstrip("\n") + "\n" + extra).encode())
     return 3
 
 
@@ -76,9 +78,7 @@ def write_overlay() -> None:
     os.environ["MLOPS_CONFIG"] = str(DEMO_CONFIG)  # for this process and everything it starts
 
 
-def drift_on(offset: int) -> Any:
-    from ml.demo_data import Drift
-
+def drift_on(offset: int) -> Drift | None:
     return Drift.parse(DRIFT) if offset >= DRIFT_FROM else None
 
 
@@ -86,10 +86,10 @@ def live_traffic(settings: Settings, day: dt.date, offset: int) -> tuple[int, se
     """The day's live requests, images like the day's landing, each classified and then labelled.
 
     Returns (requests sent, ids of those answered and labelled)."""
-    from ml.demo_data import labelled_images
-    from ml.deploy import http, live_url, multipart
+    from ml.demo.landing import labelled_images
+    from ml.http import http, multipart
 
-    url = live_url(settings)
+    url = settings.serving.live_url
     seed = SEED * 1000 + day.toordinal()
     images = labelled_images(settings.classes, LIVE_PER_DAY, seed=seed, drift=drift_on(offset))
 
@@ -111,9 +111,9 @@ def live_traffic(settings: Settings, day: dt.date, offset: int) -> tuple[int, se
 
 def check_of_run(storage: Storage, run_id: str) -> dict[str, Any]:
     """The record the ``monitor_serving`` run ``run_id`` wrote (newest first)."""
-    from ml.monitor import CHECKS_PREFIX
+    from ml.layout import LIVE_CHECKS_PREFIX
 
-    for key in reversed(storage.list(CHECKS_PREFIX)):
+    for key in reversed(storage.list(LIVE_CHECKS_PREFIX)):
         record = json.loads(storage.read_bytes(key))
         if record.get("run_id") == run_id:
             return record
@@ -122,11 +122,12 @@ def check_of_run(storage: Storage, run_id: str) -> dict[str, Any]:
 
 def wait_logged(storage: Storage, request_ids: set[str], seconds: float = 30) -> None:
     """The service writes its feedback log in batches every few seconds: wait for this traffic's."""
-    from ml.serving import FEEDBACK_PREFIX, read_records
+    from ml.layout import FEEDBACK_PREFIX
+    from ml.storage import read_jsonl
 
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if request_ids <= {record["request_id"] for record in read_records(storage, FEEDBACK_PREFIX)}:
+        if request_ids <= {record["request_id"] for record in read_jsonl(storage, FEEDBACK_PREFIX)}:
             return
         time.sleep(1)
 
@@ -166,8 +167,8 @@ def finish_live_day(api: Any, storage: Storage, started: dict[str, Any]) -> tupl
 
 
 def ingest_cells(storage: Storage, day: dt.date) -> dict[str, str]:
-    ingest = json.loads(storage.read_bytes(f"reports/ingest/{day}/result.json"))
-    summary_key = f"reports/drift/{day}/summary.json"
+    ingest = json.loads(storage.read_bytes(DayLayout(day).result))
+    summary_key = drift_summary_key(day)
     drift = json.loads(storage.read_bytes(summary_key)) if storage.exists(summary_key) else {}
     score = drift.get("drift_score")
     return {
@@ -179,7 +180,7 @@ def ingest_cells(storage: Storage, day: dt.date) -> dict[str, str]:
 
 def run_day(api: Any, storage: Storage, day: dt.date, train_after: bool) -> tuple[str, bool]:
     """Ingest ``day`` through the scheduler and follow what it sets off; returns (retrain note, ok)."""
-    from ml.drift import retrain_requests
+    from ml.monitoring.drift import retrain_requests
 
     known = {dag: {r["dag_run_id"] for r in api.runs(dag)} for dag in ("drift_monitor", "retrain")}
     if api.wait("ingest_daily", api.trigger("ingest_daily", {"date": day.isoformat()})) != "success":
@@ -196,7 +197,7 @@ def run_day(api: Any, storage: Storage, day: dt.date, train_after: bool) -> tupl
     if train_after:
         state = api.wait("retrain", api.trigger("retrain", {"note": "demo: first model"}))
         return f"first training {state}", state == "success"
-    summary_key = f"reports/drift/{day}/summary.json"
+    summary_key = drift_summary_key(day)
     if storage.exists(summary_key) and json.loads(storage.read_bytes(summary_key))["drift_detected"]:
         return "cooldown", True
     return "-", True
@@ -218,7 +219,7 @@ def settle_unpause_runs(api: Any, seconds: float = 60) -> None:
 
 
 def land(storage: Storage, settings: Settings) -> None:
-    from ml.demo_data import land_day
+    from ml.demo.landing import land_day
 
     for offset in range(DEMO_DAYS):
         day = DEMO_START + dt.timedelta(days=offset)
@@ -230,12 +231,12 @@ def land(storage: Storage, settings: Settings) -> None:
     )
 
 
-def main() -> int:
-    from ml import registry, stack
-    from ml.stack import Api
+def prepare() -> tuple[Settings, Storage] | None:
+    """A clean demo root and overlay, the days landed while Airflow starts; None if Airflow did not."""
+    from ml.ops import stack
 
     if stack.down() != 0:
-        return 1
+        return None
     shutil.rmtree(DEMO_ROOT, ignore_errors=True)
     (DEMO_ROOT / "mlflow").mkdir(parents=True)
     write_overlay()
@@ -247,42 +248,45 @@ def main() -> int:
         booting = pool.submit(stack.start_airflow, 300)
         land(storage, settings)
         if booting.result() != 0:
-            return 1
-    ok, passwords = True, stack.airflow_home() / stack.PASSWORDS_FILE
-    started = time.perf_counter()
-    try:
-        api = Api.as_admin()
-        settle_unpause_runs(api)
-        header = ROW.format(**HEADER)
-        print(f"\n{header}\n{'-' * len(header)}")
-        for offset in range(DEMO_DAYS):
-            day = DEMO_START + dt.timedelta(days=offset)
-            began = time.perf_counter()
-            live, live_ok = dict(NO_TRAFFIC), True
-            traffic = stack.service_running() and start_live_day(api, storage, settings, day, offset)
-            note, day_ok = run_day(api, storage, day, train_after=offset == FIRST_TRAINING_AFTER - 1)
-            if traffic:
-                live, live_ok = finish_live_day(api, storage, traffic)
-            if offset == FIRST_TRAINING_AFTER - 1 and day_ok:
-                day_ok = stack.start_service() == 0
-            ok = ok and day_ok and live_ok
-            cells = ingest_cells(storage, day)
-            print(
-                ROW.format(
-                    day=day.isoformat(),
-                    retrain=note,
-                    model=registry.version_for_alias(settings, registry.CHAMPION) or "-",
-                    seconds=f"{time.perf_counter() - began:.0f} s",
-                    live_drift=live.pop("drift"),
-                    **cells,
-                    **live,
-                ),
-                flush=True,
-            )
-    finally:
-        stack.down()
-    print(f"\n{DEMO_DAYS} days in {time.perf_counter() - started:.0f} s after Airflow started")
+            return None
+    return settings, storage
+
+
+def run_demo_day(api: Any, storage: Storage, settings: Settings, offset: int) -> bool:
+    """One day: its live traffic and check (once the service runs), its ingest and what follows; one row."""
+    from ml import registry
+    from ml.ops import stack
+
+    day = DEMO_START + dt.timedelta(days=offset)
+    began = time.perf_counter()
+    live, live_ok = dict(NO_TRAFFIC), True
+    traffic = stack.service_running() and start_live_day(api, storage, settings, day, offset)
+    note, day_ok = run_day(api, storage, day, train_after=offset == FIRST_TRAINING_AFTER - 1)
+    if traffic:
+        live, live_ok = finish_live_day(api, storage, traffic)
+    if offset == FIRST_TRAINING_AFTER - 1 and day_ok:
+        day_ok = stack.start_service() == 0
     print(
+        ROW.format(
+            day=day.isoformat(),
+            retrain=note,
+            model=registry.version_for_alias(settings, registry.CHAMPION) or "-",
+            seconds=f"{time.perf_counter() - began:.0f} s",
+            live_drift=live.pop("drift"),
+            **ingest_cells(storage, day),
+            **live,
+        ),
+        flush=True,
+    )
+    return day_ok and live_ok
+
+
+def where_to_look(settings: Settings, storage: Storage) -> str:
+    from ml import registry
+    from ml.ops import stack
+
+    passwords = stack.airflow_home() / stack.PASSWORDS_FILE
+    return (
         "\nwhere to look (bring everything back with: MLOPS_CONFIG=.data/demo/params.yaml make up):"
         f"\n  Airflow UI:  {stack.api_url()} (user admin; password in {passwords})"
         f"\n  MLflow UI:   {stack.mlflow_ui_url()}  ({registry.tracking_uri(settings)})"
@@ -293,6 +297,28 @@ def main() -> int:
         f"\n  quarantine:  {storage.url('quarantine')}  (each day's _reasons.csv)"
         f"\n  audit:       {storage.url('registry/audit')} and {storage.url('serving/audit')}"
     )
+
+
+def main() -> int:
+    from ml.ops import stack
+    from ml.ops.stack import Api
+
+    prepared = prepare()
+    if prepared is None:
+        return 1
+    settings, storage = prepared
+    ok, started = True, time.perf_counter()
+    try:
+        api = Api.as_admin()
+        settle_unpause_runs(api)
+        header = ROW.format(**HEADER)
+        print(f"\n{header}\n{'-' * len(header)}")
+        for offset in range(DEMO_DAYS):
+            ok = run_demo_day(api, storage, settings, offset) and ok
+    finally:
+        stack.down()
+    print(f"\n{DEMO_DAYS} days in {time.perf_counter() - started:.0f} s after Airflow started")
+    print(where_to_look(settings, storage))
     return 0 if ok else 1
 
 

@@ -7,55 +7,53 @@ previous check, at most ``serving_monitor.lookback_minutes`` back:
   scrape; a restarted service starts its counters again);
 - the prediction log: p50/p99 latency and throughput;
 - the feedback log joined to the predictions on ``request_id``: live accuracy of the stable model;
-- the stable model's served traffic against its training reference (Evidently, as ``ml.drift``).
+- the stable model's served traffic against its training reference (Evidently, as ``drift``).
 
 Every rule in ``alerts.rules`` is then ``firing``, ``ok`` or ``unknown`` (too little data to
 judge). A rule that starts firing is sent once (again only after ``repeat_hours``); one that
 stops firing is sent as resolved. A rule marked ``auto_rollback`` that fires for a stable model
 with no good check since it was deployed (every such rule measured and passing) returns the
-endpoint to the previous champion, and the alert says so. State and each check's record live in
-storage under ``monitoring/serving/``.
+endpoint to the previous champion through the injected ``rollback`` (release owns the deploy
+state; ``ml.release.guard`` wires the two), and the alert says so. State and each check's
+record live in storage under ``monitoring/serving/``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import operator
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from ml.alerts import Notice, judge
 from ml.config import AlertRule, Settings
-from ml.storage import Storage
+from ml.http import http
+from ml.layout import (
+    FEEDBACK_PREFIX,
+    LIVE_MONITOR_STATE_KEY,
+    PREDICTIONS_PREFIX,
+    SERVING_DRIFT_REPORTS_PREFIX,
+    live_check_key,
+)
+from ml.storage import Storage, read_jsonl
 
-MONITOR_PREFIX = "monitoring/serving"
-STATE_KEY = f"{MONITOR_PREFIX}/state.json"
-CHECKS_PREFIX = f"{MONITOR_PREFIX}/checks"
-DRIFT_REPORTS_PREFIX = "reports/serving_drift"
 SERVED_ENDPOINTS = ("/predict", "/predict_batch", "/feedback")
-OPS: dict[str, Callable[[float, float], bool]] = {
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-}
+
+NotifyNotice = Callable[[Notice], dict[str, str]]
+RollBack = Callable[[str], dict[str, Any]]  # reason -> the rollback's result (its new state, live or not)
 
 
 @dataclass(frozen=True)
-class Notice:
-    """One message for the alert channels: a rule that started firing, still fires, or resolved."""
+class LiveDeployment:
+    """What the endpoint is meant to serve, as the deployment state and its audit say."""
 
-    rule: str
-    severity: str
-    action: str  # "trigger" | "resolve"
-    reason: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-Notify = Callable[[Notice], dict[str, str]]
+    stable: str | None
+    canary: str | None = None
+    previous: str | None = None
+    since: str = ""  # when ``stable`` last became the stable model
 
 
 def parse_time(text: str) -> dt.datetime:
@@ -72,8 +70,6 @@ def iso(moment: dt.datetime) -> str:
 def scrape(url: str, timeout: float) -> dict[str, float]:
     """Requests, 4xx and 5xx answers on the served endpoints, from BentoML's request counter."""
     from prometheus_client.parser import text_string_to_metric_families
-
-    from ml.deploy import http
 
     status, body = http("GET", f"{url}/metrics", timeout=timeout)
     if status != 200:
@@ -103,11 +99,9 @@ def counter_delta(now: dict[str, float], before: dict[str, float] | None) -> dic
 
 def log_records(storage: Storage, prefix: str, start: dt.datetime, end: dt.datetime) -> list[dict[str, Any]]:
     """Records of a serving log with ``start < time <= end``."""
-    from ml.serving import read_records
-
     span = (end.date() - start.date()).days
     days = [(start.date() + dt.timedelta(days=n)).isoformat() for n in range(span + 1)]
-    return [r for r in read_records(storage, prefix, days) if start < parse_time(r["time"]) <= end]
+    return [r for r in read_jsonl(storage, prefix, days) if start < parse_time(r["time"]) <= end]
 
 
 def live_accuracy(
@@ -132,7 +126,8 @@ def served_drift(
     """Drift of model ``version``'s served traffic against its training reference; writes the report."""
     import pandas as pd
 
-    from ml.drift import PROPERTY_COLUMNS, compare, decide, load_reference, prediction_kl, write_report
+    from ml.monitoring.drift import compare, drift_verdict, load_reference, prediction_kl, write_report
+    from ml.training.reference import PROPERTY_COLUMNS
 
     reference = load_reference(settings, version)
     frame = pd.DataFrame(records)
@@ -142,9 +137,9 @@ def served_drift(
     current["confidence"] = frame["confidence"].astype(float)
     snapshot, columns = compare(current, reference, settings.monitoring)
     kl = prediction_kl(current["predicted_class"], reference.frame["predicted_class"], reference.classes)
-    score, _, _, _, reasons = decide(columns, kl, settings.monitoring)
+    score, _, _, _, reasons = drift_verdict(columns, kl, settings.monitoring)
     stamp = at.strftime("%Y-%m-%dT%H%M%SZ")
-    report, _, _ = write_report(storage, stamp, snapshot, prefix=DRIFT_REPORTS_PREFIX)
+    report, _, _ = write_report(storage, stamp, snapshot, prefix=SERVING_DRIFT_REPORTS_PREFIX)
     drifted = [c.column for c in columns if c.drifted]
     return {
         "drift_score": round(score, 4),
@@ -156,33 +151,50 @@ def served_drift(
     }
 
 
-def measure(
-    settings: Settings,
-    storage: Storage,
-    stable: str | None,
-    start: dt.datetime,
-    end: dt.datetime,
-    last_scrape: dict[str, float] | None,
-) -> tuple[dict[str, float | None], dict[str, Any]]:
-    """(metric -> value or None when too little data, facts behind them) for the window."""
-    from ml.deploy import live_url
-    from ml.serving import FEEDBACK_PREFIX, PREDICTIONS_PREFIX
+METRICS = (
+    "service_up",
+    "error_rate",
+    "p99_latency_ms",
+    "p50_latency_ms",
+    "throughput_rps",
+    "accuracy",
+    "drift_score",
+)
 
+
+def _measure_endpoint(
+    settings: Settings,
+    stable: str | None,
+    last_scrape: dict[str, float] | None,
+    metrics: dict[str, float | None],
+    facts: dict[str, Any],
+) -> None:
+    """Whether the endpoint answers, and its 5xx share since the last scrape."""
     watch = settings.serving_monitor
-    names = ("service_up", "error_rate", "p99_latency_ms", "p50_latency_ms", "throughput_rps", "accuracy")
-    metrics: dict[str, float | None] = dict.fromkeys((*names, "drift_score"))
-    facts: dict[str, Any] = {"window": [iso(start), iso(end)], "model_version": stable}
     try:
-        counters = scrape(live_url(settings), watch.scrape_timeout_seconds)
-        metrics["service_up"] = 1.0
-        facts["scrape"] = counters
-        delta = counter_delta(counters, last_scrape)
-        facts["requests"] = delta
-        if delta["requests"] >= watch.min_requests:
-            metrics["error_rate"] = round(delta["server_errors"] / delta["requests"], 4)
+        counters = scrape(settings.serving.live_url, watch.scrape_timeout_seconds)
     except OSError as exc:
         metrics["service_up"] = 0.0 if stable else None  # nothing deployed: nothing should answer
         facts["scrape_error"] = f"{type(exc).__name__}: {exc}"
+        return
+    metrics["service_up"] = 1.0
+    facts["scrape"] = counters
+    delta = counter_delta(counters, last_scrape)
+    facts["requests"] = delta
+    if delta["requests"] >= watch.min_requests:
+        metrics["error_rate"] = round(delta["server_errors"] / delta["requests"], 4)
+
+
+def _measure_logs(
+    settings: Settings,
+    storage: Storage,
+    stable: str | None,
+    window: tuple[dt.datetime, dt.datetime],
+    metrics: dict[str, float | None],
+    facts: dict[str, Any],
+) -> None:
+    """Latency, throughput, live accuracy and served drift from the prediction and feedback logs."""
+    watch, (start, end) = settings.serving_monitor, window
     # a label can come long after its prediction: predictions are read a day further back for the join
     labelled = log_records(storage, PREDICTIONS_PREFIX, start - dt.timedelta(days=1), end)
     predictions = [r for r in labelled if parse_time(r["time"]) > start]
@@ -202,16 +214,25 @@ def measure(
     if stable and len(served) >= watch.min_drift_rows:
         facts["drift"] = served_drift(settings, storage, served, str(stable), end)
         metrics["drift_score"] = facts["drift"]["drift_score"]
+
+
+def measure_window(
+    settings: Settings,
+    storage: Storage,
+    stable: str | None,
+    start: dt.datetime,
+    end: dt.datetime,
+    last_scrape: dict[str, float] | None,
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """(metric -> value or None when too little data, facts behind them) for the window."""
+    metrics: dict[str, float | None] = dict.fromkeys(METRICS)
+    facts: dict[str, Any] = {"window": [iso(start), iso(end)], "model_version": stable}
+    _measure_endpoint(settings, stable, last_scrape, metrics, facts)
+    _measure_logs(settings, storage, stable, (start, end), metrics, facts)
     return metrics, facts
 
 
 # ---------------------------------------------------------------- judging and acting
-
-
-def judge(rule: AlertRule, value: float | None) -> str:
-    if value is None:
-        return "unknown"
-    return "firing" if OPS[rule.op](value, rule.threshold) else "ok"
 
 
 def describe(rule: AlertRule, value: float, facts: dict[str, Any]) -> str:
@@ -235,18 +256,6 @@ def describe(rule: AlertRule, value: float, facts: dict[str, Any]) -> str:
     return f"{rule.metric} {value:g} {rule.op} {rule.threshold:g} ({basis}; {window})"
 
 
-def deployed_at(storage: Storage, version: str) -> str:
-    """When ``version`` last became the stable model (deploy or rollback audit record)."""
-    from ml.deploy import audit_log
-
-    times = [
-        entry["at"]
-        for entry in audit_log(storage)
-        if entry.get("action") in ("deploy-full", "rollback") and str(entry.get("to")) == str(version)
-    ]
-    return max(times, default="")
-
-
 def proven_good(state: dict[str, Any], version: str | None, since: str) -> bool:
     """Has ``version`` passed a check (every auto-rollback rule measured ok) since ``since``?"""
     good = state.get("last_good") or {}
@@ -254,163 +263,194 @@ def proven_good(state: dict[str, Any], version: str | None, since: str) -> bool:
 
 
 def read_monitor_state(storage: Storage) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(STATE_KEY)) if storage.exists(STATE_KEY) else {}
+    return (
+        json.loads(storage.read_bytes(LIVE_MONITOR_STATE_KEY))
+        if storage.exists(LIVE_MONITOR_STATE_KEY)
+        else {}
+    )
 
 
-def check(
+@dataclass(frozen=True)
+class Verdicts:
+    """One check's measurements and what every rule made of them."""
+
+    rules: list[AlertRule]
+    outcomes: dict[str, str]  # rule name -> firing | ok | unknown
+    metrics: dict[str, float | None]
+    facts: dict[str, Any]
+    at: dt.datetime
+
+    def describe(self, rule: AlertRule) -> str:
+        return describe(rule, self.metrics[rule.metric], self.facts)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RollbackDecision:
+    """The rules that asked for a rollback, what was done about it, and the rollback's result."""
+
+    triggers: list[AlertRule]
+    note: str = ""
+    result: dict[str, Any] | None = None
+
+
+def decide_rollback(
+    verdicts: Verdicts,
+    deployment: LiveDeployment,
+    state: dict[str, Any],
+    rollback: RollBack | None,
+    wanted: bool,
+) -> RollbackDecision:
+    """Roll back a stable model that is not yet proven good when a guarding rule fires."""
+    stable = deployment.stable
+    triggers = [
+        rule for rule in verdicts.rules if rule.auto_rollback and verdicts.outcomes[rule.name] == "firing"
+    ]
+    if not (triggers and stable):
+        return RollbackDecision(triggers)
+    if proven_good(state, stable, deployment.since):
+        return RollbackDecision(triggers, f"no automatic rollback: v{stable} checked good since its deploy")
+    if not wanted or rollback is None:
+        return RollbackDecision(triggers, "automatic rollback is off")
+    if not deployment.previous:
+        return RollbackDecision(
+            triggers, f"no automatic rollback: v{stable} has no previous version to return to"
+        )
+    why = "; ".join(f"{rule.name}: {verdicts.describe(rule)}" for rule in triggers)
+    rolled = rollback(why)
+    note = (
+        f"ROLLED BACK automatically: the live endpoint serves v{rolled['state']['stable']} again "
+        f"(was v{stable}, deployed {deployment.since})"
+    )
+    return RollbackDecision(triggers, note, rolled)
+
+
+def check_endpoint(
     settings: Settings,
     storage: Storage,
+    deployment: LiveDeployment,
     *,
-    notify: Notify | None = None,
-    rollback: bool | None = None,
-    by: str = "monitor_serving",
+    notify: NotifyNotice | None = None,
+    rollback: RollBack | None = None,
+    allow_rollback: bool | None = None,
     now: dt.datetime | None = None,
     run_id: str = "",
 ) -> dict[str, Any]:
     """One monitoring check: measure, judge every rule, notify changes, roll back if it must."""
-    from ml import deploy
-    from ml.serving import read_state
-
     end = now or dt.datetime.now(dt.UTC)
     state = read_monitor_state(storage)
     lookback = end - dt.timedelta(minutes=settings.serving_monitor.lookback_minutes)
     start = max(parse_time(state["last_check_at"]), lookback) if state.get("last_check_at") else lookback
-    deployment = read_state(deploy.state_path(settings))
-    stable = deployment.stable if deployment else None
-    metrics, facts = measure(settings, storage, stable, start, end, state.get("last_scrape"))
+    stable = deployment.stable
+    metrics, facts = measure_window(settings, storage, stable, start, end, state.get("last_scrape"))
     rules = settings.alerts.rules
-    outcomes = {rule.name: judge(rule, metrics.get(rule.metric)) for rule in rules}
-
+    verdicts = Verdicts(rules, {r.name: judge(r, metrics.get(r.metric)) for r in rules}, metrics, facts, end)
     guarding = [rule for rule in rules if rule.auto_rollback]
-    since = deployed_at(storage, stable) if stable else ""
-    if stable and guarding and all(outcomes[rule.name] == "ok" for rule in guarding):
+    if stable and guarding and all(verdicts.outcomes[rule.name] == "ok" for rule in guarding):
         state["last_good"] = {"version": stable, "at": iso(end)}
-    triggers = [rule for rule in guarding if outcomes[rule.name] == "firing"]
-    rolled: dict[str, Any] | None = None
-    rollback_note = ""
-    if triggers and stable:
-        wanted = settings.serving_monitor.auto_rollback if rollback is None else rollback
-        if proven_good(state, stable, since):
-            rollback_note = f"no automatic rollback: v{stable} checked good since its deploy"
-        elif not wanted:
-            rollback_note = "automatic rollback is off"
-        elif not (deployment and deployment.previous):
-            rollback_note = f"no automatic rollback: v{stable} has no previous version to return to"
-        else:
-            why = "; ".join(
-                f"{rule.name}: {describe(rule, metrics[rule.metric], facts)}" for rule in triggers
-            )
-            rolled = deploy.rollback(settings, storage, by=f"{by} (automatic)", reason=why)
-            rollback_note = (
-                f"ROLLED BACK automatically: the live endpoint serves v{rolled['state']['stable']} again "
-                f"(was v{stable}, deployed {since})"
-            )
-
-    notices = plan_notices(
-        rules,
-        outcomes,
-        metrics,
-        facts,
-        state.get("alerts", {}),
-        end,
-        settings,
-        triggers,
-        rollback_note,
-        rolled,
-    )
+    wanted = settings.serving_monitor.auto_rollback if allow_rollback is None else allow_rollback
+    decision = decide_rollback(verdicts, deployment, state, rollback, wanted)
+    notices = plan_notices(verdicts, state.get("alerts", {}), settings.serving_monitor.repeat_hours, decision)
     sent = [
         {"notice": asdict(n), "outcome": notify(n) if notify else {"log": "no channels"}} for n in notices
     ]
-
-    state["alerts"] = next_alert_state(
-        rules, outcomes, metrics, state.get("alerts", {}), notices, end, stable
-    )
+    state["alerts"] = next_alert_state(verdicts, state.get("alerts", {}), notices, stable)
     state["last_check_at"] = iso(end)
     if "scrape" in facts:
         state["last_scrape"] = facts["scrape"]
-    record = {
-        "at": iso(end),
-        "run_id": run_id,
-        "deployment": {"stable": stable, "canary": deployment.canary if deployment else None, "since": since},
-        "metrics": metrics,
-        "rules": {
-            rule.name: {
-                "outcome": outcomes[rule.name],
-                "value": metrics.get(rule.metric),
-                "rule": f"{rule.metric} {rule.op} {rule.threshold:g}",
-                "severity": rule.severity,
-            }
-            for rule in rules
-        },
-        "facts": facts,
-        "notices": sent,
-        "rollback": rolled and {"from": stable, "to": rolled["state"]["stable"], "live": rolled["live"]},
-    }
-    key = f"{CHECKS_PREFIX}/{end:%Y-%m-%d}/{end:%H%M%S%f}.json"
+    record = check_record(verdicts, deployment, run_id, sent, decision)
+    key = live_check_key(end)
     storage.write_bytes(key, json.dumps(record, indent=2, default=str).encode())
-    storage.write_bytes(STATE_KEY, json.dumps(state, indent=2).encode())
+    storage.write_bytes(LIVE_MONITOR_STATE_KEY, json.dumps(state, indent=2).encode())
     return record | {"record": storage.url(key)}
 
 
+def check_record(
+    verdicts: Verdicts,
+    deployment: LiveDeployment,
+    run_id: str,
+    sent: list[dict[str, Any]],
+    decision: RollbackDecision,
+) -> dict[str, Any]:
+    """What one check stores: the deployment, every metric and rule verdict, the notices, a rollback."""
+    rolled = decision.result
+    return {
+        "at": iso(verdicts.at),
+        "run_id": run_id,
+        "deployment": {"stable": deployment.stable, "canary": deployment.canary, "since": deployment.since},
+        "metrics": verdicts.metrics,
+        "rules": {
+            rule.name: {
+                "outcome": verdicts.outcomes[rule.name],
+                "value": verdicts.metrics.get(rule.metric),
+                "rule": f"{rule.metric} {rule.op} {rule.threshold:g}",
+                "severity": rule.severity,
+            }
+            for rule in verdicts.rules
+        },
+        "facts": verdicts.facts,
+        "notices": sent,
+        "rollback": rolled
+        and {"from": deployment.stable, "to": rolled["state"]["stable"], "live": rolled["live"]},
+    }
+
+
+def rule_lines(record: dict[str, Any]) -> list[str]:
+    """One line per rule of a check record, for a task log."""
+    return [
+        f"{name:<24} {rule['outcome']:<8} {rule['value']!s:>10}  ({rule['rule']})"
+        for name, rule in record["rules"].items()
+    ]
+
+
 def plan_notices(
-    rules: list[AlertRule],
-    outcomes: dict[str, str],
-    metrics: dict[str, float | None],
-    facts: dict[str, Any],
-    alerts: dict[str, dict[str, Any]],
-    now: dt.datetime,
-    settings: Settings,
-    triggers: list[AlertRule],
-    rollback_note: str,
-    rolled: dict[str, Any] | None,
+    verdicts: Verdicts, alerts: dict[str, dict[str, Any]], repeat_hours: float, decision: RollbackDecision
 ) -> list[Notice]:
     """New firing rules, repeats past ``repeat_hours``, resolutions, and any rollback decision."""
-    repeat = dt.timedelta(hours=settings.serving_monitor.repeat_hours)
+    repeat = dt.timedelta(hours=repeat_hours)
     notices = []
-    for rule in rules:
-        outcome, before = outcomes[rule.name], alerts.get(rule.name, {})
-        value = metrics.get(rule.metric)
+    for rule in verdicts.rules:
+        outcome, before = verdicts.outcomes[rule.name], alerts.get(rule.name, {})
+        value = verdicts.metrics.get(rule.metric)
         if outcome == "firing":
-            assert value is not None
             last = before.get("last_sent")
-            stale = bool(repeat) and last is not None and now - parse_time(last) >= repeat
-            if before.get("firing") and not stale and not (rolled and rule in triggers):
+            stale = bool(repeat) and last is not None and verdicts.at - parse_time(last) >= repeat
+            triggered = rule in decision.triggers
+            if before.get("firing") and not stale and not (decision.result and triggered):
                 continue
-            reason = describe(rule, value, facts)
-            if rule in triggers and rollback_note:
-                reason = f"{reason}. {rollback_note}"
+            reason = verdicts.describe(rule)
+            if triggered and decision.note:
+                reason = f"{reason}. {decision.note}"
             if before.get("firing"):
                 reason = f"still firing since {before.get('since')}: {reason}"
             notices.append(Notice(rule.name, rule.severity, "trigger", reason, {"value": value}))
         elif outcome == "ok" and before.get("firing"):
-            reason = f"resolved: {describe(rule, value, facts)}; firing since {before.get('since')}"  # type: ignore[arg-type]
+            reason = f"resolved: {verdicts.describe(rule)}; firing since {before.get('since')}"
             notices.append(Notice(rule.name, rule.severity, "resolve", reason, {"value": value}))
     return notices
 
 
 def next_alert_state(
-    rules: list[AlertRule],
-    outcomes: dict[str, str],
-    metrics: dict[str, float | None],
-    alerts: dict[str, dict[str, Any]],
-    notices: list[Notice],
-    now: dt.datetime,
-    stable: str | None,
+    verdicts: Verdicts, alerts: dict[str, dict[str, Any]], notices: list[Notice], stable: str | None
 ) -> dict[str, dict[str, Any]]:
     sent = {notice.rule for notice in notices if notice.action == "trigger"}
+    now = verdicts.at
     updated = {}
-    for rule in rules:
-        before, outcome = dict(alerts.get(rule.name, {})), outcomes[rule.name]
+    for rule in verdicts.rules:
+        before, outcome = dict(alerts.get(rule.name, {})), verdicts.outcomes[rule.name]
         if outcome == "firing":
             updated[rule.name] = {
                 "firing": True,
                 "since": before.get("since") if before.get("firing") else iso(now),
                 "last_sent": iso(now) if rule.name in sent else before.get("last_sent"),
-                "value": metrics.get(rule.metric),
+                "value": verdicts.metrics.get(rule.metric),
                 "model_version": stable,
             }
         elif outcome == "ok":
-            updated[rule.name] = {"firing": False, "value": metrics.get(rule.metric), "resolved_at": iso(now)}
+            updated[rule.name] = {
+                "firing": False,
+                "value": verdicts.metrics.get(rule.metric),
+                "resolved_at": iso(now),
+            }
         else:
             updated[rule.name] = before  # too little data: keep what we knew
     return updated

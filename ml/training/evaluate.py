@@ -6,7 +6,7 @@
   uses only the first ``ROC_AUC_BOOTSTRAP_MAX`` of them because it costs O(n) per class per resample).
 * ``mcnemar`` and ``non_inferiority`` compare two models' per-example correctness on the same
   examples (paired tests).
-* ``decide`` is the promotion gate. The acceptance bar (``AcceptanceConfig``) is applied to the
+* ``gate`` is the promotion gate. The acceptance bar (``AcceptanceConfig``) is applied to the
   **point estimates**, not to the CI bounds: the CIs are reported so a reader can see how much a
   number could move on another test set of this size, but requiring a CI bound above the bar would
   make the bar depend on the test-set size. Against a champion the gate uses the paired tests, which
@@ -231,6 +231,27 @@ def _validate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> 
     return y, p
 
 
+def _bootstrap(
+    cells: np.ndarray, k: int, prepared: list[_AucClass], n_bootstrap: int, seed: int
+) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
+    """Every rate on ``n_bootstrap`` resamples (in chunks that fit memory), and macro AUC on the first few."""
+    n = cells.size
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_ELEMENTS // n)
+    boot: dict[str, list[np.ndarray]] = {
+        name: [] for name in ("accuracy", "precision", "recall", "f1", "f1_macro")
+    }
+    auc_boot: list[np.ndarray] = []
+    for start in range(0, max(0, n_bootstrap), chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))
+        for name, values in _rates(_confusions(cells, idx, k)).items():
+            boot[name].append(values)
+        auc_rows = min(idx.shape[0], ROC_AUC_BOOTSTRAP_MAX - start)
+        if prepared and auc_rows > 0:
+            auc_boot.append(_macro_auc(_weights(idx[:auc_rows], n), prepared))
+    return boot, auc_boot
+
+
 def evaluate(
     y_true: np.ndarray,
     proba: np.ndarray,
@@ -255,17 +276,7 @@ def evaluate(
     prepared = _auc_classes(y, p, present) if present.size >= 2 else []
     auc_point = _macro_auc(np.ones((1, n)), prepared) if prepared else None
 
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_ELEMENTS // n)
-    boot: dict[str, list[np.ndarray]] = {name: [] for name in point}
-    auc_boot: list[np.ndarray] = []
-    for start in range(0, max(0, n_bootstrap), chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))
-        for name, values in _rates(_confusions(cells, idx, k)).items():
-            boot[name].append(values)
-        auc_rows = min(idx.shape[0], ROC_AUC_BOOTSTRAP_MAX - start)
-        if prepared and auc_rows > 0:
-            auc_boot.append(_macro_auc(_weights(idx[:auc_rows], n), prepared))
+    boot, auc_boot = _bootstrap(cells, k, prepared, n_bootstrap, seed)
 
     def metrics(name: str) -> list[Metric]:
         value = point[name][0]
@@ -552,7 +563,7 @@ def _champion_checks(
     ]
 
 
-def decide(
+def gate(
     challenger: Evaluation,
     acceptance: AcceptanceConfig,
     champion_correct: np.ndarray | None = None,

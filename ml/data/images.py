@@ -103,7 +103,7 @@ def perceptual_hash(grey: Image.Image) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def measure(rgb: Image.Image, phash: bool = True) -> dict[str, float | str]:
+def pixel_statistics(rgb: Image.Image, phash: bool = True) -> dict[str, float | str]:
     """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash."""
     factor = max(1, max(rgb.size) // PROPERTY_SIDE)
     grey_image = (rgb.reduce(factor) if factor > 1 else rgb).convert("L")  # box average: fast
@@ -208,7 +208,7 @@ def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
         height=rgb.height,
         sha256=hashlib.sha256(curated).hexdigest(),
         curated_ext=ext,
-        **measure(rgb),  # type: ignore[arg-type]
+        **pixel_statistics(rgb),  # type: ignore[arg-type]
     )
     return Inspected(report, curated, same_as_source)
 

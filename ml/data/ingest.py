@@ -16,16 +16,18 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from multiprocessing import get_context
 from typing import Any
 
 import pandas as pd
 
-from ml import catalog
 from ml.config import Settings
-from ml.images import ImageLimits, Inspected, inspect_for_pool, inspect_image
-from ml.quality import QualityRunner, SuiteOutcome
+from ml.data import catalog
+from ml.data.images import ImageLimits, Inspected, inspect_for_pool, inspect_image
+from ml.data.quality import QualityRunner, SuiteOutcome
+from ml.layout import DayLayout, curated_key
 from ml.storage import Storage, join_key
 
 REQUIRED_COLUMNS = ("filename", "label")
@@ -37,10 +39,85 @@ class NothingLanded(FileNotFoundError):
     """The day's labels.csv is not there (yet)."""
 
 
+class IngestStatus(StrEnum):
+    PUBLISHED = "published"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Landed:
+    rows: int
+    files: int
+    objects: int
+
+
+@dataclass(frozen=True)
+class Curated:
+    rows: int
+    files: int
+    new_images: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    rows: int
+    files: int
+    by_reason: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BatchGate:
+    passed: bool
+    reasons: list[str]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one day's ingestion did; ``to_dict()`` is ``result.json`` and the CLI's ``--json``."""
+
+    day: str
+    status: IngestStatus
+    landed: Landed
+    curated: Curated
+    quarantined: Quarantined
+    rejected_share: float
+    gate: BatchGate
+    suites: dict[str, dict[str, Any]]
+    reconciled: bool
+    reports: dict[str, str]
+    dataset_version: str | None = None  # set when published
+    quarantine: str | None = None  # URL of the day's quarantine, set when published
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["status"] = str(self.status)
+        return {key: value for key, value in out.items() if value is not None}
+
+    def summary_line(self) -> str:
+        return (
+            f"{self.day}: landed {self.landed.objects} objects, curated {self.curated.files} files "
+            f"({self.curated.new_images} new images), quarantined {self.quarantined.files} files "
+            f"and {self.quarantined.rows} rows; dataset {self.dataset_version}"
+        )
+
+    def to_xcom(self) -> dict[str, Any]:
+        """The small summary a DAG task hands on."""
+        full = self.to_dict()
+        return {
+            key: full[key]
+            for key in ("day", "landed", "curated", "quarantined", "dataset_version", "reports")
+        }
+
+    def asset_extra(self) -> dict[str, Any]:
+        """What the ``curated_images`` event carries to drift monitoring."""
+        return {"day": self.day, "dataset_version": self.dataset_version}
+
+
 class BatchRejected(RuntimeError):
     """The batch gate failed: nothing was published for the day."""
 
-    def __init__(self, message: str, result: dict[str, Any]) -> None:
+    def __init__(self, message: str, result: IngestResult) -> None:
         super().__init__(message)
         self.result = result
 
@@ -54,36 +131,25 @@ class LedgerEntry:
     detail: str = ""
     label: str = ""
     sha256: str = ""
-    note: str = ""
-
-
-@dataclass
-class DayLayout:
-    day: dt.date
+    duplicate_of_line: int | None = None  # a row repeating an earlier labels.csv line
+    duplicate_of: str = ""  # a file with the same content as this earlier landed key
+    already_in_catalog: bool = False  # a file whose content an earlier day curated
 
     @property
-    def landing(self) -> str:
-        return f"landing/{self.day.isoformat()}"
+    def note(self) -> str:
+        """The ledger's ``note`` column."""
+        if self.duplicate_of_line is not None:
+            return f"duplicate_row_of=labels.csv:{self.duplicate_of_line}"
+        if self.duplicate_of:
+            return f"duplicate_of={self.duplicate_of}"
+        return "already_in_catalog" if self.already_in_catalog else ""
 
     @property
-    def labels(self) -> str:
-        return f"{self.landing}/labels.csv"
+    def is_duplicate(self) -> bool:
+        return self.duplicate_of_line is not None or bool(self.duplicate_of) or self.already_in_catalog
 
-    @property
-    def images(self) -> str:
-        return f"{self.landing}/images"
 
-    @property
-    def quarantine(self) -> str:
-        return f"quarantine/{self.day.isoformat()}"
-
-    @property
-    def reports(self) -> str:
-        return f"reports/ingest/{self.day.isoformat()}"
-
-    @property
-    def data_docs(self) -> str:
-        return f"reports/data_docs/{self.day.isoformat()}"
+LEDGER_COLUMNS = ("kind", "ref", "outcome", "reason", "detail", "label", "sha256", "note")
 
 
 @dataclass
@@ -98,10 +164,6 @@ class Batch:
     file_entries: dict[str, LedgerEntry] = field(default_factory=dict)
     suites: dict[str, SuiteOutcome] = field(default_factory=dict)
     gate_reasons: list[str] = field(default_factory=list)
-
-
-def curated_key(sha256: str, ext: str) -> str:
-    return f"curated/images/{sha256[:2]}/{sha256}.{ext}"
 
 
 def read_manifest(data: bytes) -> tuple[pd.DataFrame, str | None]:
@@ -142,7 +204,7 @@ def check_manifest(batch: Batch, quality: QualityRunner, settings: Settings) -> 
         for line, row in frame[list(REQUIRED_COLUMNS)].iterrows():
             primary = first_line[(row.filename, row.label)]
             if primary != int(line):
-                batch.rows[int(line)].note = f"duplicate_row_of=labels.csv:{primary}"
+                batch.rows[int(line)].duplicate_of_line = primary
     outcome = quality.validate("manifest", collapsed, manifest_parameters(settings))
     batch.suites["manifest"] = outcome
     batch.gate_reasons += [f"manifest suite: {reason}" for reason in outcome.gate_failures]
@@ -156,8 +218,8 @@ def check_manifest(batch: Batch, quality: QualityRunner, settings: Settings) -> 
 
 def _follow_primaries(batch: Batch) -> None:
     for entry in batch.rows.values():
-        if entry.note.startswith("duplicate_row_of="):
-            primary = batch.rows[int(entry.note.rsplit(":", 1)[1])]
+        if entry.duplicate_of_line is not None:
+            primary = batch.rows[entry.duplicate_of_line]
             if primary.outcome == "quarantined":
                 _quarantine(entry, primary.reason, primary.detail)
 
@@ -298,15 +360,10 @@ def check_images(
     return inspected
 
 
-def dedupe_and_split(
-    batch: Batch,
-    claimed: dict[str, int],
-    inspected: dict[str, Inspected],
-    known: pd.DataFrame,
-    settings: Settings,
-) -> list[dict[str, Any]]:
-    """Collapse exact duplicates, quarantine label conflicts, assign splits; return new catalog rows."""
-    known_labels = dict(zip(known["sha256"], known["label"], strict=True))
+def _collapse_duplicates(
+    batch: Batch, claimed: dict[str, int], inspected: dict[str, Inspected], known_labels: dict[str, str]
+) -> dict[str, str]:
+    """Collapse identical content, quarantine label conflicts; returns new sha256 -> its first file."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in sorted(claimed):
         if batch.file_entries[batch.files[name]].outcome == "curated":
@@ -324,11 +381,45 @@ def dedupe_and_split(
                 _set_file_and_row(batch, name, claimed[name], "label_conflicts_with_catalog", detail)
         elif sha in known_labels:
             for name in names:
-                batch.file_entries[batch.files[name]].note = "already_in_catalog"
+                batch.file_entries[batch.files[name]].already_in_catalog = True
         else:
             new[sha] = names[0]
             for name in names[1:]:
-                batch.file_entries[batch.files[name]].note = f"duplicate_of={batch.files[names[0]]}"
+                batch.file_entries[batch.files[name]].duplicate_of = batch.files[names[0]]
+    return new
+
+
+def _catalog_row(batch: Batch, name: str, label: str, split: str, inspected: Inspected) -> dict[str, Any]:
+    report = inspected.report
+    return {
+        "sha256": report.sha256,
+        "label": label,
+        "split": split,
+        "day": batch.layout.day.isoformat(),
+        "curated_key": curated_key(report.sha256, report.curated_ext),
+        "source_key": batch.files[name],
+        "source_sha256": report.source_sha256,
+        "format": report.format,
+        "width": report.width,
+        "height": report.height,
+        "file_bytes": report.file_bytes,
+        "brightness": report.brightness,
+        "contrast": report.contrast,
+        "blur": report.blur,
+        "phash": report.phash,
+    }
+
+
+def dedupe_and_split(
+    batch: Batch,
+    claimed: dict[str, int],
+    inspected: dict[str, Inspected],
+    known: pd.DataFrame,
+    settings: Settings,
+) -> list[dict[str, Any]]:
+    """Collapse exact duplicates, quarantine label conflicts, assign splits; return new catalog rows."""
+    known_labels = dict(zip(known["sha256"], known["label"], strict=True))
+    new = _collapse_duplicates(batch, claimed, inspected, known_labels)
     fractions = (settings.data.splits.train, settings.data.splits.val, settings.data.splits.test)
     splits = catalog.assign_splits(
         [catalog.SplitCandidate(sha, inspected[name].report.phash) for sha, name in new.items()],
@@ -337,29 +428,10 @@ def dedupe_and_split(
         fractions,
         settings.ingest.near_duplicate_max_distance,
     )
-    rows = []
-    for sha, name in sorted(new.items()):
-        report = inspected[name].report
-        rows.append(
-            {
-                "sha256": sha,
-                "label": batch.rows[claimed[name]].label,
-                "split": splits[sha],
-                "day": batch.layout.day.isoformat(),
-                "curated_key": curated_key(sha, report.curated_ext),
-                "source_key": batch.files[name],
-                "source_sha256": report.source_sha256,
-                "format": report.format,
-                "width": report.width,
-                "height": report.height,
-                "file_bytes": report.file_bytes,
-                "brightness": report.brightness,
-                "contrast": report.contrast,
-                "blur": report.blur,
-                "phash": report.phash,
-            }
-        )
-    return rows
+    return [
+        _catalog_row(batch, name, batch.rows[claimed[name]].label, splits[sha], inspected[name])
+        for sha, name in sorted(new.items())
+    ]
 
 
 def ledger(batch: Batch) -> list[LedgerEntry]:
@@ -368,51 +440,73 @@ def ledger(batch: Batch) -> list[LedgerEntry]:
     ]
 
 
-def summarise(batch: Batch, new_rows: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+def _gate(batch: Batch, entries: list[LedgerEntry], share: float, settings: Settings) -> BatchGate:
+    limit = settings.ingest.max_rejected_share
+    reasons = list(batch.gate_reasons)
+    if share > limit:
+        reasons.append(f"rejected share {share:.3f} > max_rejected_share {limit}")
+    if not entries:
+        reasons.append("nothing landed besides labels.csv")
+    return BatchGate(not reasons, reasons)
+
+
+def summarise(
+    batch: Batch, new_rows: list[dict[str, Any]], settings: Settings, reports: dict[str, str]
+) -> IngestResult:
     entries = ledger(batch)
     rows = [e for e in entries if e.kind == "row"]
     files = [e for e in entries if e.kind == "file"]
     quarantined = [e for e in entries if e.outcome == "quarantined"]
     share = len(quarantined) / len(entries) if entries else 0.0
-    limit = settings.ingest.max_rejected_share
-    gate_reasons = list(batch.gate_reasons)
-    if share > limit:
-        gate_reasons.append(f"rejected share {share:.3f} > max_rejected_share {limit}")
-    if not entries:
-        gate_reasons.append("nothing landed besides labels.csv")
-    return {
-        "day": batch.layout.day.isoformat(),
-        "status": "rejected" if gate_reasons else "published",
-        "landed": {"rows": len(rows), "files": len(files), "objects": len(entries)},
-        "curated": {
-            "rows": sum(e.outcome == "curated" for e in rows),
-            "files": sum(e.outcome == "curated" for e in files),
-            "new_images": len(new_rows),
-            "duplicates": sum(e.outcome == "curated" and bool(e.note) for e in files),
-        },
-        "quarantined": {
-            "rows": sum(e.outcome == "quarantined" for e in rows),
-            "files": sum(e.outcome == "quarantined" for e in files),
-            "by_reason": dict(sorted(Counter(e.reason for e in quarantined).items())),
-        },
-        "rejected_share": round(share, 4),
-        "gate": {"passed": not gate_reasons, "reasons": gate_reasons},
-        "suites": {
+    gate = _gate(batch, entries, share, settings)
+    return IngestResult(
+        day=batch.layout.day.isoformat(),
+        status=IngestStatus.PUBLISHED if gate.passed else IngestStatus.REJECTED,
+        landed=Landed(len(rows), len(files), len(entries)),
+        curated=Curated(
+            rows=sum(e.outcome == "curated" for e in rows),
+            files=sum(e.outcome == "curated" for e in files),
+            new_images=len(new_rows),
+            duplicates=sum(e.outcome == "curated" and e.is_duplicate for e in files),
+        ),
+        quarantined=Quarantined(
+            rows=sum(e.outcome == "quarantined" for e in rows),
+            files=sum(e.outcome == "quarantined" for e in files),
+            by_reason=dict(sorted(Counter(e.reason for e in quarantined).items())),
+        ),
+        rejected_share=round(share, 4),
+        gate=gate,
+        suites={
             name: {"success": o.success, "failed_expectations": o.failed_expectations}
             for name, o in batch.suites.items()
         },
-        "reconciled": all(e.outcome in ("curated", "quarantined") for e in entries)
+        reconciled=all(e.outcome in ("curated", "quarantined") for e in entries)
         and len(entries) == len(rows) + len(files),
-    }
+        reports=reports,
+    )
 
 
 def ledger_csv(entries: list[LedgerEntry]) -> bytes:
     buffer = io.StringIO()
-    names = list(LedgerEntry.__dataclass_fields__)
-    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(LEDGER_COLUMNS), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(asdict(entry) for entry in entries)
+    writer.writerows({column: getattr(entry, column) for column in LEDGER_COLUMNS} for entry in entries)
     return buffer.getvalue().encode()
+
+
+def _write_quarantine(storage: Storage, batch: Batch, blobs: dict[str, bytes]) -> None:
+    """Quarantined originals as landed, the day's ``_reasons.csv``, and nothing stale from a re-run."""
+    entries = ledger(batch)
+    keep = {batch.layout.quarantine_reasons}
+    for entry in entries:
+        if entry.kind == "file" and entry.outcome == "quarantined":
+            target = join_key(batch.layout.quarantine, entry.ref.removeprefix(batch.layout.landing + "/"))
+            storage.write_bytes(target, blobs[entry.ref])
+            keep.add(target)
+    quarantined = [entry for entry in entries if entry.outcome == "quarantined"]
+    storage.write_bytes(batch.layout.quarantine_reasons, ledger_csv(quarantined))
+    for stale in set(storage.list(batch.layout.quarantine)) - keep:
+        storage.delete(stale)
 
 
 def publish(
@@ -428,17 +522,7 @@ def publish(
             name = row["source_key"].removeprefix(batch.layout.images + "/")
             curated = inspected[name].curated_bytes(blobs[row["source_key"]])
             storage.write_bytes(row["curated_key"], curated or b"")
-    entries = ledger(batch)
-    keep = {join_key(batch.layout.quarantine, "_reasons.csv")}
-    for entry in entries:
-        if entry.kind == "file" and entry.outcome == "quarantined":
-            target = join_key(batch.layout.quarantine, entry.ref.removeprefix(batch.layout.landing + "/"))
-            storage.write_bytes(target, blobs[entry.ref])
-            keep.add(target)
-    quarantined = [entry for entry in entries if entry.outcome == "quarantined"]
-    storage.write_bytes(join_key(batch.layout.quarantine, "_reasons.csv"), ledger_csv(quarantined))
-    for stale in set(storage.list(batch.layout.quarantine)) - keep:
-        storage.delete(stale)
+    _write_quarantine(storage, batch, blobs)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
     storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))
     return catalog.write_version(storage, batch.layout.day)
@@ -461,12 +545,11 @@ def load_batch(storage: Storage, day: dt.date) -> tuple[Batch, str | None]:
     return Batch(layout, manifest, files, stray), parse_error
 
 
-def ingest_day(settings: Settings, storage: Storage, day: dt.date) -> dict[str, Any]:
-    """Validate, curate or quarantine, and version one landing day; return the run's result."""
-    batch, parse_error = load_batch(storage, day)
-    if parse_error:
-        batch.gate_reasons.append(parse_error)
-    blobs = fetch_all(storage, [*batch.files.values(), *batch.stray])
+def validate_batch(
+    settings: Settings, storage: Storage, batch: Batch, blobs: dict[str, bytes]
+) -> tuple[IngestResult, list[dict[str, Any]], dict[str, Inspected]]:
+    """Run every check on a loaded batch: (result, new catalog rows, inspection of each image)."""
+    day = batch.layout.day
     run_time = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
     limits = ImageLimits.from_settings(settings.ingest)
     images = {name: blobs[key] for name, key in batch.files.items()}
@@ -477,27 +560,35 @@ def ingest_day(settings: Settings, storage: Storage, day: dt.date) -> dict[str, 
         check_manifest(batch, quality, settings)
         claimed = pair_rows_and_files(batch)
         inspected = check_images(batch, claimed, inspection, quality, settings)
-        known = catalog.load_catalog(storage, before=day)
-        new_rows = dedupe_and_split(batch, claimed, inspected, known, settings)
-        result = summarise(batch, new_rows, settings)
-        result["reports"] = {
+        new_rows = dedupe_and_split(
+            batch, claimed, inspected, catalog.load_catalog(storage, before=day), settings
+        )
+        reports = {
             "data_docs": quality.publish_docs(storage, batch.layout.data_docs),
-            "ledger": storage.url(join_key(batch.layout.reports, "ledger.csv")),
-            "result": storage.url(join_key(batch.layout.reports, "result.json")),
+            "ledger": storage.url(batch.layout.ledger),
+            "result": storage.url(batch.layout.result),
         }
-    storage.write_bytes(join_key(batch.layout.reports, "ledger.csv"), ledger_csv(ledger(batch)))
-    if result["gate"]["passed"]:
+    return summarise(batch, new_rows, settings, reports), new_rows, inspected
+
+
+def ingest_day(settings: Settings, storage: Storage, day: dt.date) -> IngestResult:
+    """Validate, curate or quarantine, and version one landing day; return the run's result."""
+    batch, parse_error = load_batch(storage, day)
+    if parse_error:
+        batch.gate_reasons.append(parse_error)
+    blobs = fetch_all(storage, [*batch.files.values(), *batch.stray])
+    result, new_rows, inspected = validate_batch(settings, storage, batch, blobs)
+    storage.write_bytes(batch.layout.ledger, ledger_csv(ledger(batch)))
+    if result.gate.passed:
         version = publish(storage, batch, new_rows, inspected, blobs)
-        result["dataset_version"] = version["version"]
-        result["quarantine"] = storage.url(batch.layout.quarantine)
-    storage.write_bytes(
-        join_key(batch.layout.reports, "result.json"), json.dumps(result, indent=2, sort_keys=True).encode()
-    )
-    if not result["gate"]["passed"]:
-        reasons = "; ".join(result["gate"]["reasons"])
-        docs = result["reports"]["data_docs"]
+        result = replace(
+            result, dataset_version=version["version"], quarantine=storage.url(batch.layout.quarantine)
+        )
+    storage.write_bytes(batch.layout.result, json.dumps(result.to_dict(), indent=2, sort_keys=True).encode())
+    if not result.gate.passed:
+        reasons = "; ".join(result.gate.reasons)
         raise BatchRejected(
-            f"ingest {day} rejected, nothing published: {reasons}. Data Docs: {docs}",
+            f"ingest {day} rejected, nothing published: {reasons}. Data Docs: {result.reports['data_docs']}",
             result,
         )
     return result

@@ -1,6 +1,6 @@
 """The dataset catalog: one row per curated image, one partition per landing day, versioned.
 
-Layout under the storage root::
+Layout under the storage root (keys in ``ml.layout``)::
 
     catalog/days/YYYY-MM-DD.parquet     accepted images of that day (sha256, label, split, props)
     catalog/versions/YYYY-MM-DD.json    dataset version = every partition up to that day, hashed
@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ml.images import hamming_distances
+from ml.data.images import hamming_distances
+from ml.layout import CATALOG_DAYS_PREFIX, CATALOG_LATEST_KEY, partition_key, version_key
 from ml.storage import Storage, StorageError
 
-DAYS_PREFIX = "catalog/days"
-VERSIONS_PREFIX = "catalog/versions"
-LATEST_KEY = "catalog/LATEST"
 SPLITS = ("train", "val", "test")
 
 CATALOG_COLUMNS = [
@@ -47,14 +45,6 @@ CATALOG_COLUMNS = [
 ]
 
 
-def partition_key(day: dt.date) -> str:
-    return f"{DAYS_PREFIX}/{day.isoformat()}.parquet"
-
-
-def version_key(day: dt.date) -> str:
-    return f"{VERSIONS_PREFIX}/{day.isoformat()}.json"
-
-
 def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False, compression="zstd")
@@ -63,7 +53,7 @@ def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
 
 def partition_days(storage: Storage) -> list[dt.date]:
     days = []
-    for key in storage.list(DAYS_PREFIX):
+    for key in storage.list(CATALOG_DAYS_PREFIX):
         name = key.rsplit("/", 1)[-1]
         if name.endswith(".parquet"):
             days.append(dt.date.fromisoformat(name.removesuffix(".parquet")))
@@ -172,13 +162,13 @@ def write_version(storage: Storage, day: dt.date) -> dict[str, Any]:
     storage.write_bytes(version_key(day), json.dumps(version, indent=2, sort_keys=True).encode())
     latest = latest_day(storage)
     if latest is None or day >= latest:
-        storage.write_bytes(LATEST_KEY, day.isoformat().encode())
+        storage.write_bytes(CATALOG_LATEST_KEY, day.isoformat().encode())
     return version
 
 
 def latest_day(storage: Storage) -> dt.date | None:
     try:
-        return dt.date.fromisoformat(storage.read_bytes(LATEST_KEY).decode().strip())
+        return dt.date.fromisoformat(storage.read_bytes(CATALOG_LATEST_KEY).decode().strip())
     except StorageError:
         return None
 
@@ -189,3 +179,15 @@ def read_version(storage: Storage, day: dt.date | None = None) -> dict[str, Any]
     if day is None:
         raise StorageError(f"no dataset version yet under {storage.url('catalog')}")
     return json.loads(storage.read_bytes(version_key(day)))
+
+
+def dataset_rows(storage: Storage, day: dt.date | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The dataset version (LATEST by default) and its catalog rows, sorted by sha256."""
+    version = read_version(storage, day)
+    rows = load_catalog(storage, upto=dt.date.fromisoformat(version["day"]))
+    return version, rows.sort_values("sha256", ignore_index=True)
+
+
+def split_rows(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The catalog rows of one split (``train``, ``val`` or ``test``)."""
+    return rows[rows["split"] == split].reset_index(drop=True)

@@ -1,14 +1,13 @@
 """Train the classifier head on cached backbone features with PyTorch Lightning.
 
 With a frozen backbone (the default), every image's features come from the feature cache
-(``ml.features``): view 0 is the clean image, views 1..V-1 augmented copies. Each epoch draws
+(``ml.training.features``): view 0 is the clean image, views 1..V-1 augmented copies. Each epoch draws
 one cached view per training image, so augmentation costs nothing after the first run.
 Validation and test use view 0 only.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ml import catalog
 from ml.config import Settings
-from ml.storage import Storage
+from ml.training.evaluate import Evaluation, evaluate
+from ml.training.model import Head, predict_proba
 
 SPLITS = ("train", "val", "test")
 
@@ -66,13 +65,6 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def dataset_rows(storage: Storage, day: dt.date | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The dataset version (LATEST by default) and its catalog rows."""
-    version = catalog.read_version(storage, day)
-    rows = catalog.load_catalog(storage, upto=dt.date.fromisoformat(version["day"]))
-    return version, rows.sort_values("sha256", ignore_index=True)
 
 
 def split_data(rows: pd.DataFrame, features: np.ndarray, classes: list[str]) -> dict[str, SplitData]:
@@ -230,15 +222,27 @@ class _BestWeights(L.Callback):
             self.state = {k: v.detach().clone() for k, v in module.head.state_dict().items()}
 
 
-def predict_proba(head: nn.Module, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Softmax probabilities of ``head`` on (N, D) features."""
-    head.eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(features), batch_size):
-            logits = head(torch.from_numpy(np.ascontiguousarray(features[start : start + batch_size])))
-            outputs.append(torch.softmax(logits, dim=1).numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+@dataclass
+class TrainResult:
+    """A fitted head and how it did on the test split."""
+
+    head: nn.Module
+    fit: FitResult
+    evaluation: Evaluation
+    test_proba: np.ndarray
+
+
+def train(
+    data: dict[str, SplitData],
+    classes: list[str],
+    hparams: Hyperparameters,
+    sink: Callable[[dict[str, float], int], None] | None = None,
+) -> TrainResult:
+    """The pure core of a retrain: a new head fitted on the features, evaluated on the test split."""
+    head = Head(data["train"].features.shape[2], len(classes), hparams.dropout)
+    fit = fit_head(head, data, hparams, sink)
+    proba = predict_proba(fit.head, data["test"].features[:, 0])
+    return TrainResult(fit.head, fit, evaluate(data["test"].labels, proba, classes, seed=hparams.seed), proba)
 
 
 def training_curves_png(history: list[dict[str, float]]) -> bytes:

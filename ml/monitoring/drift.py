@@ -1,10 +1,7 @@
 """Drift: a batch of images against the current champion's reference, with Evidently.
 
-Reference: built when a model is trained, from the held-out rows (val + test) of its dataset
-version, so the model's outputs on it are not inflated by training; logged with the model's
-MLflow run (``drift_reference/``). It holds, per image: the ingestion properties, the backbone
-embedding projected on a PCA fitted on the reference, the label, and the model's predicted class
-and confidence; plus the PCA itself and the feature-cache id the embeddings came from.
+The reference (``ml.training.reference``) is built when a model is trained, from the held-out
+rows of its dataset version, and logged with the model's MLflow run (``drift_reference/``).
 
 Columns and decision (all thresholds in ``monitoring``):
 
@@ -32,97 +29,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ml import registry
+from ml.alerts import Alert, Notify
 from ml.config import MonitoringConfig, Settings
+from ml.layout import DRIFT_REPORTS_PREFIX, REFERENCE_ARTIFACTS, RETRAIN_REQUESTS_KEY, drift_summary_key
 from ml.storage import Storage
+from ml.training.reference import Reference, batch_frame
 
 log = logging.getLogger(__name__)
-
-PROPERTY_COLUMNS = ("width", "height", "file_bytes", "brightness", "contrast", "blur")
-REFERENCE_ARTIFACTS = "drift_reference"
-REPORTS_PREFIX = "reports/drift"
-REQUESTS_KEY = "monitoring/drift/retrain_requests.jsonl"
-
-
-def pca_columns(components: int) -> list[str]:
-    return [f"embedding_pc{i}" for i in range(components)]
-
-
-@dataclass(frozen=True)
-class Reference:
-    """What a model's inputs and outputs looked like when it was trained."""
-
-    frame: pd.DataFrame  # properties, embedding_pc*, label, predicted_class, confidence
-    pca_mean: np.ndarray  # (D,)
-    pca_components: np.ndarray  # (k, D)
-    cache_id: str
-    classes: list[str]
-    dataset_version: str
-
-    def project(self, embeddings: np.ndarray) -> np.ndarray:
-        return (embeddings - self.pca_mean) @ self.pca_components.T
-
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.frame.to_parquet(folder / "reference.parquet", index=False)
-        np.savez(folder / "pca.npz", mean=self.pca_mean, components=self.pca_components)
-        meta = {"cache_id": self.cache_id, "classes": self.classes, "dataset_version": self.dataset_version}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-
-    @classmethod
-    def load(cls, folder: Path) -> Reference:
-        meta = json.loads((folder / "meta.json").read_text())
-        with np.load(folder / "pca.npz") as pca:
-            mean, components = pca["mean"], pca["components"]
-        frame = pd.read_parquet(folder / "reference.parquet")
-        return cls(frame, mean, components, meta["cache_id"], meta["classes"], meta["dataset_version"])
-
-
-def fit_pca(embeddings: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and top principal axes (k, D) of ``embeddings`` (SVD; signs fixed for reproducibility)."""
-    mean = embeddings.mean(axis=0)
-    _, _, axes = np.linalg.svd(embeddings - mean, full_matrices=False)
-    axes = axes[: min(components, len(axes))]
-    signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])
-    return mean.astype(np.float32), (axes * signs[:, None]).astype(np.float32)
-
-
-def batch_frame(
-    rows: pd.DataFrame,
-    projected: np.ndarray,
-    proba: np.ndarray,
-    classes: list[str],
-) -> pd.DataFrame:
-    """One row per image: the columns drift compares."""
-    frame = rows[list(PROPERTY_COLUMNS)].astype(float).reset_index(drop=True)
-    for i, column in enumerate(pca_columns(projected.shape[1])):
-        frame[column] = projected[:, i]
-    frame["label"] = rows["label"].astype(str).to_numpy() if "label" in rows else "unknown"
-    frame["predicted_class"] = np.asarray(classes)[proba.argmax(axis=1)]
-    frame["confidence"] = proba.max(axis=1)
-    return frame
-
-
-def build_reference(
-    rows: pd.DataFrame,
-    embeddings: np.ndarray,
-    proba: np.ndarray,
-    classes: list[str],
-    *,
-    cache_id: str,
-    dataset_version: str,
-    components: int,
-    max_rows: int,
-    seed: int = 0,
-) -> Reference:
-    """A reference from held-out rows, their clean-view embeddings (N, D) and the model's probabilities."""
-    if len(rows) > max_rows:
-        keep = np.sort(np.random.default_rng(seed).choice(len(rows), max_rows, replace=False))
-        rows, embeddings, proba = rows.iloc[keep], embeddings[keep], proba[keep]
-    mean, axes = fit_pca(embeddings.astype(np.float32), components)
-    projected = (embeddings - mean) @ axes.T
-    return Reference(
-        batch_frame(rows, projected, proba, classes), mean, axes, cache_id, classes, dataset_version
-    )
 
 
 def prediction_kl(current: pd.Series, reference: pd.Series, classes: list[str]) -> float:
@@ -162,9 +76,17 @@ class DriftResult:
     columns: list[ColumnDrift] = field(default_factory=list)
     report: str = ""
     report_json: str = ""
+    mlflow_run_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The day's ``summary.json``."""
+        out = asdict(self)
+        out.pop("mlflow_run_id")
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What ``mlops drift --json`` prints and the DAG hands on."""
+        return {"status": "measured", "mlflow_run_id": self.mlflow_run_id, **self.to_dict()}
 
     def reason_text(self) -> str:
         return "; ".join(self.reasons) or "no drift"
@@ -219,7 +141,7 @@ def compare(current: pd.DataFrame, reference: Reference, monitoring: MonitoringC
     return snapshot, columns
 
 
-def decide(
+def drift_verdict(
     columns: list[ColumnDrift], kl: float, monitoring: MonitoringConfig
 ) -> tuple[float, bool, bool, bool, list[str]]:
     """(drift_score, data_drift, prediction_drift, severe, reasons) from the column decisions and KL."""
@@ -248,8 +170,6 @@ def decide(
 
 def load_reference(settings: Settings, version: str) -> Reference:
     """The drift reference logged with model ``version``'s training run."""
-    from ml import registry
-
     client = registry.client(settings)
     model_version = client.get_model_version(settings.mlflow.registered_model, str(version))
     with tempfile.TemporaryDirectory() as folder:
@@ -261,8 +181,6 @@ def load_reference(settings: Settings, version: str) -> Reference:
 def champion_reference(settings: Settings) -> tuple[str, Reference, Any] | None:
     """(version, reference, head) of the current champion, or None when there is none yet."""
     import mlflow
-
-    from ml import registry
 
     version = registry.version_for_alias(settings, registry.CHAMPION)
     if version is None:
@@ -277,16 +195,12 @@ def current_frame(
     settings: Settings, storage: Storage, rows: pd.DataFrame, reference: Reference, head: Any
 ) -> pd.DataFrame:
     """The batch's drift columns: cached embeddings (computed and cached when missing), projected."""
-    from ml.model import build_backbone
-    from ml.preprocessing import Preprocessing
-    from ml.retrain import feature_cache
-    from ml.train import predict_proba
+    from ml.training.features import feature_cache
+    from ml.training.model import backbone_from_settings, predict_proba
+    from ml.training.preprocessing import Preprocessing
 
     prep = Preprocessing.from_settings(settings.preprocessing)
-    backbone = build_backbone(
-        settings.model.architecture, settings.model.pretrained, settings.model.weights_path
-    )
-    cache = feature_cache(settings, storage, backbone, prep)
+    cache = feature_cache(settings, storage, backbone_from_settings(settings), prep)
     if cache.id != reference.cache_id:
         raise ValueError(
             f"the champion's reference was built with feature cache {reference.cache_id}, the config gives "
@@ -300,7 +214,7 @@ def current_frame(
 
 
 def write_report(
-    storage: Storage, day: str, snapshot: Any, prefix: str = REPORTS_PREFIX
+    storage: Storage, day: str, snapshot: Any, prefix: str = DRIFT_REPORTS_PREFIX
 ) -> tuple[str, str, str]:
     """Store the Evidently report (HTML, JSON) under ``prefix/day``; return their URLs and the HTML."""
     prefix = f"{prefix}/{day}"
@@ -317,8 +231,6 @@ def write_report(
 def log_to_mlflow(settings: Settings, result: DriftResult, report_html: str) -> str:
     """One run per monitored day in the ``<experiment>-monitoring`` experiment; returns its id."""
     import mlflow
-
-    from ml import registry
 
     mlflow.set_tracking_uri(registry.tracking_uri(settings))
     experiment_id = registry.ensure_experiment(settings, f"{settings.mlflow.experiment_name}-monitoring")
@@ -337,34 +249,33 @@ def log_to_mlflow(settings: Settings, result: DriftResult, report_html: str) -> 
         return run.info.run_id
 
 
-def _not_measured(status: str, day: dt.date, reason: str) -> dict[str, Any]:
-    return {
-        "status": status,
-        "day": str(day),
-        "drift_detected": False,
-        "drift_score": None,
-        "reasons": [reason],
-    }
+@dataclass(frozen=True)
+class NotMeasured:
+    """A day drift could not be measured for: no champion yet, or nothing curated that day."""
+
+    status: str  # no_reference | empty
+    day: str
+    reason: str
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "day": self.day,
+            "drift_detected": False,
+            "drift_score": None,
+            "reasons": [self.reason],
+        }
 
 
-def monitor_day(settings: Settings, storage: Storage, day: dt.date) -> dict[str, Any]:
-    """Drift of ``day``'s curated images against the champion: report, MLflow run, summary."""
-    from ml.catalog import read_partition
-
-    found = champion_reference(settings)
-    if found is None:
-        return _not_measured("no_reference", day, "no champion model yet: nothing to compare against")
-    version, reference, head = found
-    rows = read_partition(storage, day)
-    if rows.empty:
-        return _not_measured("empty", day, f"no curated images for {day}")
-    current = current_frame(settings, storage, rows, reference, head)
-    monitoring = settings.monitoring
+def judge_frame(
+    day: str, version: str, current: pd.DataFrame, reference: Reference, monitoring: MonitoringConfig
+) -> tuple[DriftResult, Any]:
+    """Compare a batch's drift columns with the reference: the result and the Evidently snapshot."""
     snapshot, columns = compare(current, reference, monitoring)
     kl = prediction_kl(current["predicted_class"], reference.frame["predicted_class"], reference.classes)
-    score, data_drift, prediction_drift, severe, reasons = decide(columns, kl, monitoring)
+    score, data_drift, prediction_drift, severe, reasons = drift_verdict(columns, kl, monitoring)
     result = DriftResult(
-        day=str(day),
+        day=day,
         model_version=version,
         reference_dataset_version=reference.dataset_version,
         rows_current=len(current),
@@ -378,21 +289,79 @@ def monitor_day(settings: Settings, storage: Storage, day: dt.date) -> dict[str,
         reasons=reasons,
         columns=columns,
     )
+    return result, snapshot
+
+
+def measure_day(settings: Settings, storage: Storage, day: dt.date) -> DriftResult | NotMeasured:
+    """Drift of ``day``'s curated images against the champion: report, MLflow run, summary."""
+    from ml.data.catalog import read_partition
+
+    found = champion_reference(settings)
+    if found is None:
+        return NotMeasured("no_reference", str(day), "no champion model yet: nothing to compare against")
+    version, reference, head = found
+    rows = read_partition(storage, day)
+    if rows.empty:
+        return NotMeasured("empty", str(day), f"no curated images for {day}")
+    current = current_frame(settings, storage, rows, reference, head)
+    result, snapshot = judge_frame(str(day), version, current, reference, settings.monitoring)
     result.report, result.report_json, report_html = write_report(storage, str(day), snapshot)
-    storage.write_bytes(
-        f"{REPORTS_PREFIX}/{day}/summary.json", json.dumps(result.to_dict(), indent=2, default=str).encode()
+    storage.write_bytes(drift_summary_key(day), json.dumps(result.to_dict(), indent=2, default=str).encode())
+    result.mlflow_run_id = log_to_mlflow(settings, result, report_html)
+    return result
+
+
+def drift_alert(summary: dict[str, Any]) -> Alert:
+    """The Slack warning for a drifted day, with the reasons, the retrain decision and the report."""
+    return Alert(
+        title="data_drift_detected",
+        severity="warning",
+        reason=f"{'; '.join(summary['reasons'])}. Retrain: {summary['retrain']['why']}.",
+        dag_id="drift_monitor",
+        task_id="measure",
+        date=summary["day"],
+        link=summary.get("report", ""),
+        details={"drift_score": summary["drift_score"], "prediction_kl": summary["prediction_kl"]},
     )
-    run_id = log_to_mlflow(settings, result, report_html)
-    return {"status": "measured", "mlflow_run_id": run_id, **result.to_dict()}
+
+
+def monitor_days(settings: Settings, storage: Storage, days: list[dt.date], notify: Notify) -> dict[str, Any]:
+    """Measure each day, decide on a retrain (cooldown), warn for each drifted one.
+
+    Returns the summary to act on: the last day that requests a retrain, else the last day.
+    """
+    summaries = []
+    for day in days:
+        summary = measure_day(settings, storage, day).summary()
+        request, why = should_request_retrain(storage, summary, settings.monitoring.cooldown_days)
+        summary["retrain"] = {"request": request, "why": why}
+        log.info(
+            "%s: %s; drift_score %s, prediction_kl %s; detected %s; retrain: %s; report %s",
+            summary["day"],
+            summary["status"],
+            summary["drift_score"],
+            summary.get("prediction_kl"),
+            summary["drift_detected"],
+            why,
+            summary.get("report", "-"),
+        )
+        if summary["drift_detected"]:
+            summary["alert"] = notify(drift_alert(summary))
+        summaries.append(summary)
+    requests = [summary for summary in summaries if summary["retrain"]["request"]]
+    chosen = requests[-1] if requests else summaries[-1]  # one retrain covers every day it sees
+    return {key: value for key, value in chosen.items() if key != "columns"}
 
 
 # ---------------------------------------------------------------- retrain requests and cooldown
 
 
 def retrain_requests(storage: Storage) -> list[dict[str, Any]]:
-    if not storage.exists(REQUESTS_KEY):
+    if not storage.exists(RETRAIN_REQUESTS_KEY):
         return []
-    return [json.loads(line) for line in storage.read_bytes(REQUESTS_KEY).decode().splitlines() if line]
+    return [
+        json.loads(line) for line in storage.read_bytes(RETRAIN_REQUESTS_KEY).decode().splitlines() if line
+    ]
 
 
 def should_request_retrain(storage: Storage, summary: dict[str, Any], cooldown_days: int) -> tuple[bool, str]:
@@ -421,5 +390,16 @@ def record_retrain_request(storage: Storage, summary: dict[str, Any], why: str) 
         "why": why,
     }
     lines = [json.dumps(r) for r in retrain_requests(storage)] + [json.dumps(record)]
-    storage.write_bytes(REQUESTS_KEY, ("\n".join(lines) + "\n").encode())
+    storage.write_bytes(RETRAIN_REQUESTS_KEY, ("\n".join(lines) + "\n").encode())
     return record
+
+
+def retrain_request_extra(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the ``retrain_requested`` event carries: reason, report, score, day."""
+    return {
+        "reason": f"drift on {summary['day']}: {'; '.join(summary['reasons'])}",
+        "report": summary.get("report", ""),
+        "drift_score": summary["drift_score"],
+        "prediction_kl": summary["prediction_kl"],
+        "day": summary["day"],
+    }

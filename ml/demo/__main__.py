@@ -1,0 +1,3 @@
+from ml.demo.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Every storage key and prefix the pipeline reads or writes, in one place (standard library only).
+
+Keys are relative to ``storage.root``. A DAG sensor or a callback can import this module
+without pulling in pandas, PIL or torch. The MLflow artifact paths a run logs are listed at
+the end: they are how training, release and monitoring find each other's files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+# -- landing, quarantine, curated images ----------------------------------------------------------
+LANDING_PREFIX = "landing"
+LABELS_FILE = "labels.csv"
+CURATED_IMAGES_PREFIX = "curated/images"
+QUARANTINE_PREFIX = "quarantine"
+QUARANTINE_REASONS_FILE = "_reasons.csv"
+
+
+@dataclass(frozen=True)
+class DayLayout:
+    """Where one landing day's objects, quarantine and reports live."""
+
+    day: dt.date
+
+    @property
+    def landing(self) -> str:
+        return f"{LANDING_PREFIX}/{self.day.isoformat()}"
+
+    @property
+    def labels(self) -> str:
+        return f"{self.landing}/{LABELS_FILE}"
+
+    @property
+    def images(self) -> str:
+        return f"{self.landing}/images"
+
+    @property
+    def quarantine(self) -> str:
+        return f"{QUARANTINE_PREFIX}/{self.day.isoformat()}"
+
+    @property
+    def quarantine_reasons(self) -> str:
+        return f"{self.quarantine}/{QUARANTINE_REASONS_FILE}"
+
+    @property
+    def reports(self) -> str:
+        return f"{INGEST_REPORTS_PREFIX}/{self.day.isoformat()}"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.reports}/ledger.csv"
+
+    @property
+    def result(self) -> str:
+        return f"{self.reports}/result.json"
+
+    @property
+    def data_docs(self) -> str:
+        return f"{DATA_DOCS_PREFIX}/{self.day.isoformat()}"
+
+
+def curated_key(sha256: str, ext: str) -> str:
+    """Accepted images are content-addressed: ``curated/images/ab/<sha256>.<ext>``."""
+    return f"{CURATED_IMAGES_PREFIX}/{sha256[:2]}/{sha256}.{ext}"
+
+
+# -- the catalog and dataset versions -------------------------------------------------------------
+CATALOG_DAYS_PREFIX = "catalog/days"
+CATALOG_VERSIONS_PREFIX = "catalog/versions"
+CATALOG_LATEST_KEY = "catalog/LATEST"
+
+
+def partition_key(day: dt.date) -> str:
+    return f"{CATALOG_DAYS_PREFIX}/{day.isoformat()}.parquet"
+
+
+def version_key(day: dt.date) -> str:
+    return f"{CATALOG_VERSIONS_PREFIX}/{day.isoformat()}.json"
+
+
+# -- reports --------------------------------------------------------------------------------------
+INGEST_REPORTS_PREFIX = "reports/ingest"
+DATA_DOCS_PREFIX = "reports/data_docs"
+DRIFT_REPORTS_PREFIX = "reports/drift"
+SERVING_DRIFT_REPORTS_PREFIX = "reports/serving_drift"
+
+
+def drift_summary_key(day: object) -> str:
+    return f"{DRIFT_REPORTS_PREFIX}/{day}/summary.json"
+
+
+# -- the feature cache ----------------------------------------------------------------------------
+FEATURES_PREFIX = "features"
+
+
+def feature_shard_key(cache_id: str, day: str) -> str:
+    return f"{FEATURES_PREFIX}/{cache_id}/{day}.npz"
+
+
+# -- drift monitoring and live monitoring ---------------------------------------------------------
+RETRAIN_REQUESTS_KEY = "monitoring/drift/retrain_requests.jsonl"
+LIVE_MONITOR_PREFIX = "monitoring/serving"
+LIVE_MONITOR_STATE_KEY = f"{LIVE_MONITOR_PREFIX}/state.json"
+LIVE_CHECKS_PREFIX = f"{LIVE_MONITOR_PREFIX}/checks"
+
+
+def live_check_key(at: dt.datetime) -> str:
+    return f"{LIVE_CHECKS_PREFIX}/{at:%Y-%m-%d}/{at:%H%M%S%f}.json"
+
+
+# -- registry and serving -------------------------------------------------------------------------
+REGISTRY_AUDIT_PREFIX = "registry/audit"
+SERVING_AUDIT_PREFIX = "serving/audit"
+PREDICTIONS_PREFIX = "serving/predictions"
+FEEDBACK_PREFIX = "serving/feedback"
+REQUEST_IMAGES_PREFIX = "serving/images"
+
+
+def request_image_key(day: str, request_id: str) -> str:
+    return f"{REQUEST_IMAGES_PREFIX}/{day}/{request_id}"
+
+
+def log_batch_key(prefix: str, day: str, writer_id: str, sequence: int) -> str:
+    """One flushed batch of a JSONL log (predictions, feedback): ``prefix/DAY/<writer>-<seq>.jsonl``."""
+    return f"{prefix}/{day}/{writer_id}-{sequence:06d}.jsonl"
+
+
+# -- MLflow artifact paths of a training run ------------------------------------------------------
+ONNX_ARTIFACT = "onnx/model.onnx"
+REFERENCE_ARTIFACTS = "drift_reference"
+REFERENCE_PCA_ARTIFACT = f"{REFERENCE_ARTIFACTS}/pca.npz"
+CLASS_NAMES_ARTIFACT = "model_meta/class_names.json"

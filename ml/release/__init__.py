@@ -1,0 +1,1 @@
+"""Release: build the bento, check it while it serves, deploy, withdraw, roll back, audit."""

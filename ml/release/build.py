@@ -1,0 +1,159 @@
+"""Build: a registered model version -> a bundle in the BentoML model store -> ``bentoml build``.
+
+The bento packs only what serving runs (``SERVING_CODE``), so a change to training, the demo or
+the DAGs does not give every bento a new code hash. The bento tag is recorded on the MLflow
+model version (``bento_tag``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from ml import registry
+from ml.config import REPO_ROOT, Settings
+from ml.layout import CLASS_NAMES_ARTIFACT, ONNX_ARTIFACT, REFERENCE_PCA_ARTIFACT
+from ml.release.errors import DeployError
+from ml.serving.bundle import BundleMeta, write_bundle
+from ml.training.preprocessing import Preprocessing
+
+BENTOFILE = REPO_ROOT / "bentos" / "bentofile.yaml"
+SERVICE = "bentos.service:ImageClassifier"
+SERVING_CODE = (  # what a bento carries: the service and the parts of ml it imports
+    "bentos/*.py",
+    "ml/__init__.py",
+    "ml/config.py",
+    "ml/storage.py",
+    "ml/layout.py",
+    "ml/data/__init__.py",
+    "ml/data/images.py",
+    "ml/training/__init__.py",
+    "ml/training/preprocessing.py",
+    "ml/serving/*.py",
+    "params.yaml",
+)
+
+
+def use_bentoml_home(settings: Settings) -> Path:
+    """Point BentoML at the configured store (``BENTOML_HOME`` wins); call before importing bentoml."""
+    home = os.environ.get("BENTOML_HOME") or str((REPO_ROOT / settings.serving.bentoml_home).resolve())
+    os.environ["BENTOML_HOME"] = home
+    Path(home).mkdir(parents=True, exist_ok=True)
+    return Path(home)
+
+
+def model_tag(settings: Settings, version: str, run_id: str) -> str:
+    """Version and training run: two registries (or a recreated one) never share a tag."""
+    return f"{settings.mlflow.registered_model}:v{version}-{run_id[:12]}"
+
+
+def import_model(settings: Settings, version: str) -> str:
+    """The model version as a bundle in the BentoML model store (idempotent); returns its tag."""
+    use_bentoml_home(settings)
+    import bentoml
+    from mlflow.exceptions import MlflowException
+
+    client = registry.client(settings)
+    try:
+        model_version = client.get_model_version(settings.mlflow.registered_model, str(version))
+    except MlflowException as exc:
+        raise DeployError(f"no version {version} of {settings.mlflow.registered_model}: {exc}") from None
+    tag = model_tag(settings, version, model_version.run_id)
+    try:
+        bentoml.models.get(tag)
+        return tag
+    except bentoml.exceptions.NotFound:
+        pass
+    run = client.get_run(model_version.run_id)
+    prep = Preprocessing.from_settings(settings.preprocessing)
+    trained_with = run.data.params.get("preprocessing", prep.version)
+    if trained_with != prep.version:
+        raise DeployError(
+            f"v{version} was trained with preprocessing {trained_with}, the config has {prep.version}"
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        onnx = Path(client.download_artifacts(model_version.run_id, ONNX_ARTIFACT, folder))
+        pca = Path(client.download_artifacts(model_version.run_id, REFERENCE_PCA_ARTIFACT, folder))
+        names = Path(client.download_artifacts(model_version.run_id, CLASS_NAMES_ARTIFACT, folder))
+        _require_serving_outputs(onnx, version)
+        meta = BundleMeta(
+            model_version=str(version),
+            dataset_version=model_version.tags.get("dataset_version", ""),
+            run_id=model_version.run_id,
+            classes=list(json.loads(names.read_text())["classes"]),
+            image_size=prep.image_size,
+            mean=prep.mean,
+            std=prep.std,
+        )
+        labels = {"registered_model": settings.mlflow.registered_model, "model_version": str(version)}
+        with bentoml.models.create(tag, labels=labels, metadata=asdict(meta)) as model:
+            write_bundle(Path(model.path), onnx, pca, meta)
+    return tag
+
+
+def _require_serving_outputs(onnx: Path, version: str) -> None:
+    import onnx as onnx_lib
+
+    outputs = {out.name for out in onnx_lib.load(str(onnx), load_external_data=False).graph.output}
+    if not {"logits", "features"} <= outputs:
+        raise DeployError(f"v{version}'s ONNX export has outputs {sorted(outputs)}; retrain it to serve it")
+
+
+def serving_files() -> list[Path]:
+    """The files ``SERVING_CODE`` names, sorted."""
+    return sorted({path for pattern in SERVING_CODE for path in REPO_ROOT.glob(pattern) if path.is_file()})
+
+
+def code_hash() -> str:
+    """What a bento's code is: the files it packs and its bentofile."""
+    digest = hashlib.sha256()
+    for path in [*serving_files(), BENTOFILE]:
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def _build_context(folder: Path, version: str, model: str, tag: str, options: dict) -> Path:
+    """A build context holding the serving code, ``packed.json`` and the bentofile for one model."""
+    for path in serving_files():
+        target = folder / path.relative_to(REPO_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    packed = {"model_version": str(version), "model_tag": model, "bento_tag": tag}
+    (folder / "bentos" / "packed.json").write_text(json.dumps(packed, indent=2))
+    bentofile = folder / "bentofile.yaml"
+    bentofile.write_text(yaml.safe_dump(options | {"models": [model]}))
+    return bentofile
+
+
+def build_bento(settings: Settings, version: str) -> str:
+    """``bentoml build`` of the service with this version packed in; idempotent per version and code."""
+    tag_of_model = import_model(settings, version)
+    import bentoml
+
+    name = settings.serving.bento_name
+    bento_version = f"{tag_of_model.split(':', 1)[1]}-{code_hash()}"  # model version, its run, the code
+    tag = f"{name}:{bento_version}"
+    try:
+        bentoml.get(tag)
+    except bentoml.exceptions.NotFound:
+        options = yaml.safe_load(BENTOFILE.read_text())
+        with tempfile.TemporaryDirectory() as folder:
+            bentofile = _build_context(Path(folder), version, tag_of_model, tag, options)
+            bentoml.bentos.build_bentofile(
+                str(bentofile),
+                name=name,
+                version=bento_version,
+                labels={**options.get("labels", {}), "model_version": str(version)},
+                build_ctx=folder,
+            )
+    registry.client(settings).set_model_version_tag(
+        settings.mlflow.registered_model, str(version), "bento_tag", tag
+    )
+    return tag

@@ -1,0 +1,58 @@
+"""The live guard: one monitoring check of the endpoint, with the power to roll a bad model back.
+
+Monitoring measures and judges (``ml.monitoring.live``); release owns the deployment state and
+the rollback, so this is where the two meet: ``monitor_serving`` and ``mlops monitor`` call it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from ml.alerts import Notice, Notify, notice_alert
+from ml.config import Settings
+from ml.monitoring.live import LiveDeployment, check_endpoint
+from ml.release.audit import deployed_at
+from ml.release.deploy import rollback
+from ml.release.service import state_path
+from ml.serving.state import read_state
+from ml.storage import Storage
+
+
+def live_deployment(settings: Settings, storage: Storage) -> LiveDeployment:
+    """What the endpoint is meant to serve, and since when its stable model serves."""
+    state = read_state(state_path(settings))
+    if state is None:
+        return LiveDeployment(stable=None)
+    return LiveDeployment(state.stable, state.canary, state.previous, deployed_at(storage, state.stable))
+
+
+def check_live(
+    settings: Settings,
+    storage: Storage,
+    *,
+    notify: Notify | None = None,
+    origin: str = "monitor_serving",
+    allow_rollback: bool | None = None,
+    by: str = "monitor_serving",
+    now: dt.datetime | None = None,
+    run_id: str = "",
+) -> dict[str, Any]:
+    """Check the endpoint; alerts go through ``notify`` (titled by rule, deduplicated per ``origin``)."""
+
+    def roll_back(reason: str) -> dict[str, Any]:
+        return rollback(settings, storage, by=f"{by} (automatic)", reason=reason).to_dict()
+
+    def send(notice: Notice) -> dict[str, str]:
+        return notify(notice_alert(notice, dag_id=origin)) if notify else {"log": "no channels"}
+
+    return check_endpoint(
+        settings,
+        storage,
+        live_deployment(settings, storage),
+        notify=send if notify else None,
+        rollback=roll_back,
+        allow_rollback=allow_rollback,
+        now=now,
+        run_id=run_id,
+    )

@@ -1,0 +1,1 @@
+"""Serving: what the prediction service runs (bundles, batching, routing, auth, the prediction log)."""

@@ -1,0 +1,86 @@
+"""A bundle: one registered model version made servable, and the model that runs it.
+
+A bundle folder holds the version's ONNX export (outputs ``logits`` and ``features``), the PCA of
+its drift reference and a ``meta.json`` (version, dataset, classes, preprocessing). In the
+service it is a model in the BentoML model store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ml.training.preprocessing import Preprocessing
+
+BUNDLE_ONNX = "model.onnx"
+BUNDLE_META = "meta.json"
+BUNDLE_PCA = "pca.npz"
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    model_version: str
+    dataset_version: str
+    run_id: str
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, tuple(self.mean), tuple(self.std))  # type: ignore[arg-type]
+
+    @classmethod
+    def read(cls, folder: Path) -> BundleMeta:
+        raw = json.loads((folder / BUNDLE_META).read_text())
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__})
+
+
+def write_bundle(folder: Path, onnx_file: Path, pca_file: Path, meta: BundleMeta) -> None:
+    """Lay a bundle out in ``folder`` (a BentoML model directory in production)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / BUNDLE_ONNX).write_bytes(onnx_file.read_bytes())
+    (folder / BUNDLE_PCA).write_bytes(pca_file.read_bytes())
+    (folder / BUNDLE_META).write_text(json.dumps(asdict(meta), indent=2))
+
+
+@dataclass
+class Outputs:
+    """Model outputs for a batch: class probabilities and the embedding's PCA projection."""
+
+    proba: np.ndarray  # (N, classes)
+    projected: np.ndarray  # (N, components)
+
+
+class ServingModel:
+    """One bundle loaded into ONNX Runtime. ``infer`` is thread-safe (ORT sessions are)."""
+
+    def __init__(self, folder: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.meta = BundleMeta.read(folder)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # idle threads sleep instead of spinning: the other workers and the decoders need the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(folder / BUNDLE_ONNX), options, providers=["CPUExecutionProvider"]
+        )
+        outputs = {out.name for out in self.session.get_outputs()}
+        if not {"logits", "features"} <= outputs:
+            raise ValueError(f"{folder / BUNDLE_ONNX} must output logits and features, has {sorted(outputs)}")
+        with np.load(folder / BUNDLE_PCA) as pca:
+            self.pca_mean, self.pca_components = pca["mean"], pca["components"]
+        self.version = self.meta.model_version
+        self.prep = self.meta.preprocessing
+
+    def infer(self, batch: np.ndarray) -> Outputs:
+        logits, features = self.session.run(["logits", "features"], {"image": batch})
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        proba = shifted / shifted.sum(axis=1, keepdims=True)
+        return Outputs(proba, (features - self.pca_mean) @ self.pca_components.T)

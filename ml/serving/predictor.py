@@ -1,0 +1,266 @@
+"""What the prediction service does, independent of the web framework.
+
+``Predictor`` decodes and checks uploads by content, routes a request to the stable model or
+the canary, batches concurrent requests adaptively and keeps the prediction log. The BentoML
+service in ``bentos/service.py`` is a thin HTTP layer over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.data.images import ImageLimits
+from ml.layout import FEEDBACK_PREFIX, PREDICTIONS_PREFIX, request_image_key
+from ml.serving.batching import AdaptiveBatcher
+from ml.serving.bundle import ServingModel
+from ml.serving.log import PredictionLog, now_iso
+from ml.serving.state import DeploymentState, read_state
+from ml.serving.uploads import BadRequest, Decoded, decode_upload
+
+log = logging.getLogger(__name__)
+
+
+def canary_bucket(key: str) -> float:
+    """A stable number in [0, 1) for a routing key: the same client always lands on the same side."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+
+
+@dataclass
+class Lane:
+    """A loaded model version with its own batcher (a batch never mixes versions)."""
+
+    model: ServingModel
+    batcher: AdaptiveBatcher
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+
+Observer = Callable[[str, str, float], None]  # (model version, predicted class, seconds)
+
+
+class Predictor:
+    """Stable model + optional canary, hot-swapped from the deployment state file.
+
+    ``resolve`` maps a model tag to its bundle folder (the BentoML model store in the service).
+    Without a state file the predictor serves ``default_version`` (the model packed into a bento).
+    A new state is loaded completely before it is switched in, so requests never see a gap.
+    """
+
+    def __init__(
+        self,
+        resolve: Callable[[str], Path],
+        limits: ImageLimits,
+        *,
+        state_path: Path | None = None,
+        default_version: str | None = None,
+        default_tag: str | None = None,
+        threads: int = 1,
+        max_batch_size: int = 16,
+        max_latency_ms: float = 20.0,
+        prediction_log: PredictionLog | None = None,
+        log_images: bool = False,
+        observe: Observer | None = None,
+    ) -> None:
+        self.resolve = resolve
+        self.limits = limits
+        self.state_path = state_path
+        self.default_version = default_version
+        self.default_tag = default_tag or default_version
+        self.threads = threads
+        self.max_batch_size = max_batch_size
+        self.max_latency_ms = max_latency_ms
+        self.prediction_log = prediction_log
+        self.log_images = log_images
+        self.observe = observe
+        self.stable: Lane | None = None
+        self.canary: Lane | None = None
+        self.canary_share = 0.0
+        self.state: DeploymentState | None = None
+        self._lanes: dict[str, Lane] = {}
+        self._tags: dict[str, str] = {}
+        self._retired: list[tuple[float, Lane]] = []
+        self._state_stamp: tuple[float, int] | None = None
+        self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.load_error = ""
+
+    # -- deployment state ---------------------------------------------------------------------
+    def _lane(self, version: str, tag: str) -> Lane:
+        if version not in self._lanes or self._tags.get(version) != tag:
+            model = ServingModel(self.resolve(tag), self.threads)
+            self._tags[version] = tag
+            self._lanes[version] = Lane(
+                model, AdaptiveBatcher(model.infer, self.max_batch_size, self.max_latency_ms)
+            )
+        return self._lanes[version]
+
+    def _wanted(self) -> DeploymentState | None:
+        state = read_state(self.state_path) if self.state_path else None
+        if state is None and self.default_version:
+            models = {self.default_version: self.default_tag or self.default_version}
+            state = DeploymentState(
+                stable=self.default_version, reason="model packed in the bento", models=models
+            )
+        return state
+
+    def refresh(self) -> bool:
+        """Load the deployment state if it changed; True when the routing changed."""
+        stamp = None
+        if self.state_path is not None:
+            try:
+                info = self.state_path.stat()
+                stamp = (info.st_mtime, info.st_size)
+            except FileNotFoundError:
+                stamp = None
+        if self.stable is not None and stamp == self._state_stamp:
+            return False
+        state = self._wanted()
+        if state is None:
+            self.load_error = f"no deployment state at {self.state_path} and no packed model"
+            return False
+        try:
+            stable = self._lane(state.stable, state.tag(state.stable))
+            canary = None
+            if state.canary and state.canary_share > 0:
+                canary = self._lane(state.canary, state.tag(state.canary))
+        except Exception as exc:  # keep serving what runs; report why the new state failed
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("deployment state %s could not be loaded; keeping the current models", state)
+            self._state_stamp = stamp
+            return False
+        self.stable, self.canary, self.canary_share = stable, canary, state.canary_share if canary else 0.0
+        self.state, self._state_stamp, self.load_error = state, stamp, ""
+        for version in [v for v in self._lanes if v not in {stable.version, canary and canary.version}]:
+            # requests already routed to it still finish there; `watch` closes it once it is idle
+            self._retired.append((time.monotonic(), self._lanes.pop(version)))
+        log.info(
+            "serving v%s%s",
+            stable.version,
+            f" + canary v{canary.version} ({self.canary_share:.0%})" if canary else "",
+        )
+        return True
+
+    async def watch(self, every_seconds: float = 0.5) -> None:
+        """Poll the state file; load off the event loop so requests keep flowing during a swap."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await loop.run_in_executor(None, self.refresh)
+            except Exception:  # the watcher must survive anything
+                log.exception("deployment state refresh failed")
+            self.reap_retired()
+            if self.prediction_log is not None and self.prediction_log.due():
+                await loop.run_in_executor(None, self.prediction_log.flush)
+
+    def reap_retired(self, grace_seconds: float = 30.0) -> int:
+        """Close lanes retired more than ``grace_seconds`` ago whose queue is empty; return how many."""
+        now, kept, closed = time.monotonic(), [], 0
+        for since, lane in self._retired:
+            if now - since >= grace_seconds and lane.batcher.idle():
+                lane.batcher.close()
+                closed += 1
+            else:
+                kept.append((since, lane))
+        self._retired = kept
+        return closed
+
+    def ready(self) -> bool:
+        return self.stable is not None
+
+    def route(self, key: str) -> tuple[Lane, str]:
+        if self.stable is None:
+            raise BadRequest(503, "not_ready", self.load_error or "no model loaded yet")
+        if self.canary is not None and canary_bucket(key) < self.canary_share:
+            return self.canary, "canary"
+        return self.stable, "stable"
+
+    # -- requests -----------------------------------------------------------------------------
+    async def predict(self, data: bytes, route_key: str | None = None) -> dict[str, Any]:
+        """Classify one upload. Raises ``BadRequest`` for anything that is not a usable image."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        lane, track = self.route(route_key or request_id)
+        loop = asyncio.get_running_loop()
+        decoded = await loop.run_in_executor(
+            self._decode_pool, decode_upload, data, self.limits, lane.model.prep
+        )
+        proba, projected = await lane.batcher.submit(decoded.array)
+        classes = lane.model.meta.classes
+        best = int(np.argmax(proba))
+        result = {
+            "predicted_class": classes[best],
+            "confidence": float(proba[best]),
+            "probabilities": {name: float(p) for name, p in zip(classes, proba, strict=True)},
+            "model_version": lane.version,
+            "request_id": request_id,
+        }
+        seconds = time.perf_counter() - started
+        if self.observe:
+            self.observe(lane.version, classes[best], seconds)
+        self._log(result, decoded, projected, track, seconds, data)
+        return result
+
+    def _log(
+        self,
+        result: dict[str, Any],
+        decoded: Decoded,
+        projected: np.ndarray,
+        track: str,
+        seconds: float,
+        data: bytes,
+    ) -> None:
+        if self.prediction_log is None:
+            return
+        record: dict[str, Any] = {
+            "request_id": result["request_id"],
+            "time": now_iso(),
+            "model_version": result["model_version"],
+            "track": track,
+            "predicted_class": result["predicted_class"],
+            "confidence": round(result["confidence"], 6),
+            "latency_ms": round(seconds * 1000, 3),
+            "image_format": decoded.image_format,
+            **decoded.properties,
+            **{f"embedding_pc{i}": round(float(value), 6) for i, value in enumerate(projected)},
+        }
+        if self.log_images:
+            key = request_image_key(record["time"][:10], result["request_id"])
+            self.prediction_log.storage.write_bytes(key, data)
+            record["image_key"] = key
+        self.prediction_log.add(PREDICTIONS_PREFIX, record)
+
+    def feedback(self, request_id: str, label: str, classes: Sequence[str]) -> dict[str, Any]:
+        """Record the true label of an earlier prediction (live accuracy joins on request_id)."""
+        if not request_id or len(request_id) > 64 or not request_id.replace("-", "").isalnum():
+            raise BadRequest(400, "bad_request_id", "request_id must be the id a prediction returned")
+        if label not in classes:
+            raise BadRequest(400, "unknown_label", f"label must be one of {', '.join(classes)}")
+        record = {"request_id": request_id, "label": label, "time": now_iso()}
+        if self.prediction_log is not None:
+            self.prediction_log.add(FEEDBACK_PREFIX, record)
+        return {"status": "recorded", **record}
+
+    def classes(self) -> list[str]:
+        if self.stable is None:
+            raise BadRequest(503, "not_ready", self.load_error or "no model loaded yet")
+        return list(self.stable.model.meta.classes)
+
+    def close(self) -> None:
+        for lane in [*self._lanes.values(), *(lane for _, lane in self._retired)]:
+            lane.batcher.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.prediction_log is not None:
+            self.prediction_log.flush()

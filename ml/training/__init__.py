@@ -1,0 +1,1 @@
+"""Training: preprocessing, backbones and head, the feature cache, fitting, evaluation, the retrain."""

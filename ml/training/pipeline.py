@@ -1,0 +1,454 @@
+"""One retraining run: snapshot -> features -> train -> gate -> log -> register (alias challenger).
+
+The core (``ml.training.train.train``) is pure: features in, a fitted head and its evaluation
+out. Around it, this module reads the dataset version and the feature cache, compares the
+challenger with the champion on the same test images, and at the edge logs everything to one
+MLflow run (params, per-epoch metrics, final metrics with 95% bootstrap CIs, the confusion
+matrix, classification report, training curves, class names, the model with signature and
+input example, an ONNX export checked for parity, the drift reference) and registers the
+model when the gate passes. The gate's decision and every reason are logged either way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ml import registry
+from ml.config import REPO_ROOT, Settings
+from ml.data.catalog import dataset_rows, split_rows
+from ml.layout import CLASS_NAMES_ARTIFACT, ONNX_ARTIFACT, REFERENCE_ARTIFACTS
+from ml.runs import RunContext
+from ml.storage import Storage, StorageError
+from ml.training.evaluate import (
+    Evaluation,
+    GateDecision,
+    classification_report_text,
+    confusion_matrix_png,
+    evaluate,
+    gate,
+)
+from ml.training.features import CacheStats, feature_cache
+from ml.training.model import (
+    SERVING_OUTPUTS,
+    Backbone,
+    Classifier,
+    ServingGraph,
+    backbone_from_settings,
+    export_onnx,
+    onnx_parity,
+    predict_proba,
+    set_deterministic,
+)
+from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
+from ml.training.reference import build_reference
+from ml.training.scoring import onnx_predict_proba
+from ml.training.train import Hyperparameters, SplitData, TrainResult, split_data, train, training_curves_png
+
+
+class RetrainStatus(StrEnum):
+    REGISTERED = "registered"
+    REJECTED = "rejected"  # trained, evaluated, failed the gate
+    SKIPPED = "skipped"  # the champion was trained on this dataset version
+    NO_DATA = "no_data"  # nothing ingested yet
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What a retrain did; ``to_dict()`` keeps the JSON the CLI prints and the DAG hands on."""
+
+    status: RetrainStatus
+    model_version: str | None = None
+    reason: str = ""
+    run_id: str = ""
+    dataset_version: str = ""
+    champion_version: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    feature_cache: dict[str, Any] = field(default_factory=dict)
+    epochs_run: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.status == RetrainStatus.NO_DATA:
+            return {"status": str(self.status), "reason": self.reason, "model_version": None}
+        if self.status == RetrainStatus.SKIPPED:
+            return {
+                "status": str(self.status),
+                "reason": self.reason,
+                "model_version": None,
+                "champion_version": self.champion_version,
+                "dataset_version": self.dataset_version,
+            }
+        return {
+            "status": str(self.status),
+            "run_id": self.run_id,
+            "model_version": self.model_version,
+            "dataset_version": self.dataset_version,
+            "champion_version": self.champion_version,
+            "metrics": self.metrics,
+            "gate": self.gate,
+            "feature_cache": self.feature_cache,
+            "epochs_run": self.epochs_run,
+        }
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_images(storage: Storage, keys: list[str]) -> list[Any]:
+    return [decode_rgb(storage.read_bytes(key)) for key in keys]
+
+
+def download_onnx(settings: Settings, version: str, folder: Path) -> Path:
+    """The ONNX export logged with a registered model version."""
+    mlflow_client = registry.client(settings)
+    model_version = mlflow_client.get_model_version(settings.mlflow.registered_model, version)
+    return Path(mlflow_client.download_artifacts(model_version.run_id, ONNX_ARTIFACT, str(folder)))
+
+
+def version_correctness(
+    settings: Settings, storage: Storage, version: str, test_rows: pd.DataFrame, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, correct) of a registered version on the given test rows, via its ONNX export."""
+    prep = Preprocessing.from_settings(settings.preprocessing)
+    arrays = batch_arrays(load_images(storage, list(test_rows["curated_key"])), prep)
+    with tempfile.TemporaryDirectory() as folder:
+        proba = onnx_predict_proba(download_onnx(settings, version, Path(folder)), arrays)
+    return proba, proba.argmax(axis=1) == labels
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A dataset version, its rows and their cached features (clean view first)."""
+
+    version: dict[str, Any]
+    rows: pd.DataFrame
+    features: np.ndarray  # (N, V, D)
+    backbone: Backbone
+    cache_id: str
+    stats: CacheStats
+    seconds: float
+
+
+def snapshot(settings: Settings, storage: Storage, version: dict[str, Any], rows: pd.DataFrame) -> Snapshot:
+    """Every row's features from the cache (computing and caching the missing ones)."""
+    prep = Preprocessing.from_settings(settings.preprocessing)
+    backbone = backbone_from_settings(settings)
+    cache = feature_cache(settings, storage, backbone, prep)
+    started = time.perf_counter()
+    features, stats = cache.features_for(rows)
+    return Snapshot(version, rows, features, backbone, cache.id, stats, time.perf_counter() - started)
+
+
+def skip_unchanged(settings: Settings, dataset_version: str, force: bool) -> RetrainResult | None:
+    """Skip when the champion was trained on this exact dataset version (unless forced)."""
+    if force:
+        return None
+    champion = registry.version_for_alias(settings, registry.CHAMPION)
+    if champion is None:
+        return None
+    tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, champion).tags
+    if tags.get("dataset_version") != dataset_version:
+        return None
+    return RetrainResult(
+        RetrainStatus.SKIPPED,
+        reason=f"champion v{champion} was trained on dataset {dataset_version}; use force to retrain",
+        champion_version=champion,
+        dataset_version=dataset_version,
+    )
+
+
+def retrain(
+    settings: Settings,
+    storage: Storage,
+    *,
+    overrides: dict[str, Any] | None = None,
+    context: RunContext | None = None,
+    dataset_day: dt.date | None = None,
+    force: bool = False,
+    shuffle_labels: bool = False,
+) -> RetrainResult:
+    """Train a challenger on the dataset version, gate it against the bar and the champion, register it."""
+    hparams = Hyperparameters.from_settings(settings, **(overrides or {}))
+    try:
+        version, rows = dataset_rows(storage, dataset_day)
+    except StorageError as exc:  # nothing ingested yet: a scheduled run has nothing to do
+        return RetrainResult(RetrainStatus.NO_DATA, reason=str(exc))
+    skipped = skip_unchanged(settings, version["version"], force)
+    if skipped:
+        return skipped
+    set_deterministic(hparams.seed)
+    snap = snapshot(settings, storage, version, rows)
+    if shuffle_labels:  # negative control: a model that cannot have learned anything real
+        rows = rows.assign(label=np.random.default_rng(hparams.seed).permutation(rows["label"].to_numpy()))
+        snap = Snapshot(version, rows, snap.features, snap.backbone, snap.cache_id, snap.stats, snap.seconds)
+    data = split_data(rows, snap.features, list(settings.classes))
+    return train_and_register(settings, storage, snap, data, hparams, context or RunContext(), shuffle_labels)
+
+
+def train_and_register(
+    settings: Settings,
+    storage: Storage,
+    snap: Snapshot,
+    data: dict[str, SplitData],
+    hparams: Hyperparameters,
+    context: RunContext,
+    shuffled: bool,
+) -> RetrainResult:
+    """Inside one MLflow run: train, compare with the champion, gate, log, register when it passes."""
+    import mlflow
+
+    mlflow.set_tracking_uri(registry.tracking_uri(settings))
+    experiment_id = registry.ensure_experiment(settings)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{snap.version['version']}") as run:
+        log_inputs(settings, snap, hparams, context, shuffled)
+        trained = train(
+            data,
+            list(settings.classes),
+            hparams,
+            sink=lambda values, step: mlflow.log_metrics(values, step=step),
+        )
+        mlflow.log_metrics(
+            {
+                **trained.evaluation.flat_metrics(),
+                "best_epoch": trained.fit.best_epoch,
+                "epochs_run": len(trained.fit.history),
+            }
+        )
+        champion, champion_correct = champion_correctness(settings, storage, snap.rows, data["test"].labels)
+        decision = gate(trained.evaluation, settings.acceptance, champion_correct)
+        model = _classifier(snap.backbone, trained.head)
+        add_parity_check(decision, _log_model_and_onnx(model, settings, storage, snap.rows), settings)
+        log_outcome(settings, trained, decision, champion)
+        _log_drift_reference(settings, snap, trained.head)
+        mlflow.set_tag("gate", "passed" if decision.passed else "failed")
+        model_version = (
+            register(settings, run.info.run_id, snap.version["version"], trained.evaluation, decision)
+            if decision.passed
+            else None
+        )
+        return RetrainResult(
+            RetrainStatus.REGISTERED if model_version else RetrainStatus.REJECTED,
+            model_version=model_version,
+            run_id=run.info.run_id,
+            dataset_version=snap.version["version"],
+            champion_version=champion,
+            metrics=headline_metrics(trained.evaluation),
+            gate={"passed": decision.passed, "reasons": decision.reasons},
+            feature_cache={
+                "hits": snap.stats.hits,
+                "misses": snap.stats.misses,
+                "seconds": round(snap.seconds, 2),
+            },
+            epochs_run=len(trained.fit.history),
+        )
+
+
+def headline_metrics(evaluation: Evaluation) -> dict[str, float]:
+    """Accuracy with its CI, macro F1 and ROC AUC (the per-class figures are in MLflow)."""
+    return {
+        k: v
+        for k, v in evaluation.flat_metrics().items()
+        if not k.startswith(("precision_", "recall_", "f1_")) or k == "f1_macro"
+    }
+
+
+def champion_correctness(
+    settings: Settings, storage: Storage, rows: pd.DataFrame, labels: np.ndarray
+) -> tuple[str | None, np.ndarray | None]:
+    """The champion's version and its per-example correctness on the same test images (None without one)."""
+    champion = registry.version_for_alias(settings, registry.CHAMPION)
+    if not champion:
+        return None, None
+    _, correct = version_correctness(settings, storage, champion, split_rows(rows, "test"), labels)
+    return champion, correct
+
+
+def add_parity_check(decision: GateDecision, parity: float, settings: Settings) -> None:
+    import mlflow
+
+    limit = settings.acceptance.onnx_max_abs_diff
+    detail = f"ONNX export differs from PyTorch by {parity:.2e} > {limit}"
+    decision.add_check("onnx_parity", parity, limit, parity <= limit, detail)
+    mlflow.log_metric("onnx_max_abs_diff", parity)
+
+
+def log_inputs(
+    settings: Settings, snap: Snapshot, hparams: Hyperparameters, context: RunContext, shuffled: bool
+) -> None:
+    """What the run was given: hyperparameters, data, code and why it was started."""
+    import mlflow
+
+    prep = Preprocessing.from_settings(settings.preprocessing)
+    mlflow.log_params(
+        {
+            "learning_rate": hparams.learning_rate,
+            "batch_size": hparams.batch_size,
+            "epochs_max": hparams.epochs,
+            "architecture": snap.backbone.name,
+            "backbone_weights": snap.backbone.weights_id,
+            "frozen_backbone": settings.model.freeze_backbone,
+            "optimizer": hparams.optimizer,
+            "scheduler": hparams.scheduler,
+            "early_stopping": f"{hparams.monitor}/patience={hparams.patience}",
+            "dropout_rate": hparams.dropout,
+            "seed": hparams.seed,
+            "data_augmentation": ",".join(settings.preprocessing.augmentation) or "none",
+            "augmented_views": settings.training.augmented_views,
+            "preprocessing": prep.version,
+            "dataset_version": snap.version["version"],
+            "dataset_rows": len(snap.rows),
+            "classes": ",".join(settings.classes),
+            "git_commit": git_commit(),
+            "airflow_run_id": context.airflow_run_id or "none",
+            "trigger": context.trigger,
+            "shuffled_labels": shuffled,
+        }
+    )
+    mlflow.set_tags(
+        {"trigger": context.trigger, "reason": context.reason, "report": context.report, "note": context.note}
+    )
+    mlflow.log_metrics(
+        {
+            "feature_cache_hits": snap.stats.hits,
+            "feature_cache_misses": snap.stats.misses,
+            "feature_seconds": round(snap.seconds, 3),
+        }
+    )
+
+
+def log_outcome(
+    settings: Settings, trained: TrainResult, decision: GateDecision, champion: str | None
+) -> None:
+    """The evaluation, the gate's verdict and the figures a reviewer looks at."""
+    import mlflow
+
+    evaluation = trained.evaluation
+    mlflow.log_dict(evaluation.to_dict(), "evaluation/evaluation.json")
+    mlflow.log_dict(decision.to_dict() | {"champion_version": champion}, "evaluation/gate.json")
+    mlflow.log_text(classification_report_text(evaluation), "evaluation/classification_report.txt")
+    mlflow.log_image(_png(confusion_matrix_png(evaluation)), "evaluation/confusion_matrix.png")
+    mlflow.log_image(_png(training_curves_png(trained.fit.history)), "evaluation/training_curves.png")
+    mlflow.log_dict({"classes": list(settings.classes)}, CLASS_NAMES_ARTIFACT)
+
+
+def _classifier(backbone: Backbone, head: Any) -> Classifier:
+    return Classifier(backbone.module, head).eval()
+
+
+def _log_drift_reference(settings: Settings, snap: Snapshot, head: Any) -> None:
+    """The held-out rows' properties, embeddings and model outputs: what drift compares against."""
+    import mlflow
+
+    rows, embeddings = snap.rows, snap.features[:, 0]
+    held_out = (rows["split"] != "train").to_numpy()
+    reference = build_reference(
+        rows[held_out].reset_index(drop=True),
+        embeddings[held_out],
+        predict_proba(head, embeddings[held_out]),
+        list(settings.classes),
+        cache_id=snap.cache_id,
+        dataset_version=snap.version["version"],
+        components=settings.monitoring.embedding_components,
+        max_rows=settings.monitoring.reference_max_rows,
+        seed=settings.training.seed,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save(Path(folder))
+        mlflow.log_artifacts(folder, REFERENCE_ARTIFACTS)
+
+
+def _png(data: bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+def _log_model_and_onnx(model: Any, settings: Settings, storage: Storage, rows: pd.DataFrame) -> float:
+    """Log the PyTorch model (signature, input example) and its ONNX export; return the parity gap."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    prep = Preprocessing.from_settings(settings.preprocessing)
+    sample = batch_arrays(load_images(storage, list(rows["curated_key"].head(4))), prep)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(sample)).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        serialization_format="pickle",
+        signature=infer_signature(sample, logits),
+        input_example=sample[:1],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            "torchvision==0.29.1",
+            "efficientnet-lite-pytorch==0.1.0",
+        ],
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(ServingGraph(model), path, prep.image_size, SERVING_OUTPUTS)
+        parity = onnx_parity(model, path, sample)
+        mlflow.log_artifact(str(path), ONNX_ARTIFACT.rsplit("/", 1)[0])
+    return float(parity)
+
+
+def register(
+    settings: Settings, run_id: str, dataset_version: str, evaluation: Evaluation, decision: GateDecision
+) -> str:
+    """Register the run's model as a new version with alias ``challenger`` and its gate as tags."""
+    import mlflow
+
+    name = settings.mlflow.registered_model
+    version = str(mlflow.register_model(f"runs:/{run_id}/model", name).version)
+    mlflow_client = registry.client(settings)
+    mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version)
+    tags = {
+        "dataset_version": dataset_version,
+        "accuracy": f"{evaluation.accuracy.value:.4f}",
+        "f1_macro": f"{evaluation.f1_macro.value:.4f}",
+        "gate": "passed",
+        "gate_reasons": json.dumps(decision.reasons),
+        "run_id": run_id,
+    }
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value)
+    return version
+
+
+def evaluate_version(settings: Settings, storage: Storage, version: str) -> dict[str, Any]:
+    """Evaluate a registered version (its ONNX export) on the current dataset's test split."""
+    dataset, rows = dataset_rows(storage)
+    test = split_rows(rows, "test")
+    index = {name: i for i, name in enumerate(settings.classes)}
+    labels = test["label"].map(index).to_numpy(dtype=np.int64)
+    proba, _ = version_correctness(settings, storage, version, test, labels)
+    evaluation = evaluate(labels, proba, list(settings.classes), seed=settings.training.seed)
+    decision = gate(evaluation, settings.acceptance)
+    return {
+        "model_version": version,
+        "dataset_version": dataset["version"],
+        "metrics": evaluation.to_dict(),
+        "meets_acceptance_bar": decision.passed,
+        "reasons": decision.reasons,
+    }
