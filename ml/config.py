@@ -59,6 +59,15 @@ class StorageConfig(_Strict):
     root: str
     aws_conn_id: str = "aws_default"
     endpoint_url: str | None = None
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _kms_needs_its_mode(self) -> StorageConfig:
+        if self.kms_key_id and self.server_side_encryption != "aws:kms":
+            raise ValueError("kms_key_id needs server_side_encryption: aws:kms")
+        return self
 
 
 ImageFormat = Literal["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]

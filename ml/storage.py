@@ -2,16 +2,25 @@
 
 Keys are relative, ``/``-separated paths under the root. Every write is atomic: a local write
 goes to a temporary file that is renamed into place, and an S3 PUT is atomic by itself, so a
-killed task never leaves a half-written object behind.
+killed task never leaves a half-written object behind. Shared documents (state files) are
+updated compare-and-swap: ``read_tagged`` returns a tag, ``write_if`` writes only while the tag
+still holds (a file lock locally; a conditional ``If-Match`` / ``If-None-Match`` PUT on S3), and
+``update_json`` retries a read-modify-write until it wins. Listing returns the keys exactly as
+the bucket holds them, with their sizes, so callers can refuse what they should not read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import posixpath
+import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -21,6 +30,26 @@ from ml.config import REPO_ROOT, Settings
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URL."""
+
+
+class WriteConflict(StorageError):
+    """Another writer changed a shared document first (compare-and-swap lost every attempt)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A listed object: its key as stored (not yet checked for safety) and its size in bytes."""
+
+    key: str
+    size: int
+
+    @property
+    def is_folder_marker(self) -> bool:
+        """The empty ``folder/`` object the S3 console and many sync tools create."""
+        return self.key.endswith("/") and self.size == 0
+
+
+CHUNK_BYTES = 1 << 20  # streamed downloads move this much at a time
 
 
 class UnsafeKeyError(ValueError):
@@ -50,8 +79,16 @@ class Storage(Protocol):
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def download(self, key: str, path: Path) -> int: ...
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None: ...
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool: ...
     def delete(self, key: str) -> None: ...
     def url(self, key: str) -> str: ...
+
+
+def content_tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalStorage:
@@ -86,15 +123,49 @@ class LocalStorage:
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
+        return [info.key for info in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         base = self.root / safe_key(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        keys = [
-            path.relative_to(self.root).as_posix()
+        found = [
+            ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size)
             for path in base.rglob("*")
-            if path.is_file() and not path.name.startswith(".tmp-")
+            if path.is_file() and not path.name.startswith((".tmp-", ".lock-"))
         ]
-        return sorted(keys)
+        return sorted(found, key=lambda info: info.key)
+
+    def download(self, key: str, path: Path) -> int:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(key)}") from None
+        return path.stat().st_size
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".lock-{target.name}"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, content_tag(data)
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Write ``data`` if the object still has ``tag`` (None: only if it does not exist)."""
+        with self._locked(key):
+            current = self.read_tagged(key)
+            if (current[1] if current else None) != tag:
+                return False
+            self.write_bytes(key, data)
+            return True
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -106,14 +177,21 @@ class LocalStorage:
 class S3Storage:
     """Storage under ``s3://bucket/prefix`` through a boto3 S3 client."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+    def __init__(
+        self, client: Any, bucket: str, prefix: str = "", encryption: dict[str, str] | None = None
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.root_url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.encryption = dict(encryption or {})  # ServerSideEncryption (+ SSEKMSKeyId) on every PUT
 
     def _object_key(self, key: str) -> str:
         key = safe_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _raw_key(self, key: str) -> str:
+        """A listed key as the bucket holds it (possibly unsafe as a path), under the prefix."""
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def read_bytes(self, key: str) -> bytes:
@@ -123,7 +201,44 @@ class S3Storage:
             raise StorageError(f"not found: {self.url(key)}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
+        self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data, **self.encryption)
+
+    def read_unchecked(self, key: str) -> bytes:
+        """An object whose listed key is not a safe path (kept only to quarantine it)."""
+        return self.client.get_object(Bucket=self.bucket, Key=self._raw_key(key))["Body"].read()
+
+    def download(self, key: str, path: Path) -> int:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"]
+        except self.client.exceptions.NoSuchKey:
+            raise StorageError(f"not found: {self.url(key)}") from None
+        size = 0
+        with path.open("wb") as out:
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                out.write(chunk)
+                size += len(chunk)
+        return size
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            found = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return found["Body"].read(), str(found["ETag"])
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """A conditional PUT: ``If-Match`` the tag, or ``If-None-Match: *`` when creating."""
+        condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._object_key(key), Body=data, **condition, **self.encryption
+            )
+        except self.client.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return False
+            raise
+        return True
 
     def exists(self, key: str) -> bool:
         try:
@@ -134,16 +249,19 @@ class S3Storage:
             raise
         return True
 
-    def _iter_keys(self, prefix: str) -> Iterator[str]:
+    def _iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         full = self._object_key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             for item in page.get("Contents", []):
                 name = item["Key"]
-                yield name[len(self.prefix) + 1 :] if self.prefix else name
+                yield ObjectInfo(name[len(self.prefix) + 1 :] if self.prefix else name, int(item["Size"]))
+
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+        return sorted(self._iter_objects(prefix), key=lambda info: info.key)
 
     def list(self, prefix: str = "") -> list[str]:
-        return sorted(self._iter_keys(prefix))
+        return [info.key for info in self.list_objects(prefix)]
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
@@ -162,6 +280,25 @@ def read_jsonl(storage: Storage, prefix: str, days: Sequence[str] | None = None)
     return records
 
 
+def update_json(
+    storage: Storage,
+    key: str,
+    change: Callable[[dict[str, Any] | None], dict[str, Any]],
+    attempts: int = 20,
+) -> dict[str, Any]:
+    """Read-modify-write a JSON document compare-and-swap; ``change`` gets the current value (or None).
+
+    Raises ``WriteConflict`` when other writers won every attempt.
+    """
+    for _ in range(attempts):
+        current = storage.read_tagged(key)
+        value = change(json.loads(current[0]) if current else None)
+        data = json.dumps(value, indent=2, sort_keys=True, default=str).encode()
+        if storage.write_if(key, data, current[1] if current else None):
+            return value
+    raise WriteConflict(f"{storage.url(key)}: other writers changed it {attempts} times in a row")
+
+
 def resolve_local_root(root: str) -> Path:
     """A ``file://`` URL or a path; relative paths are taken from the repository root."""
     if root.startswith("file://"):
@@ -170,21 +307,45 @@ def resolve_local_root(root: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client from the default credential chain (used outside Airflow)."""
+def s3_client(endpoint_url: str | None = None, timeout_seconds: float = 30) -> Any:
+    """A boto3 S3 client from the default credential chain (used outside Airflow), with timeouts."""
     import boto3
+    from botocore.config import Config
 
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+    config = Config(
+        connect_timeout=min(timeout_seconds, 10),
+        read_timeout=timeout_seconds,
+        retries={"max_attempts": 3, "mode": "standard"},
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-def open_storage(root: str, *, s3_client_factory: Any = None, endpoint_url: str | None = None) -> Storage:
+def encryption_args(settings: Settings) -> dict[str, str]:
+    """The server-side encryption every S3 PUT asks for (``storage.server_side_encryption``)."""
+    config = settings.storage
+    if not config.server_side_encryption:
+        return {}
+    args = {"ServerSideEncryption": config.server_side_encryption}
+    if config.kms_key_id:
+        args["SSEKMSKeyId"] = config.kms_key_id
+    return args
+
+
+def open_storage(
+    root: str,
+    *,
+    s3_client_factory: Any = None,
+    endpoint_url: str | None = None,
+    encryption: dict[str, str] | None = None,
+    timeout_seconds: float = 30,
+) -> Storage:
     """Open the storage at ``root``. ``s3_client_factory()`` supplies the client for ``s3://``."""
     parsed = urlparse(root)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"storage root {root!r} names no bucket")
-        client = s3_client_factory() if s3_client_factory else s3_client(endpoint_url)
-        return S3Storage(client, parsed.netloc, parsed.path)
+        client = s3_client_factory() if s3_client_factory else s3_client(endpoint_url, timeout_seconds)
+        return S3Storage(client, parsed.netloc, parsed.path, encryption)
     if parsed.scheme in ("", "file"):
         return LocalStorage(resolve_local_root(root))
     raise StorageError(f"unsupported storage root {root!r}: use s3://bucket/prefix or file:///path")
@@ -192,4 +353,9 @@ def open_storage(root: str, *, s3_client_factory: Any = None, endpoint_url: str 
 
 def storage_from_settings(settings: Settings) -> Storage:
     """Storage for the CLI and tests: S3 credentials from the default chain, endpoint from config."""
-    return open_storage(settings.storage.root, endpoint_url=settings.storage.endpoint_url)
+    return open_storage(
+        settings.storage.root,
+        endpoint_url=settings.storage.endpoint_url,
+        encryption=encryption_args(settings),
+        timeout_seconds=settings.storage.timeout_seconds,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ml.config import Settings
-from ml.storage import Storage, open_storage
+from ml.storage import Storage, encryption_args, open_storage
 
 
 def dag_storage(settings: Settings) -> Storage:
@@ -16,4 +16,4 @@ def dag_storage(settings: Settings) -> Storage:
 
         return S3Hook(aws_conn_id=settings.storage.aws_conn_id).get_conn()
 
-    return open_storage(settings.storage.root, s3_client_factory=client)
+    return open_storage(settings.storage.root, s3_client_factory=client, encryption=encryption_args(settings))

@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from ml.storage import LocalStorage, StorageError, UnsafeKeyError, open_storage, safe_key
+from ml.storage import (
+    LocalStorage,
+    StorageError,
+    UnsafeKeyError,
+    WriteConflict,
+    open_storage,
+    safe_key,
+    update_json,
+)
 
 
 @pytest.mark.parametrize("key", ["../x", "a/../../b", "/etc/passwd", "a\\b", "", "a//b", "c:/win", "a/\x00"])
@@ -55,3 +66,78 @@ def test_s3_storage_over_http(s3_endpoint: str, s3_bucket: str) -> None:
     assert storage.url("k") == f"s3://{s3_bucket}/pre/fix/k"
     with pytest.raises(StorageError, match="not found"):
         storage.read_bytes("nope")
+
+
+def test_listing_reports_sizes_and_downloads_stream_to_a_file(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    storage.write_bytes("a/big.bin", b"x" * 3_000_000)
+    storage.write_bytes("a/small.bin", b"y")
+    assert [(i.key, i.size) for i in storage.list_objects("a")] == [
+        ("a/big.bin", 3_000_000),
+        ("a/small.bin", 1),
+    ]
+    assert storage.download("a/big.bin", tmp_path / "copy") == 3_000_000
+    assert (tmp_path / "copy").read_bytes() == b"x" * 3_000_000
+
+
+def test_write_if_is_compare_and_swap(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    assert storage.write_if("state.json", b"1", None)  # created
+    assert not storage.write_if("state.json", b"2", None)  # exists already
+    data, tag = storage.read_tagged("state.json")
+    assert data == b"1" and storage.write_if("state.json", b"2", tag)
+    assert not storage.write_if("state.json", b"3", tag)  # the tag is stale now
+    assert storage.read_bytes("state.json") == b"2" and storage.read_tagged("missing") is None
+    assert storage.list() == ["state.json"]  # the lock file is not an object
+
+
+def _increment_many(root: str, times: int) -> None:
+    storage = LocalStorage(Path(root))
+    for _ in range(times):
+        update_json(storage, "counter.json", lambda value: {"n": (value or {"n": 0})["n"] + 1}, attempts=1000)
+
+
+def test_two_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
+    """Two processes increment one counter through update_json: every increment survives."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_increment_many, args=(str(tmp_path), 200)) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert json.loads(LocalStorage(tmp_path).read_bytes("counter.json")) == {"n": 400}
+
+
+def test_a_writer_that_always_loses_gets_a_clear_error(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+
+    def meddle(value):  # another writer changes the document between every read and write
+        storage.write_bytes("doc.json", json.dumps({"other": os.urandom(4).hex()}).encode())
+        return {"mine": True}
+
+    with pytest.raises(WriteConflict, match="other writers changed it 3 times"):
+        update_json(storage, "doc.json", meddle, attempts=3)
+
+
+def test_s3_conditional_writes_raw_keys_and_encryption(s3_endpoint: str, s3_bucket: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    storage = open_storage(
+        f"s3://{s3_bucket}/root", endpoint_url=s3_endpoint, encryption={"ServerSideEncryption": "AES256"}
+    )
+    assert storage.write_if("state.json", b"1", None) and not storage.write_if("state.json", b"x", None)
+    data, tag = storage.read_tagged("state.json")
+    assert storage.write_if("state.json", b"2", tag) and not storage.write_if("state.json", b"3", tag)
+    assert storage.read_bytes("state.json") == b"2"
+    head = client.head_object(Bucket=s3_bucket, Key="root/state.json")
+    assert head["ServerSideEncryption"] == "AES256"  # asked for on every PUT, conditional ones too
+    client.put_object(Bucket=s3_bucket, Key="root/d/images/", Body=b"")  # a console folder marker
+    client.put_object(Bucket=s3_bucket, Key="root/d/images//twice.jpg", Body=b"abc")
+    listed = {info.key: info for info in storage.list_objects("d")}
+    assert listed["d/images/"].is_folder_marker and listed["d/images//twice.jpg"].size == 3
+    assert storage.read_unchecked("d/images//twice.jpg") == b"abc"
+    assert storage.download("state.json", Path(tempfile.mkdtemp()) / "s") == 1
