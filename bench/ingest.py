@@ -5,7 +5,8 @@ deterministically with the demo generator), reading from the same local storage:
 
 - plain PIL loop: open, decode, convert to RGB, size check, mean/std, sha256, save JPEG q95;
   serially, one image at a time (what a user writes first);
-- mlops inspect, 1 process: our per-image checks (safety, normalisation, properties, pHash);
+- mlops inspect, 1 process: our per-image checks (safety, normalisation, properties, pHash), read
+  from the landed files and writing the curated bytes to files, as ingestion does from its spool;
 - mlops inspect, N processes: the same across the cores (what ingestion uses);
 - mlops ingest_day: the whole day end to end (GE suites, Data Docs, ledger, dedupe, splits,
   curated writes, catalog version).
@@ -31,7 +32,8 @@ from PIL import Image
 
 from ml.config import load_settings
 from ml.data.images import ImageLimits
-from ml.data.ingest import ingest_day, inspect_all
+from ml.data.ingest import ingest_day
+from ml.data.inspection import inspect_files
 from ml.demo.drawing import render_image
 from ml.storage import LocalStorage
 
@@ -77,6 +79,10 @@ def plain_loop(storage: LocalStorage, names: list[str], out_dir: Path, min_side:
     return accepted
 
 
+def accepted(results: dict) -> int:
+    return sum(result.report.reason is None for result in results.values())
+
+
 def timed(label: str, count: int, fn) -> dict[str, float | str]:
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -115,7 +121,9 @@ def main() -> None:
         plain_out = Path(tmp) / "plain"
         plain_out.mkdir()
         names = sorted(blobs)
-        keyed = {f"landing/{DAY}/images/{n}": storage.read_bytes(f"landing/{DAY}/images/{n}") for n in names}
+        paths = {n: storage.root / f"landing/{DAY}/images/{n}" for n in names}
+        curated_out = Path(tmp) / "curated"
+        curated_out.mkdir()
         rows = [
             timed(
                 "plain PIL loop (1 image at a time)",
@@ -127,12 +135,12 @@ def main() -> None:
             timed(
                 "mlops inspect, 1 process",
                 len(names),
-                lambda: sum(r.report.reason is None for r in inspect_all(keyed, limits, 1).values()),
+                lambda: accepted(inspect_files(paths, limits, 1, curated_out)),
             ),
             timed(
                 f"mlops inspect, {cores} processes",
                 len(names),
-                lambda: sum(r.report.reason is None for r in inspect_all(keyed, limits, cores).values()),
+                lambda: accepted(inspect_files(paths, limits, cores, curated_out)),
             ),
             timed(
                 "mlops ingest_day (end to end)",
@@ -140,18 +148,17 @@ def main() -> None:
                 lambda: ingest_day(settings, storage, DAY).curated.files,
             ),
         ]
+    write_report(
+        rows, {"images": args.images, "side_px": args.side, "mean_kib": round(mean_kb, 1), "cores": cores}
+    )
+
+
+def write_report(rows: list[dict], header: dict[str, object]) -> None:
+    """``bench/results/ingest.json`` and the README table."""
     baseline = rows[0]["images_per_s"]
     for row in rows:
         row["vs_plain"] = round(float(row["images_per_s"]) / float(baseline), 2)
-    report = {
-        "images": args.images,
-        "side_px": args.side,
-        "mean_kib": round(mean_kb, 1),
-        "cores": cores,
-        "python": platform.python_version(),
-        "pillow": Image.__version__,
-        "rows": rows,
-    }
+    report = {**header, "python": platform.python_version(), "pillow": Image.__version__, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ingest.json").write_text(json.dumps(report, indent=2))
     print("\n| contender | seconds | images/s | vs plain |\n|---|---:|---:|---:|")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import io
 import zlib
@@ -45,6 +46,42 @@ def png_bomb(width: int = 12000, height: int = 12000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
+def padded_png(seed: int, total_bytes: int) -> bytes:
+    """A small valid PNG made ``total_bytes`` long by a private ancillary chunk of random bytes.
+
+    Cheap to decode (the decoder skips the chunk), expensive to hold: what a memory test needs.
+    """
+    png = encode(photo(seed), "PNG")
+    head, tail = png[:33], png[33:]  # signature + IHDR, then the rest
+    size = max(0, total_bytes - len(png) - 12)
+    body = b"prVt" + np.random.default_rng(seed).bytes(size)
+    chunk = size.to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    return head + chunk + tail
+
+
+# Names a real bucket holds that are legal paths and must be ingested like any other.
+AWKWARD_NAMES = ("holiday photo 1.png", "100% cotton.png", "café-crème.png", "Ünïcödé ß 名前.png")
+
+
+def land_awkward_names(storage: Storage, day: dt.date, seed: int = 2000) -> dict[str, str]:
+    """Land one image under each of ``AWKWARD_NAMES`` (no labels.csv); returns landed key -> name."""
+    keys = {}
+    for index, name in enumerate(AWKWARD_NAMES):
+        key = f"landing/{day.isoformat()}/images/{name}"
+        storage.write_bytes(key, encode(photo(seed + index), "PNG"))
+        keys[key] = name
+    return keys
+
+
+def write_labels(storage: Storage, day: dt.date, rows: list[tuple[str, str]]) -> None:
+    """labels.csv for ``rows`` (filename, label), quoted where CSV needs it."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["filename", "label"])
+    writer.writerows(rows)
+    storage.write_bytes(f"landing/{day.isoformat()}/labels.csv", buffer.getvalue().encode())
+
+
 def with_exif_gps(image: Image.Image) -> bytes:
     exif = Image.Exif()
     exif[0x010F] = "SpyCam"  # Make
@@ -60,6 +97,11 @@ class HostileDay:
     expect_row_reason: dict[int, str] = field(default_factory=dict)  # csv line -> reason ("" = curated)
     good_count: int = 0
 
+    def row(self, name: str, label: str, reason: str = "") -> None:
+        """A labels.csv row and the reason it must get ("" = curated)."""
+        self.rows.append((name, label))
+        self.expect_row_reason[len(self.rows) + 1] = reason
+
 
 def land_hostile_day(storage: Storage, day: dt.date, good: int = 48) -> HostileDay:
     """Land ``good`` clean images plus one of every hostile case; labels.csv written last."""
@@ -72,8 +114,7 @@ def land_hostile_day(storage: Storage, day: dt.date, good: int = 48) -> HostileD
         storage.write_bytes(f"{base}/images/{name}", data)
         spec.expect_file[f"{base}/images/{name}"] = reason
         if label is not None:
-            spec.rows.append((name, label))
-            spec.expect_row_reason[len(spec.rows) + 1] = reason if row_reason is None else row_reason
+            spec.row(name, label, reason if row_reason is None else row_reason)
 
     for i in range(good):
         fmt = "JPEG" if i % 3 else "PNG"
@@ -104,16 +145,14 @@ def land_hostile_day(storage: Storage, day: dt.date, good: int = 48) -> HostileD
     put("conflict_a.png", encode(photo(1013), "PNG"), "toys", "conflicting_labels_same_content")
     put("conflict_b.png", encode(photo(1013), "PNG"), "books", "conflicting_labels_same_content")
     put("twice.png", encode(photo(1014), "PNG"), "clothing")
-    spec.rows.append(("twice.png", "clothing"))  # exact duplicate row: collapses
-    spec.expect_row_reason[len(spec.rows) + 1] = ""
+    spec.row("twice.png", "clothing")  # exact duplicate row: collapses
     put("nolabel.png", encode(photo(1016), "PNG"), "", "missing_label")
     put("relabelled.png", encode(photo(1015), "PNG"), "toys", "conflicting_labels")
-    spec.rows.append(("relabelled.png", "books"))  # same file, two labels
-    spec.expect_row_reason[len(spec.rows) + 1] = "conflicting_labels"
-    spec.rows.append(("../../../etc/passwd", "toys"))
-    spec.expect_row_reason[len(spec.rows) + 1] = "unsafe_filename"
-    spec.rows.append(("never_landed.jpg", "toys"))
-    spec.expect_row_reason[len(spec.rows) + 1] = "file_missing"
+    spec.row("relabelled.png", "books", "conflicting_labels")  # same file, two labels
+    for index, name in enumerate(AWKWARD_NAMES):  # spaces, '%', non-ASCII: legal, ingested as any other
+        put(name, encode(photo(1020 + index), "PNG"), CLASSES[index % 5])
+    spec.row("../../../etc/passwd", "toys", "unsafe_filename")
+    spec.row("never_landed.jpg", "toys", "file_missing")
     storage.write_bytes(f"{base}/notes.txt", b"stray file outside images/")
     spec.expect_file[f"{base}/notes.txt"] = "unexpected_location"
     csv_text = "filename,label,source\n" + "".join(

@@ -3,12 +3,17 @@
 Layout under the storage root (keys in ``ml.layout``)::
 
     catalog/days/YYYY-MM-DD.parquet     accepted images of that day (sha256, label, split, props)
-    catalog/versions/YYYY-MM-DD.json    dataset version = every partition up to that day, hashed
+    catalog/versions/YYYY-MM-DD.json    the day's current dataset version: every partition up to it, hashed
+    catalog/versions/by_id/ID.json      every version by its id, written once and never rewritten
     catalog/LATEST                      the newest version's day (written last)
+
+A version lists its partitions with their sha256; reading a version reads exactly those
+partitions and checks each hash, so a version id always means the same rows, or a clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -21,8 +26,15 @@ import numpy as np
 import pandas as pd
 
 from ml.data.images import hamming_distances
-from ml.layout import CATALOG_DAYS_PREFIX, CATALOG_LATEST_KEY, partition_key, version_key
-from ml.storage import Storage, StorageError
+from ml.layout import (
+    CATALOG_DAYS_PREFIX,
+    CATALOG_LATEST_KEY,
+    CATALOG_VERSIONS_PREFIX,
+    partition_key,
+    version_id_key,
+    version_key,
+)
+from ml.storage import Storage, StorageError, UnsafeKeyError, safe_key
 
 SPLITS = ("train", "val", "test")
 
@@ -131,35 +143,89 @@ def assign_splits(
     return assigned
 
 
-def write_version(storage: Storage, day: dt.date) -> dict[str, Any]:
-    """Write the dataset version for ``day`` (all partitions up to it), then move LATEST if newer."""
-    partitions = []
-    totals = {"rows": 0, "per_split": {s: 0 for s in SPLITS}, "per_class": {}}
-    for part_day in partition_days(storage):
-        if part_day > day:
-            continue
-        data = storage.read_bytes(partition_key(part_day))
-        frame = pd.read_parquet(io.BytesIO(data))
-        partitions.append(
-            {
-                "day": part_day.isoformat(),
-                "key": partition_key(part_day),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-        totals["rows"] += len(frame)
-        for split, count in frame["split"].value_counts().items():
-            totals["per_split"][split] = totals["per_split"].get(split, 0) + int(count)
-        for label, count in frame["label"].value_counts().items():
-            totals["per_class"][label] = totals["per_class"].get(label, 0) + int(count)
+class UnknownDatasetVersion(ValueError):
+    """No dataset version has this id."""
+
+
+class DatasetIntegrityError(RuntimeError):
+    """A partition no longer has the bytes its dataset version recorded (that day was re-ingested)."""
+
+
+@dataclass(frozen=True)
+class PartitionSummary:
+    """One partition as a version records it: its day, key and sha256, and its row counts."""
+
+    day: dt.date
+    key: str
+    sha256: str
+    per_split: dict[str, int]
+    per_class: dict[str, int]
+
+
+def summarise_partition(storage: Storage, day: dt.date) -> PartitionSummary:
+    key = partition_key(day)
+    data = storage.read_bytes(key)
+    frame = pd.read_parquet(io.BytesIO(data), columns=["split", "label"])
+    return PartitionSummary(
+        day,
+        key,
+        hashlib.sha256(data).hexdigest(),
+        {str(k): int(v) for k, v in frame["split"].value_counts().items()},
+        {str(k): int(v) for k, v in frame["label"].value_counts().items()},
+    )
+
+
+def build_version(day: dt.date, parts: Sequence[PartitionSummary]) -> dict[str, Any]:
+    """The version of ``day``: every partition up to it with its hash, the id a hash of that list."""
+    included = [part for part in parts if part.day <= day]
+    partitions = [{"day": p.day.isoformat(), "key": p.key, "sha256": p.sha256} for p in included]
+    per_split = {split: 0 for split in SPLITS}
+    per_class: dict[str, int] = {}
+    for part in included:
+        for split, count in part.per_split.items():
+            per_split[split] = per_split.get(split, 0) + count
+        for label, count in part.per_class.items():
+            per_class[label] = per_class.get(label, 0) + count
     fingerprint = hashlib.sha256(json.dumps(partitions, sort_keys=True).encode()).hexdigest()[:12]
-    version = {
+    return {
         "version": f"{day.isoformat()}.{fingerprint}",
         "day": day.isoformat(),
         "partitions": partitions,
+        "rows": sum(per_split.values()),
+        "per_split": per_split,
+        "per_class": per_class,
     }
-    version.update(totals)
-    storage.write_bytes(version_key(day), json.dumps(version, indent=2, sort_keys=True).encode())
+
+
+def version_days(storage: Storage) -> list[dt.date]:
+    """Days that have a dataset version (``catalog/versions/YYYY-MM-DD.json``)."""
+    days = []
+    for key in storage.list(CATALOG_VERSIONS_PREFIX):
+        name = key.removeprefix(CATALOG_VERSIONS_PREFIX + "/")
+        if "/" not in name and name.endswith(".json"):
+            with contextlib.suppress(ValueError):
+                days.append(dt.date.fromisoformat(name.removesuffix(".json")))
+    return sorted(days)
+
+
+def _store_version(storage: Storage, version: dict[str, Any]) -> None:
+    data = json.dumps(version, indent=2, sort_keys=True).encode()
+    storage.write_if(version_id_key(version["version"]), data, None)  # by id: created once, never rewritten
+    storage.write_bytes(version_key(dt.date.fromisoformat(version["day"])), data)
+
+
+def write_version(storage: Storage, day: dt.date) -> dict[str, Any]:
+    """Write the dataset version of ``day``, and new versions of every later day that has one.
+
+    A backfill (or re-ingest) of ``day`` changes what every later version contains, so each later
+    day gets a new version (all partitions up to it); LATEST moves last, and only forward.
+    """
+    later = [other for other in version_days(storage) if other > day]
+    parts = [summarise_partition(storage, d) for d in partition_days(storage) if d <= max([day, *later])]
+    version = build_version(day, parts)
+    _store_version(storage, version)
+    for other in later:
+        _store_version(storage, build_version(other, parts))
     latest = latest_day(storage)
     if latest is None or day >= latest:
         storage.write_bytes(CATALOG_LATEST_KEY, day.isoformat().encode())
@@ -181,11 +247,51 @@ def read_version(storage: Storage, day: dt.date | None = None) -> dict[str, Any]
     return json.loads(storage.read_bytes(version_key(day)))
 
 
-def dataset_rows(storage: Storage, day: dt.date | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The dataset version (LATEST by default) and its catalog rows, sorted by sha256."""
-    version = read_version(storage, day)
-    rows = load_catalog(storage, upto=dt.date.fromisoformat(version["day"]))
-    return version, rows.sort_values("sha256", ignore_index=True)
+def read_version_id(storage: Storage, version_id: str) -> dict[str, Any]:
+    """The dataset version with this id (``catalog/versions/by_id/ID.json``).
+
+    Versions written before ids were stored are found through their day's version, if it still is that id.
+    """
+    try:
+        return json.loads(storage.read_bytes(version_id_key(safe_key(version_id))))
+    except (StorageError, UnsafeKeyError):
+        pass
+    with contextlib.suppress(StorageError, ValueError):
+        version = read_version(storage, dt.date.fromisoformat(version_id.split(".", 1)[0]))
+        if version["version"] == version_id:
+            return version
+    raise UnknownDatasetVersion(f"no dataset version {version_id!r} under {storage.url('catalog/versions')}")
+
+
+def version_rows(storage: Storage, version: dict[str, Any]) -> pd.DataFrame:
+    """Exactly the partitions ``version`` lists, each checked against the sha256 it recorded."""
+    frames = []
+    for part in version["partitions"]:
+        try:
+            data = storage.read_bytes(part["key"])
+        except StorageError:
+            raise DatasetIntegrityError(
+                f"dataset version {version['version']}: partition {part['key']} is missing"
+            ) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != part["sha256"]:
+            raise DatasetIntegrityError(
+                f"dataset version {version['version']}: partition {part['key']} has sha256 {digest[:12]}..., "
+                f"the version recorded {part['sha256'][:12]}... (day {part['day']} was re-ingested since); "
+                "train on a current version (ingesting a day writes new versions of it and every later day)"
+            )
+        frames.append(pd.read_parquet(io.BytesIO(data)))
+    if not frames:
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in CATALOG_COLUMNS})
+    return pd.concat(frames, ignore_index=True)
+
+
+def dataset_rows(
+    storage: Storage, day: dt.date | None = None, *, version: str | None = None
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A dataset version (by id, by day, or LATEST) and exactly its rows, verified, sorted by sha256."""
+    found = read_version_id(storage, version) if version else read_version(storage, day)
+    return found, version_rows(storage, found).sort_values("sha256", ignore_index=True)
 
 
 def split_rows(rows: pd.DataFrame, split: str) -> pd.DataFrame:

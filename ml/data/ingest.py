@@ -1,38 +1,45 @@
 """Ingest one landing day: validate every landed object, curate or quarantine it, version the dataset.
 
 Every landed object (each labels.csv row and each file) ends up in the ledger as ``curated`` or
-``quarantined`` with a reason, and the counts reconcile. A batch gate (a failed table-level
-expectation, or too large a rejected share) publishes nothing and raises ``BatchRejected``.
-Re-running a day writes the same bytes: nothing changes.
+``quarantined`` with a reason, and the ledger is reconciled against the listing. A batch gate (a
+failed table-level expectation, too large a rejected share, a ledger that does not reconcile)
+publishes nothing and raises ``BatchRejected``. Re-running a day writes the same bytes.
+
+Keys are taken as the bucket lists them: folder markers are ignored; a key that is not a safe
+path and an object over ``ingest.max_file_bytes`` are quarantined from the listing alone (the
+latter is never downloaded). Everything else is streamed to a local spool, inspected there by
+worker processes and published from there, so memory does not grow with the day's size.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import io
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ml.config import Settings
 from ml.data import catalog
-from ml.data.images import ImageLimits, Inspected, inspect_for_pool, inspect_image
+from ml.data.images import ImageLimits
+from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_all, inspect_file
 from ml.data.quality import QualityRunner, SuiteOutcome
+from ml.data.spool import Spool, read_unsafe_key
 from ml.layout import DayLayout, curated_key
-from ml.storage import Storage, join_key
+from ml.storage import ObjectInfo, Storage, UnsafeKeyError, join_key, safe_key
+
+__all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
 
 REQUIRED_COLUMNS = ("filename", "label")
-SERIAL_BELOW = 24  # smaller batches are not worth starting worker processes for
-FETCH_THREADS = 16
 
 
 class NothingLanded(FileNotFoundError):
@@ -49,6 +56,7 @@ class Landed:
     rows: int
     files: int
     objects: int
+    folder_markers: int = 0  # empty ``folder/`` objects: listed, ignored, not in the ledger
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ class LedgerEntry:
     duplicate_of_line: int | None = None  # a row repeating an earlier labels.csv line
     duplicate_of: str = ""  # a file with the same content as this earlier landed key
     already_in_catalog: bool = False  # a file whose content an earlier day curated
+    file_ref: str = ""  # a row: the landed key of the file it names, if that was landed
 
     @property
     def note(self) -> str:
@@ -152,18 +161,74 @@ class LedgerEntry:
 LEDGER_COLUMNS = ("kind", "ref", "outcome", "reason", "detail", "label", "sha256", "note")
 
 
+def unsafe_key_reason(key: str) -> str | None:
+    """Why a listed key cannot be used as a path (None when it can)."""
+    try:
+        key.encode("utf-8")
+        if safe_key(key) != key:
+            return f"unsafe key {key!r}: not in normal form"
+    except UnsafeKeyError as exc:
+        return str(exc)
+    except UnicodeEncodeError:
+        return f"unsafe key {key!r}: not valid UTF-8"
+    return None
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Landing:
+    """One day's listing, sorted: every object besides labels.csv and folder markers, by kind."""
+
+    objects: list[ObjectInfo]  # keys exactly as listed
+    files: dict[str, str]  # filename (relative to images/) -> landed key
+    stray: list[str]  # safe keys outside images/
+    unsafe: dict[str, str]  # key that is not a safe path -> why
+    folder_markers: int = 0
+
+
+def sort_listing(listed: Iterable[ObjectInfo], layout: DayLayout) -> Landing:
+    """Sort the day's listing: folder markers counted and dropped, unsafe keys set apart with why."""
+    objects, files, stray, unsafe, markers = [], {}, [], {}, 0
+    for info in listed:
+        if info.is_folder_marker:
+            markers += 1
+            continue
+        if info.key == layout.labels:
+            continue
+        objects.append(info)
+        reason = unsafe_key_reason(info.key)
+        if reason:
+            unsafe[info.key] = reason
+        elif info.key.startswith(layout.images + "/"):
+            files[info.key.removeprefix(layout.images + "/")] = info.key
+        else:
+            stray.append(info.key)
+    return Landing(objects, files, stray, unsafe, markers)
+
+
 @dataclass
 class Batch:
     """Working state of one day's ingestion."""
 
     layout: DayLayout
     manifest: pd.DataFrame
-    files: dict[str, str]  # filename (relative to images/) -> landed key
-    stray: list[str]  # landed keys outside images/
+    landing: Landing
+    spooled: dict[str, Path] = field(default_factory=dict)  # landed key -> its file in the spool
     rows: dict[int, LedgerEntry] = field(default_factory=dict)
     file_entries: dict[str, LedgerEntry] = field(default_factory=dict)
     suites: dict[str, SuiteOutcome] = field(default_factory=dict)
     gate_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> dict[str, str]:
+        return self.landing.files
+
+    @property
+    def stray(self) -> list[str]:
+        return self.landing.stray
 
 
 def read_manifest(data: bytes) -> tuple[pd.DataFrame, str | None]:
@@ -248,14 +313,19 @@ def pair_rows_and_files(batch: Batch) -> dict[str, int]:
             if name is not None:
                 rows_by_name[str(name)].append(int(line))
     for key in batch.stray:
-        batch.file_entries[key] = LedgerEntry("file", key)
-        _quarantine(batch.file_entries[key], "unexpected_location", "only labels.csv and images/ are read")
+        entry = batch.file_entries.setdefault(key, LedgerEntry("file", key))
+        _quarantine(entry, "unexpected_location", "only labels.csv and images/ are read")
     claimed: dict[str, int] = {}
     for name, key in sorted(batch.files.items()):
-        entry = batch.file_entries[key] = LedgerEntry("file", key)
+        entry = batch.file_entries.setdefault(key, LedgerEntry("file", key))
         lines = rows_by_name.get(name, [])
+        for line in lines:
+            batch.rows[line].file_ref = key
         valid = [line for line in lines if batch.rows[line].outcome == "curated"]
-        if not lines:
+        if entry.outcome == "quarantined":  # decided from the listing (too large): its rows follow
+            for line in valid:
+                _quarantine(batch.rows[line], entry.reason, entry.detail)
+        elif not lines:
             _quarantine(entry, "orphan_file", "no labels.csv row names this file")
         elif not valid:
             first = batch.rows[lines[0]]
@@ -270,61 +340,35 @@ def pair_rows_and_files(batch: Batch) -> dict[str, int]:
     return claimed
 
 
-def fetch_all(storage: Storage, keys: Iterable[str]) -> dict[str, bytes]:
-    keys = list(keys)
-    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-        return dict(zip(keys, pool.map(storage.read_bytes, keys), strict=True))
+def quarantine_from_listing(batch: Batch, max_file_bytes: int) -> None:
+    """Keys that are not a safe path, and objects over the size limit: decided from the listing alone."""
+    for info in batch.landing.objects:
+        why = batch.landing.unsafe.get(info.key)
+        too_large = info.size > max_file_bytes
+        size_note = f"{info.size} bytes > max_file_bytes {max_file_bytes}"
+        if why is not None:
+            kept = (
+                f"{size_note}: not copied, left where it landed"
+                if too_large
+                else f"its bytes are kept as {batch.layout.quarantine_unsafe(key_digest(info.key))}"
+            )
+            entry = batch.file_entries[info.key] = LedgerEntry("file", info.key)
+            _quarantine(entry, "unsafe_key", f"{why}; {kept}")
+        elif too_large:
+            entry = batch.file_entries[info.key] = LedgerEntry("file", info.key)
+            detail = f"{size_note} (from the listing: not downloaded, left where it landed)"
+            _quarantine(entry, "file_too_large", detail)
 
 
-def _inspect_chunk(chunk: list[bytes], limits: ImageLimits) -> list[Inspected]:
-    return [inspect_for_pool(data, limits) for data in chunk]
-
-
-class Inspection:
-    """Images inspected in worker processes (one per core) while the caller goes on with other work.
-
-    Workers are forked as soon as the work is submitted, before Great Expectations is imported,
-    so the GE import and the manifest suite overlap with decoding. Small batches run inline.
-    """
-
-    def __init__(self, blobs: dict[str, bytes], limits: ImageLimits, workers: int, chunk: int = 16) -> None:
-        self._blobs, self._limits = blobs, limits
-        self._pool: ProcessPoolExecutor | None = None
-        self._futures: list[tuple[list[str], Any]] = []
-        if workers > 1 and len(blobs) >= SERIAL_BELOW:
-            # fork: workers start in milliseconds and need nothing re-imported; they run pure functions.
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"))
-            names = list(blobs)
-            for start in range(0, len(names), chunk):
-                part = names[start : start + chunk]
-                future = self._pool.submit(_inspect_chunk, [blobs[n] for n in part], limits)
-                self._futures.append((part, future))
-
-    def results(self, names: Iterable[str]) -> dict[str, Inspected]:
-        """Results for ``names`` (waits for the workers)."""
-        wanted = list(names)
-        if self._pool is None:
-            return {name: inspect_image(self._blobs[name], self._limits) for name in wanted}
-        done: dict[str, Inspected] = {}
-        for part, future in self._futures:
-            done.update(zip(part, future.result(), strict=True))
-        return {name: done[name] for name in wanted}
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-
-    def __enter__(self) -> Inspection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def inspect_all(blobs: dict[str, bytes], limits: ImageLimits, workers: int) -> dict[str, Inspected]:
-    """Inspect every image (in worker processes when the batch is large enough)."""
-    with Inspection(blobs, limits, workers) as inspection:
-        return inspection.results(blobs)
+def fetch_landed(storage: Storage, batch: Batch, spool: Spool, max_file_bytes: int) -> None:
+    """Stream every object ingestion reads into the spool: none over the limit, unsafe keys read as listed."""
+    readable = [info for info in batch.landing.objects if info.size <= max_file_bytes]
+    batch.spooled = spool.fetch(storage, [i.key for i in readable if i.key not in batch.landing.unsafe])
+    for info in readable:
+        if info.key in batch.landing.unsafe:
+            data = read_unsafe_key(storage, info.key)
+            if data is not None:
+                batch.spooled[info.key] = spool.keep(data)
 
 
 def resolve_workers(configured: int) -> int:
@@ -338,7 +382,7 @@ def _set_file_and_row(batch: Batch, name: str, line: int, reason: str, detail: s
 
 def check_images(
     batch: Batch, claimed: dict[str, int], inspection: Inspection, quality: QualityRunner, settings: Settings
-) -> dict[str, Inspected]:
+) -> dict[str, FileInspection]:
     """Safety checks in Python (already running in ``inspection``), quality checks in the properties suite."""
     inspected = inspection.results(claimed)
     decoded = {}
@@ -361,7 +405,7 @@ def check_images(
 
 
 def _collapse_duplicates(
-    batch: Batch, claimed: dict[str, int], inspected: dict[str, Inspected], known_labels: dict[str, str]
+    batch: Batch, claimed: dict[str, int], inspected: dict[str, FileInspection], known_labels: dict[str, str]
 ) -> dict[str, str]:
     """Collapse identical content, quarantine label conflicts; returns new sha256 -> its first file."""
     groups: dict[str, list[str]] = defaultdict(list)
@@ -389,7 +433,9 @@ def _collapse_duplicates(
     return new
 
 
-def _catalog_row(batch: Batch, name: str, label: str, split: str, inspected: Inspected) -> dict[str, Any]:
+def _catalog_row(
+    batch: Batch, name: str, label: str, split: str, inspected: FileInspection
+) -> dict[str, Any]:
     report = inspected.report
     return {
         "sha256": report.sha256,
@@ -413,7 +459,7 @@ def _catalog_row(batch: Batch, name: str, label: str, split: str, inspected: Ins
 def dedupe_and_split(
     batch: Batch,
     claimed: dict[str, int],
-    inspected: dict[str, Inspected],
+    inspected: dict[str, FileInspection],
     known: pd.DataFrame,
     settings: Settings,
 ) -> list[dict[str, Any]]:
@@ -440,13 +486,64 @@ def ledger(batch: Batch) -> list[LedgerEntry]:
     ]
 
 
-def _gate(batch: Batch, entries: list[LedgerEntry], share: float, settings: Settings) -> BatchGate:
+@dataclass(frozen=True)
+class Reconciliation:
+    """Whether the ledger holds every listed object and every labels.csv line exactly once, each settled."""
+
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _count_problems(what: str, expected: Counter[str], found: Counter[str]) -> list[str]:
+    return [
+        f"{what} {ref!r}: {found[ref]} ledger entries, expected {expected[ref]}"
+        for ref in sorted(set(expected) | set(found))
+        if found[ref] != expected[ref]
+    ]
+
+
+def _entry_problem(entry: LedgerEntry, files: dict[str, LedgerEntry]) -> str | None:
+    if entry.outcome not in ("curated", "quarantined"):
+        return f"{entry.ref} is {entry.outcome!r}: neither curated nor quarantined"
+    if entry.outcome == "quarantined" and not entry.reason:
+        return f"{entry.ref} is quarantined without a reason"
+    if entry.kind == "row" and entry.outcome == "curated":
+        named = files.get(entry.file_ref)
+        if named is None or named.outcome != "curated":
+            return f"{entry.ref} is curated but the file it names ({entry.file_ref or 'none'}) is not"
+    return None
+
+
+def reconcile(listed: Iterable[str], lines: Iterable[int], entries: Sequence[LedgerEntry]) -> Reconciliation:
+    """Check the ledger against the listing (keys besides labels.csv and folder markers) and the manifest."""
+    files = {entry.ref: entry for entry in entries if entry.kind == "file"}
+    problems = _count_problems(
+        "object", Counter(listed), Counter(entry.ref for entry in entries if entry.kind == "file")
+    )
+    problems += _count_problems(
+        "row",
+        Counter(f"labels.csv:{line}" for line in lines),
+        Counter(entry.ref for entry in entries if entry.kind == "row"),
+    )
+    problems += [problem for entry in entries if (problem := _entry_problem(entry, files))]
+    return Reconciliation(problems)
+
+
+def _gate(
+    batch: Batch, entries: list[LedgerEntry], share: float, settings: Settings, reconciled: Reconciliation
+) -> BatchGate:
     limit = settings.ingest.max_rejected_share
     reasons = list(batch.gate_reasons)
     if share > limit:
         reasons.append(f"rejected share {share:.3f} > max_rejected_share {limit}")
     if not entries:
         reasons.append("nothing landed besides labels.csv")
+    if not reconciled.ok:
+        shown = "; ".join(reconciled.problems[:5])
+        reasons.append(f"the ledger does not reconcile ({len(reconciled.problems)} problems): {shown}")
     return BatchGate(not reasons, reasons)
 
 
@@ -458,11 +555,14 @@ def summarise(
     files = [e for e in entries if e.kind == "file"]
     quarantined = [e for e in entries if e.outcome == "quarantined"]
     share = len(quarantined) / len(entries) if entries else 0.0
-    gate = _gate(batch, entries, share, settings)
+    reconciled = reconcile(
+        [info.key for info in batch.landing.objects], [int(line) for line in batch.manifest.index], entries
+    )
+    gate = _gate(batch, entries, share, settings, reconciled)
     return IngestResult(
         day=batch.layout.day.isoformat(),
         status=IngestStatus.PUBLISHED if gate.passed else IngestStatus.REJECTED,
-        landed=Landed(len(rows), len(files), len(entries)),
+        landed=Landed(len(rows), len(files), len(entries), batch.landing.folder_markers),
         curated=Curated(
             rows=sum(e.outcome == "curated" for e in rows),
             files=sum(e.outcome == "curated" for e in files),
@@ -480,8 +580,7 @@ def summarise(
             name: {"success": o.success, "failed_expectations": o.failed_expectations}
             for name, o in batch.suites.items()
         },
-        reconciled=all(e.outcome in ("curated", "quarantined") for e in entries)
-        and len(entries) == len(rows) + len(files),
+        reconciled=reconciled.ok,
         reports=reports,
     )
 
@@ -491,38 +590,47 @@ def ledger_csv(entries: list[LedgerEntry]) -> bytes:
     writer = csv.DictWriter(buffer, fieldnames=list(LEDGER_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows({column: getattr(entry, column) for column in LEDGER_COLUMNS} for entry in entries)
-    return buffer.getvalue().encode()
+    return buffer.getvalue().encode("utf-8", "backslashreplace")
 
 
-def _write_quarantine(storage: Storage, batch: Batch, blobs: dict[str, bytes]) -> None:
+def quarantine_target(batch: Batch, key: str) -> str:
+    """Where a quarantined original is kept: its path under the day, or by the hash of an unsafe key."""
+    if key in batch.landing.unsafe:
+        return batch.layout.quarantine_unsafe(key_digest(key))
+    return join_key(batch.layout.quarantine, key.removeprefix(batch.layout.landing + "/"))
+
+
+def _write_quarantine(storage: Storage, batch: Batch) -> None:
     """Quarantined originals as landed, the day's ``_reasons.csv``, and nothing stale from a re-run."""
     entries = ledger(batch)
     keep = {batch.layout.quarantine_reasons}
     for entry in entries:
-        if entry.kind == "file" and entry.outcome == "quarantined":
-            target = join_key(batch.layout.quarantine, entry.ref.removeprefix(batch.layout.landing + "/"))
-            storage.write_bytes(target, blobs[entry.ref])
+        if entry.kind == "file" and entry.outcome == "quarantined" and entry.ref in batch.spooled:
+            target = quarantine_target(batch, entry.ref)
+            storage.write_bytes(target, batch.spooled[entry.ref].read_bytes())
             keep.add(target)
     quarantined = [entry for entry in entries if entry.outcome == "quarantined"]
     storage.write_bytes(batch.layout.quarantine_reasons, ledger_csv(quarantined))
-    for stale in set(storage.list(batch.layout.quarantine)) - keep:
-        storage.delete(stale)
+    for info in storage.list_objects(batch.layout.quarantine):
+        if info.key not in keep and unsafe_key_reason(info.key) is None:
+            storage.delete(info.key)
+
+
+def _curated_file(inspected: FileInspection) -> Path:
+    if inspected.curated_path is None:
+        raise RuntimeError(f"no curated bytes for {inspected.report.source_sha256}")
+    return inspected.curated_path
 
 
 def publish(
-    storage: Storage,
-    batch: Batch,
-    new_rows: list[dict[str, Any]],
-    inspected: dict[str, Inspected],
-    blobs: dict[str, bytes],
+    storage: Storage, batch: Batch, new_rows: list[dict[str, Any]], inspected: dict[str, FileInspection]
 ) -> dict[str, Any]:
-    """Write curated images, quarantined originals, then the catalog partition and version (last)."""
+    """Write curated images and quarantined originals from the spool, then the catalog (last)."""
     for row in new_rows:
         if not storage.exists(row["curated_key"]):
             name = row["source_key"].removeprefix(batch.layout.images + "/")
-            curated = inspected[name].curated_bytes(blobs[row["source_key"]])
-            storage.write_bytes(row["curated_key"], curated or b"")
-    _write_quarantine(storage, batch, blobs)
+            storage.write_bytes(row["curated_key"], _curated_file(inspected[name]).read_bytes())
+    _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
     storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))
     return catalog.write_version(storage, batch.layout.day)
@@ -533,28 +641,21 @@ def load_batch(storage: Storage, day: dt.date) -> tuple[Batch, str | None]:
     if not storage.exists(layout.labels):
         raise NothingLanded(f"nothing landed for {day}: {storage.url(layout.labels)} does not exist")
     manifest, parse_error = read_manifest(storage.read_bytes(layout.labels))
-    files: dict[str, str] = {}
-    stray: list[str] = []
-    for key in storage.list(layout.landing):
-        if key == layout.labels:
-            continue
-        if key.startswith(layout.images + "/"):
-            files[key.removeprefix(layout.images + "/")] = key
-        else:
-            stray.append(key)
-    return Batch(layout, manifest, files, stray), parse_error
+    landing = sort_listing(storage.list_objects(layout.landing), layout)
+    return Batch(layout, manifest, landing), parse_error
 
 
 def validate_batch(
-    settings: Settings, storage: Storage, batch: Batch, blobs: dict[str, bytes]
-) -> tuple[IngestResult, list[dict[str, Any]], dict[str, Inspected]]:
-    """Run every check on a loaded batch: (result, new catalog rows, inspection of each image)."""
+    settings: Settings, storage: Storage, batch: Batch, spool: Spool, inspect: InspectFile = inspect_file
+) -> tuple[IngestResult, list[dict[str, Any]], dict[str, FileInspection]]:
+    """Run every check on a spooled batch: (result, new catalog rows, inspection of each image)."""
     day = batch.layout.day
     run_time = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
     limits = ImageLimits.from_settings(settings.ingest)
-    images = {name: blobs[key] for name, key in batch.files.items()}
+    images = {name: batch.spooled[key] for name, key in sorted(batch.files.items()) if key in batch.spooled}
+    workers = resolve_workers(settings.ingest.workers)
     with (
-        Inspection(images, limits, resolve_workers(settings.ingest.workers)) as inspection,
+        Inspection(images, limits, workers, spool.curated, inspect=inspect) as inspection,
         QualityRunner(f"ingest-{day.isoformat()}", run_time) as quality,
     ):
         check_manifest(batch, quality, settings)
@@ -563,6 +664,7 @@ def validate_batch(
         new_rows = dedupe_and_split(
             batch, claimed, inspected, catalog.load_catalog(storage, before=day), settings
         )
+        _follow_primaries(batch)  # a repeated row shares its primary's fate, whichever step decided it
         reports = {
             "data_docs": quality.publish_docs(storage, batch.layout.data_docs),
             "ledger": storage.url(batch.layout.ledger),
@@ -571,19 +673,31 @@ def validate_batch(
     return summarise(batch, new_rows, settings, reports), new_rows, inspected
 
 
-def ingest_day(settings: Settings, storage: Storage, day: dt.date) -> IngestResult:
-    """Validate, curate or quarantine, and version one landing day; return the run's result."""
+def spool_parent(settings: Settings) -> Path | None:
+    return Path(settings.ingest.spool_dir).expanduser() if settings.ingest.spool_dir else None
+
+
+def ingest_day(
+    settings: Settings, storage: Storage, day: dt.date, *, inspect: InspectFile = inspect_file
+) -> IngestResult:
+    """Validate, curate or quarantine, and version one landing day; return the run's result.
+
+    ``inspect`` checks one spooled file in a worker process (module-level, so it can be pickled).
+    """
     batch, parse_error = load_batch(storage, day)
     if parse_error:
         batch.gate_reasons.append(parse_error)
-    blobs = fetch_all(storage, [*batch.files.values(), *batch.stray])
-    result, new_rows, inspected = validate_batch(settings, storage, batch, blobs)
-    storage.write_bytes(batch.layout.ledger, ledger_csv(ledger(batch)))
-    if result.gate.passed:
-        version = publish(storage, batch, new_rows, inspected, blobs)
-        result = replace(
-            result, dataset_version=version["version"], quarantine=storage.url(batch.layout.quarantine)
-        )
+    max_bytes = settings.ingest.max_file_bytes
+    with Spool(spool_parent(settings)) as spool:
+        quarantine_from_listing(batch, max_bytes)
+        fetch_landed(storage, batch, spool, max_bytes)
+        result, new_rows, inspected = validate_batch(settings, storage, batch, spool, inspect)
+        storage.write_bytes(batch.layout.ledger, ledger_csv(ledger(batch)))
+        if result.gate.passed:
+            version = publish(storage, batch, new_rows, inspected)
+            result = replace(
+                result, dataset_version=version["version"], quarantine=storage.url(batch.layout.quarantine)
+            )
     storage.write_bytes(batch.layout.result, json.dumps(result.to_dict(), indent=2, sort_keys=True).encode())
     if not result.gate.passed:
         reasons = "; ".join(result.gate.reasons)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import io
 import json
 
@@ -72,9 +73,19 @@ def snapshot(storage: S3Storage, *prefixes: str) -> dict[str, str]:
     return out
 
 
+def land_raw(storage: S3Storage, objects: dict[str, bytes]) -> None:
+    """Objects under keys S3 accepts as they are (folder markers, keys that are no safe path)."""
+    for key, data in objects.items():
+        storage.client.put_object(Bucket=storage.bucket, Key=f"{storage.prefix}/{key}", Body=data)
+
+
 def test_hostile_day_is_curated_or_quarantined_and_rerun_changes_nothing(s3_env: S3Storage) -> None:
     storage = s3_env
     spec = land_hostile_day(storage, DAY)
+    base = f"landing/{DAY}"
+    unsafe = {f"{base}/images/a//b.png": encode(photo(77), "PNG"), f"{base}/images/..": b"dot-dot"}
+    land_raw(storage, {f"{base}/images/": b"", f"{base}/": b"", **unsafe})  # two folder markers
+    spec.expect_file.update(dict.fromkeys(unsafe, "unsafe_key"))
 
     run = run_dag(DAY, 1)
     assert run.state == "success"
@@ -96,12 +107,18 @@ def test_hostile_day_is_curated_or_quarantined_and_rerun_changes_nothing(s3_env:
         )
         assert entry["reason"] == expected, entry
 
-    quarantined = {k for k, reason in spec.expect_file.items() if reason}
+    assert result["landed"]["folder_markers"] == 2
+    quarantined = {k for k, reason in spec.expect_file.items() if reason and k not in unsafe}
     kept = set(storage.list(f"quarantine/{DAY}"))
     for key in quarantined:  # originals kept exactly as landed
         target = key.replace(f"landing/{DAY}/", f"quarantine/{DAY}/")
         assert target in kept
         assert storage.read_bytes(target) == storage.read_bytes(key)
+    for key, data in unsafe.items():  # under the hash of their key
+        assert (
+            storage.read_bytes(f"quarantine/{DAY}/unsafe_keys/{hashlib.sha256(key.encode()).hexdigest()}")
+            == data
+        )
     assert storage.exists("catalog/LATEST")
     assert storage.exists(f"reports/data_docs/{DAY}/index.html")
 

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from ml.data import catalog
 from ml.data.catalog import SplitCandidate, assign_splits, split_from_hash
@@ -94,3 +96,93 @@ def test_similar_but_distinct_small_images_keep_the_split_fractions() -> None:
     shares = Counter(assign_splits(candidates, [], [], FRACTIONS, distance).values())
     # about 0.135 and 0.117 at distance 2; the test split fell to 0.103 at 4 and 0.024 at 8
     assert shares["test"] / len(candidates) > 0.11 and shares["val"] / len(candidates) > 0.11
+
+
+def write_partition(storage: LocalStorage, day: dt.date, labels: list[str]) -> None:
+    frame = pd.DataFrame(
+        [
+            {c: "" for c in catalog.CATALOG_COLUMNS}
+            | {"sha256": sha(day.day * 100 + i), "label": label, "split": "train", "day": day.isoformat()}
+            for i, label in enumerate(labels)
+        ]
+    )
+    storage.write_bytes(catalog.partition_key(day), catalog.to_parquet_bytes(frame))
+
+
+D1, D2, D3 = dt.date(2026, 1, 1), dt.date(2026, 1, 2), dt.date(2026, 1, 3)
+
+
+def test_a_version_id_reads_exactly_its_partitions_and_refuses_a_changed_one(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    write_partition(storage, D1, ["a"])
+    write_partition(storage, D2, ["b", "b"])
+    v2 = catalog.write_version(storage, D2)
+    by_id = f"catalog/versions/by_id/{v2['version']}.json"
+    assert json.loads(storage.read_bytes(by_id)) == v2
+    version, rows = catalog.dataset_rows(storage, version=v2["version"])
+    assert version == v2 and len(rows) == 3 and list(rows["sha256"]) == sorted(rows["sha256"])
+
+    write_partition(storage, D1, ["a", "c"])  # day 1 re-ingested with one more image
+    with pytest.raises(catalog.DatasetIntegrityError, match=r"partition catalog/days/2026-01-01\.parquet"):
+        catalog.dataset_rows(storage, version=v2["version"])
+    v1_new = catalog.write_version(storage, D1)  # what ingesting day 1 again does: day 2 moves on too
+    assert catalog.read_version(storage)["version"] != v2["version"]
+    assert len(catalog.dataset_rows(storage)[1]) == 4
+    assert json.loads(storage.read_bytes(by_id)) == v2  # the old id is never rewritten
+    new_day1 = v1_new["partitions"][0]["sha256"]
+    assert catalog.read_version(storage, D2)["partitions"][0]["sha256"] == new_day1
+
+
+def test_a_backfill_gives_every_later_day_a_new_version(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    write_partition(storage, D1, ["a"])
+    catalog.write_version(storage, D1)
+    write_partition(storage, D3, ["c"])
+    old_v3 = catalog.write_version(storage, D3)
+    assert catalog.latest_day(storage) == D3
+
+    write_partition(storage, D2, ["b", "b"])  # a day earlier than LATEST lands late
+    catalog.write_version(storage, D2)
+
+    assert catalog.latest_day(storage) == D3
+    latest, rows = catalog.dataset_rows(storage)
+    assert [p["day"] for p in latest["partitions"]] == ["2026-01-01", "2026-01-02", "2026-01-03"]
+    assert latest["version"] != old_v3["version"] and latest["rows"] == len(rows) == 4
+    # the version LATEST had before still means exactly what it meant: days 1 and 3 only
+    version, old_rows = catalog.dataset_rows(storage, version=old_v3["version"])
+    assert version == old_v3 and sorted(old_rows["label"]) == ["a", "c"]
+
+
+def test_an_unknown_version_id_is_a_clear_error_and_old_versions_are_found_by_day(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    write_partition(storage, D1, ["a"])
+    v1 = catalog.write_version(storage, D1)
+    storage.delete(f"catalog/versions/by_id/{v1['version']}.json")  # as written before ids were stored
+    assert catalog.read_version_id(storage, v1["version"]) == v1
+    for bad in ("2026-01-01.000000000000", "nonsense", "../../etc/passwd"):
+        with pytest.raises(catalog.UnknownDatasetVersion, match="no dataset version"):
+            catalog.read_version_id(storage, bad)
+
+
+def test_train_takes_a_dataset_version_and_refuses_a_changed_or_unknown_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ml.cli import EXIT_USAGE, main
+    from ml.config import load_settings
+    from ml.training.pipeline import retrain
+
+    storage = LocalStorage(tmp_path / "store")
+    monkeypatch.setenv("MLOPS__STORAGE__ROOT", str(storage.root))
+    write_partition(storage, D1, ["a"])
+    v1 = catalog.write_version(storage, D1)
+    write_partition(storage, D1, ["a", "b"])
+    settings = load_settings(environ={"MLOPS__STORAGE__ROOT": str(storage.root)})
+    with pytest.raises(catalog.DatasetIntegrityError, match="2026-01-01.parquet"):
+        retrain(settings, storage, dataset_version=v1["version"])
+
+    assert main(["train", "--dataset-version", "2026-01-01.feedfeedfeed", "--json"]) == EXIT_USAGE
+    error = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "no dataset version '2026-01-01.feedfeedfeed'" in error["error"]
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--dataset-day", "2026-01-01", "--dataset-version", v1["version"]])
+    assert caught.value.code == EXIT_USAGE

@@ -2,18 +2,43 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import io
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import boto3
 import pandas as pd
 import pytest
+from PIL import Image
 
 from ml.config import Settings
 from ml.data import catalog
-from ml.data.ingest import BatchRejected, NothingLanded, ingest_day, read_manifest
-from ml.storage import LocalStorage
-from tests.hostile import encode, land_hostile_day, photo
+from ml.data.images import ImageLimits
+from ml.data.ingest import (
+    BatchRejected,
+    LedgerEntry,
+    NothingLanded,
+    ingest_day,
+    read_manifest,
+    reconcile,
+)
+from ml.data.inspection import FileInspection, inspect_file
+from ml.storage import LocalStorage, S3Storage
+from tests.hostile import (
+    CLASSES,
+    encode,
+    land_awkward_names,
+    land_hostile_day,
+    padded_png,
+    photo,
+    write_labels,
+)
 
 DAY = dt.date(2026, 2, 1)
 
@@ -175,3 +200,271 @@ def test_manifest_parsing_strips_and_numbers_lines() -> None:
     assert list(frame.columns) == ["filename", "label", "extra"]
     assert frame.loc[2, "filename"] == "a.png" and frame.loc[2, "label"] == "books"
     assert pd.isna(frame.loc[3, "label"])
+
+
+# -- keys a real bucket holds ----------------------------------------------------------------------
+
+
+def s3_storage(s3_endpoint: str, bucket: str) -> S3Storage:
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    return S3Storage(client, bucket, "mlops")
+
+
+def reasons_csv(storage, day: dt.date) -> dict[str, str]:
+    text = storage.read_bytes(f"quarantine/{day}/_reasons.csv").decode()
+    return {row["ref"]: row["reason"] for row in csv.DictReader(io.StringIO(text))}
+
+
+def good_items(count: int, start: int = 0) -> list[tuple[str, bytes, str]]:
+    return [(f"g{i}.png", encode(photo(start + i), "PNG"), CLASSES[i % 5]) for i in range(count)]
+
+
+def test_folder_markers_unsafe_keys_and_awkward_names_on_s3(
+    s3_endpoint: str, s3_bucket: str, settings: Settings
+) -> None:
+    storage = s3_storage(s3_endpoint, s3_bucket)
+    base = f"landing/{DAY}"
+    items = good_items(10)
+    for name, data, _ in items:
+        storage.write_bytes(f"{base}/images/{name}", data)
+    awkward = land_awkward_names(storage, DAY)
+    unsafe = {  # keys a bucket accepts that are no safe path, each with its own bytes
+        f"{base}/images/a//b.png": encode(photo(901), "PNG"),
+        f"{base}/images/./dot.png": encode(photo(902), "PNG"),
+        f"{base}/images/..": b"dot-dot",
+        f"{base}/images/back\\slash.png": encode(photo(903), "PNG"),
+        f"{base}/images/not-a-marker/": b"a folder-like key with content",
+    }
+    markers = [f"{base}/", f"{base}/images/", f"{base}/images/sub/"]
+    for key, data in [*unsafe.items(), *((m, b"") for m in markers)]:
+        storage.client.put_object(Bucket=s3_bucket, Key=f"mlops/{key}", Body=data)
+    rows = [(n, label) for n, _, label in items] + [(n, "books") for n in awkward.values()]
+    write_labels(storage, DAY, [*rows, ("a//b.png", "toys")])
+
+    result = ingest_day(settings, storage, DAY).to_dict()
+
+    assert result["status"] == "published" and result["reconciled"]
+    assert result["landed"]["folder_markers"] == 3
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    assert not set(markers) & set(entries)
+    for key, data in unsafe.items():
+        assert entries[key]["reason"] == "unsafe_key", entries[key]
+        kept = f"quarantine/{DAY}/unsafe_keys/{hashlib.sha256(key.encode()).hexdigest()}"
+        assert storage.read_bytes(kept) == data
+    assert {k for k, reason in reasons_csv(storage, DAY).items() if reason == "unsafe_key"} == set(unsafe)
+    for key in awkward:
+        assert entries[key]["outcome"] == "curated", entries[key]
+    assert entries[f"labels.csv:{len(rows) + 2}"]["reason"] == "unsafe_filename"
+    assert result["curated"]["new_images"] == len(items) + len(awkward)
+
+
+def test_awkward_names_and_unsafe_file_names_on_local_storage(
+    storage: LocalStorage, settings: Settings
+) -> None:
+    items = good_items(10)
+    land(storage, DAY, items)
+    awkward = land_awkward_names(storage, DAY)
+    images = storage.root / f"landing/{DAY}/images"
+    (images / "back\\slash.png").write_bytes(b"backslash bytes")
+    (images / os.fsdecode(b"latin1-caf\xe9.png")).write_bytes(b"not utf-8")
+    rows = [(n, label) for n, _, label in items] + [(n, "home") for n in awkward.values()]
+    write_labels(storage, DAY, rows)
+
+    result = ingest_day(settings, storage, DAY).to_dict()
+
+    assert result["status"] == "published" and result["reconciled"]
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    assert all(entries[key]["outcome"] == "curated" for key in awkward)
+    assert entries[f"landing/{DAY}/images/back\\slash.png"]["reason"] == "unsafe_key"
+    latin1 = f"landing/{DAY}/images/latin1-caf\\udce9.png"  # how the ledger writes a non-UTF-8 name
+    assert entries[latin1]["reason"] == "unsafe_key"
+    kept = {storage.read_bytes(key) for key in storage.list(f"quarantine/{DAY}/unsafe_keys")}
+    assert kept == {b"backslash bytes", b"not utf-8"}
+
+
+# -- size limit, spool, crashes --------------------------------------------------------------------
+
+
+class RequestLog(logging.Handler):
+    """The moto server's access log (werkzeug): one line per HTTP request it answered."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def gets(self, fragment: str) -> list[str]:
+        return [line for line in self.lines if '"GET ' in line and fragment in line]
+
+
+def test_an_object_over_the_limit_is_quarantined_from_the_listing_and_never_read(
+    s3_endpoint: str, s3_bucket: str, make_settings
+) -> None:
+    settings = make_settings(
+        ingest__max_rejected_share=0.4, ingest__workers=2, ingest__max_file_bytes=300_000
+    )
+    storage = s3_storage(s3_endpoint, s3_bucket)
+    items = good_items(10)
+    land(storage, DAY, [*items, ("huge.png", padded_png(7, 400_000), "toys")])
+    storage.write_bytes(f"landing/{DAY}/huge-notes.bin", padded_png(8, 500_000))
+    log = RequestLog()
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.addHandler(log)
+    try:
+        result = ingest_day(settings, storage, DAY).to_dict()
+    finally:
+        werkzeug.removeHandler(log)
+
+    assert log.gets("/images/g3.png")  # the log sees every download: its silence below means something
+    assert not log.gets("huge.png") and not log.gets("huge-notes.bin")
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    for key in (f"landing/{DAY}/images/huge.png", f"landing/{DAY}/huge-notes.bin"):
+        assert entries[key]["reason"] == "file_too_large" and "not downloaded" in entries[key]["detail"]
+        assert storage.exists(key)  # left where it landed, never copied
+    assert entries[f"labels.csv:{len(items) + 2}"]["reason"] == "file_too_large"  # its row follows
+    assert result["reconciled"] and result["curated"]["new_images"] == len(items)
+    assert not [key for key in storage.list(f"quarantine/{DAY}") if "huge" in key]
+
+
+KILL_MARKER = b"KILL-THIS-WORKER"
+
+
+def kill_on_marker(path: Path, limits: ImageLimits, out_dir: Path) -> FileInspection:
+    """A decoder that dies like a segfaulting codec (SIGKILL to its own process) on marked input."""
+    if KILL_MARKER in path.read_bytes():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return inspect_file(path, limits, out_dir)
+
+
+def test_a_decoder_that_kills_its_worker_costs_that_object_only(
+    storage: LocalStorage, settings: Settings
+) -> None:
+    items = good_items(60)
+    crashers = {5, 37}  # in different chunks of 16
+    items = [
+        (name, data + KILL_MARKER if index in crashers else data, label)
+        for index, (name, data, label) in enumerate(items)
+    ]
+    land(storage, DAY, items)
+
+    result = ingest_day(settings, storage, DAY, inspect=kill_on_marker).to_dict()
+
+    assert result["status"] == "published" and result["reconciled"]
+    assert result["quarantined"]["by_reason"] == {"decoder_crashed": 2 * len(crashers)}  # file and row
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    for index in crashers:
+        entry = entries[f"landing/{DAY}/images/g{index}.png"]
+        assert entry["reason"] == "decoder_crashed" and "SIGKILL" in entry["detail"], entry
+        assert entries[f"labels.csv:{index + 2}"]["reason"] == "decoder_crashed"
+    assert result["curated"]["new_images"] == len(items) - len(crashers)
+
+
+MEMORY_PROBE = """
+import datetime as dt, json, resource, sys
+from pathlib import Path
+from ml.config import load_settings
+from ml.data.ingest import ingest_day
+from ml.storage import LocalStorage
+
+def peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+settings = load_settings(environ={"MLOPS__INGEST__WORKERS": "2", "MLOPS__INGEST__MAX_FILE_BYTES": "2000000"})
+storage = LocalStorage(Path(sys.argv[1]))
+ingest_day(settings, storage, dt.date.fromisoformat(sys.argv[2]))  # warm-up: imports, GE, one small day
+before = peak()
+ingest_day(settings, storage, dt.date.fromisoformat(sys.argv[3]))
+print(json.dumps({"before": before, "after": peak()}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_days_bytes(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    small, big = DAY, DAY + dt.timedelta(days=1)
+    each = 1_000_000
+    land(storage, small, [(f"s{i}.png", padded_png(i, each), CLASSES[i % 5]) for i in range(16)])
+    land(storage, big, [(f"b{i}.png", padded_png(100 + i, each), CLASSES[i % 5]) for i in range(160)])
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(storage.root), str(small), str(big)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = peaks["after"] - peaks["before"]
+    assert json.loads(storage.read_bytes(f"reports/ingest/{big}/result.json"))["curated"]["files"] == 160
+    # the day is 160 MB; holding it (or a list of its blobs) would grow the peak by about that much
+    assert growth < 40_000_000, f"peak RSS grew {growth / 1e6:.0f} MB while ingesting a 160 MB day"
+
+
+# -- the ledger: duplicate rows, reconciliation ----------------------------------------------------
+
+
+def test_a_duplicate_row_follows_its_primary_into_quarantine(
+    storage: LocalStorage, settings: Settings
+) -> None:
+    items = good_items(12)
+    jpeg = encode(photo(500, (300, 200)), "JPEG")
+    for name, data, label in [
+        ("corrupt.jpg", jpeg[: len(jpeg) // 2], "toys"),
+        ("black.png", encode(Image.new("RGB", (200, 200)), "PNG"), "home"),
+        ("conflict_a.png", encode(photo(501), "PNG"), "toys"),
+        ("conflict_b.png", encode(photo(501), "PNG"), "books"),
+    ]:
+        items.append((name, data, label))
+    land(storage, DAY, items)
+    rows = [(name, label) for name, _, label in items]
+    repeated = [("corrupt.jpg", "toys"), ("black.png", "home"), ("conflict_a.png", "toys")]
+    write_labels(storage, DAY, [*rows, *repeated, ("never.jpg", "toys"), ("never.jpg", "toys")])
+
+    result = ingest_day(settings, storage, DAY).to_dict()
+
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    primary_line = {name: index + 2 for index, (name, _) in reversed(list(enumerate(rows)))}
+    expected = {"corrupt.jpg": "corrupt_image", "black.png": "blank_or_saturated"}
+    expected["conflict_a.png"] = "conflicting_labels_same_content"
+    for offset, (name, _) in enumerate(repeated):
+        duplicate = entries[f"labels.csv:{len(rows) + 2 + offset}"]
+        assert duplicate["note"] == f"duplicate_row_of=labels.csv:{primary_line[name]}"
+        assert duplicate["outcome"] == "quarantined" and duplicate["reason"] == expected[name], duplicate
+    last = len(rows) + 2 + len(repeated)
+    assert (
+        entries[f"labels.csv:{last}"]["reason"]
+        == entries[f"labels.csv:{last + 1}"]["reason"]
+        == "file_missing"
+    )
+    assert result["reconciled"] and result["curated"]["rows"] == 12
+
+
+def test_reconcile_finds_what_the_ledger_lost_or_left_unsettled() -> None:
+    a, b = "landing/D/images/a.png", "landing/D/images/b.png"
+    good = [
+        LedgerEntry("row", "labels.csv:2", file_ref=a),
+        LedgerEntry("file", a),
+        LedgerEntry("file", b, outcome="quarantined", reason="orphan_file"),
+    ]
+    assert reconcile([a, b], [2], good).ok
+    bad = [
+        LedgerEntry("row", "labels.csv:2", file_ref=b),  # curated, but its file was quarantined
+        LedgerEntry("row", "labels.csv:2"),  # the same line twice
+        LedgerEntry("file", a, outcome="quarantined"),  # no reason
+        LedgerEntry("file", "landing/D/images/ghost.png"),  # never listed
+        LedgerEntry("file", b, outcome="pending", reason="x"),
+    ]
+    found = reconcile([a, b, "landing/D/images/c.png"], [2, 3], bad)
+    assert not found.ok
+    text = "\n".join(found.problems)
+    for expected in (
+        "object 'landing/D/images/c.png': 0 ledger entries, expected 1",
+        "object 'landing/D/images/ghost.png': 1 ledger entries, expected 0",
+        "row 'labels.csv:2': 2 ledger entries, expected 1",
+        "row 'labels.csv:3': 0 ledger entries, expected 1",
+        f"{a} is quarantined without a reason",
+        f"{b} is 'pending'",
+        f"labels.csv:2 is curated but the file it names ({b}) is not",
+    ):
+        assert expected in text, (expected, text)

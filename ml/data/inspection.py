@@ -1,0 +1,207 @@
+"""Images inspected from spool files in worker processes, while ingestion goes on with other work.
+
+Workers get file paths, never bytes, and write the curated bytes to files of their own; only the
+small ``ImageReport`` comes back. A decoder that kills its process (a segfault in a codec) costs
+that one object, not the day: when the pool breaks, each chunk it had not finished is redone in
+a fresh process, and a chunk that crashes again is redone one object at a time, each in its own
+process; the object that still crashes is rejected as ``decoder_crashed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from ml.data.images import ImageLimits, ImageReport, inspect_image
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class FileInspection:
+    """One inspected file: the report, and where its curated bytes are (None when rejected)."""
+
+    report: ImageReport
+    curated_path: Path | None = None
+
+
+InspectFile = Callable[[Path, ImageLimits, Path], FileInspection]
+
+
+class InspectionError(RuntimeError):
+    """The inspect function raised in an isolated process (a bug, not a decoder crash)."""
+
+
+def inspect_file(path: Path, limits: ImageLimits, out_dir: Path) -> FileInspection:
+    """Inspect one spooled file; curated bytes that differ from the landed ones go to ``out_dir``."""
+    result = inspect_image(path.read_bytes(), limits)
+    if result.report.reason or result.curated is None:
+        return FileInspection(result.report)
+    if result.same_as_source:
+        return FileInspection(result.report, path)
+    target = out_dir / f"{path.name}.{result.report.curated_ext}"
+    target.write_bytes(result.curated)
+    return FileInspection(result.report, target)
+
+
+def crashed(path: Path, detail: str) -> FileInspection:
+    """The report of a file whose decoder killed the process inspecting it."""
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return FileInspection(ImageReport(digest, path.stat().st_size, "decoder_crashed", detail))
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this process when its parent dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def inspect_chunk(inspect: InspectFile, paths: list[Path], limits: ImageLimits, out_dir: Path) -> list[Any]:
+    return [inspect(path, limits, out_dir) for path in paths]
+
+
+def _isolated_child(sender: Any, parent: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    die_with_parent(parent)
+    try:
+        sender.send(("ok", fn(*args)))
+    except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        sender.send(("error", f"{type(exc).__name__}: {exc}"))
+    sender.close()
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any, str]:
+    """``fn(*args)`` in a fresh forked process: (True, value, "") or (False, None, how it died)."""
+    context = get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_isolated_child, args=(sender, os.getpid(), fn, args), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        status, value = receiver.recv()
+    except EOFError:  # the process died before it could answer
+        status, value = "died", None
+    finally:
+        receiver.close()
+        process.join()
+    if status == "error":
+        raise InspectionError(value)
+    if status == "ok" and process.exitcode == 0:
+        return True, value, ""
+    return False, None, describe_exit(process.exitcode)
+
+
+class Inspection:
+    """Files inspected in worker processes (one per core), in chunks, from the moment it is created.
+
+    Workers are forked as soon as the work is submitted, before Great Expectations is imported,
+    so the GE import and the manifest suite overlap with decoding.
+    """
+
+    def __init__(
+        self,
+        files: dict[str, Path],
+        limits: ImageLimits,
+        workers: int,
+        out_dir: Path,
+        *,
+        chunk: int = 16,
+        inspect: InspectFile = inspect_file,
+    ) -> None:
+        self._files, self._limits, self._out, self._inspect = files, limits, out_dir, inspect
+        self._futures: list[tuple[list[str], Future[list[Any]]]] = []
+        self._done: dict[str, FileInspection] | None = None
+        names = list(files)
+        parts = [names[start : start + chunk] for start in range(0, len(names), chunk)]
+        self._pool: ProcessPoolExecutor | None = None
+        if parts:
+            # fork: workers start in milliseconds and need nothing re-imported; they run pure functions.
+            self._pool = ProcessPoolExecutor(
+                max_workers=max(1, min(workers, len(parts))),
+                mp_context=get_context("fork"),
+                initializer=die_with_parent,
+                initargs=(os.getpid(),),
+            )
+            for part in parts:
+                paths = [files[name] for name in part]
+                future = self._pool.submit(inspect_chunk, inspect, paths, limits, out_dir)
+                self._futures.append((part, future))
+
+    def results(self, names: Iterable[str]) -> dict[str, FileInspection]:
+        """Results for ``names`` (waits for the workers; recovers from a broken pool)."""
+        if self._done is None:
+            self._done = self._collect()
+        return {name: self._done[name] for name in names}
+
+    def _collect(self) -> dict[str, FileInspection]:
+        done: dict[str, FileInspection] = {}
+        broken: list[list[str]] = []
+        for part, future in self._futures:
+            try:
+                done.update(zip(part, future.result(), strict=True))
+            except BrokenProcessPool:
+                broken.append(part)
+        if broken:
+            self.close()
+        for part in broken:
+            done.update(self._recover(part))
+        return done
+
+    def _recover(self, part: list[str]) -> dict[str, FileInspection]:
+        """A chunk the broken pool did not finish: again in a fresh process, then one object at a time."""
+        paths = [self._files[name] for name in part]
+        ok, values, _ = run_isolated(inspect_chunk, self._inspect, paths, self._limits, self._out)
+        if ok:
+            return dict(zip(part, values, strict=True))
+        out = {}
+        for name, path in zip(part, paths, strict=True):
+            ok, value, how = run_isolated(self._inspect, path, self._limits, self._out)
+            out[name] = value if ok else crashed(path, f"the process decoding it {how}")
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> Inspection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def inspect_files(paths: dict[str, Path], limits: ImageLimits, workers: int, out_dir: Path) -> dict[str, Any]:
+    """Inspect every file in worker processes; curated bytes go to ``out_dir``."""
+    with Inspection(paths, limits, workers, out_dir) as inspection:
+        return inspection.results(paths)
+
+
+def inspect_all(blobs: dict[str, bytes], limits: ImageLimits, workers: int) -> dict[str, FileInspection]:
+    """Inspect in-memory images (spooled to a temporary folder first); reports only."""
+    with tempfile.TemporaryDirectory(prefix="mlops-inspect-") as folder:
+        root = Path(folder)
+        paths = {}
+        for index, (name, data) in enumerate(blobs.items()):
+            paths[name] = root / f"{index:07d}"
+            paths[name].write_bytes(data)
+        found = inspect_files(paths, limits, workers, root)
+        return {name: replace(result, curated_path=None) for name, result in found.items()}
