@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"
 START = dt.date(2026, 9, 1)
-KEY = "bench-key"
+KEY = "bench-key-0123456789abcdef0123456789abcdef"  # keys are at least 32 characters
 CONCURRENCY = (1, 4, 8, 32)
 
 

@@ -2,10 +2,11 @@
 
 POST /predict (multipart field ``image``), POST /predict_batch (multipart field ``images``,
 repeated), POST /feedback (JSON ``request_id``, ``label``), GET /version; BentoML adds /healthz,
-/livez, /readyz and /metrics. Clients send ``Authorization: Bearer <key>``; keys come from
-``MLOPS_API_KEYS`` or a keys file. Which model versions serve (stable + canary) comes from the
-deployment state file named by ``MLOPS_DEPLOYMENT_STATE``; a built bento without one serves the
-model packed into it (``packed.json``, written at build time).
+/livez, /readyz and /metrics. Clients send ``Authorization: Bearer <key>``; keys and their roles
+(predict, feedback, admin) come from ``MLOPS_API_KEYS`` or a keys file, and ``ml.serving.guard``
+checks them before anything is parsed. Which model versions serve (stable + canary) comes from
+the deployment state file named by ``MLOPS_DEPLOYMENT_STATE``; a built bento without one serves
+the model packed into it (``packed.json``, written at build time).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from starlette.routing import Route
 
 from ml.config import get_settings
 from ml.data.images import ImageLimits
-from ml.serving import uploads
-from ml.serving.auth import api_keys, key_matches
+from ml.serving.auth import ANONYMOUS, key_table
+from ml.serving.binding import RequestIds, load_secret, secret_path
+from ml.serving.guard import KEY_ID_HEADER, Guard, GuardPolicy
+from ml.serving.lifecycle import refuse_open_endpoint, stop_gracefully
 from ml.serving.log import PredictionLog
 from ml.serving.predictor import Predictor
-from ml.serving.uploads import BadRequest
+from ml.serving.uploads import BadRequest, incident_id
 from ml.storage import storage_from_settings
 
 log = logging.getLogger("mlops.service")
@@ -38,7 +41,6 @@ log = logging.getLogger("mlops.service")
 PACKED_FILE = Path(__file__).resolve().parent / "packed.json"  # written into a bento at build time
 STATE_ENV = "MLOPS_DEPLOYMENT_STATE"
 LOG_ENV = "MLOPS_PREDICTION_LOG"  # "off" disables the prediction log (serving checks)
-OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
 SETTINGS = get_settings()  # at import: only what the @bentoml.service decorator needs; the rest per instance
 
 LATENCY = Histogram(
@@ -55,6 +57,12 @@ PREDICTIONS = Counter(
 ERRORS = Counter(
     "mlops_request_errors_total", "Requests refused, per error code and status.", ["code", "status"]
 )
+LOG_DROPPED = Counter(
+    "mlops_prediction_log_dropped_total",
+    "Prediction-log entries dropped because the buffer was full while storage was down, per kind.",
+    ["kind"],
+)
+_WORKER: list[Predictor] = []  # this worker process's predictor, for the guard's admin records
 
 
 def _observe(version: str, predicted_class: str, seconds: float) -> None:
@@ -62,94 +70,71 @@ def _observe(version: str, predicted_class: str, seconds: float) -> None:
     PREDICTIONS.labels(version, predicted_class).inc()
 
 
+def count_error(code: str, status: int) -> None:
+    ERRORS.labels(code, str(status)).inc()
+
+
 def error_response(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    ERRORS.labels(code, str(status)).inc()
+    count_error(code, status)
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-class GuardMiddleware:
-    """API-key auth and the request-size limit, before BentoML parses anything.
+def _record_admin(key_id: str, method: str, path: str, status: int) -> None:
+    for predictor in _WORKER:
+        predictor.record_admin(key_id, method, path, status)
 
-    A body over ``max_bytes`` is refused with 413 whether or not it declares its length.
-    """
+
+class GuardMiddleware(Guard):
+    """``ml.serving.guard.Guard`` with this service's keys, size limits, metrics and audit."""
 
     def __init__(self, app: Any) -> None:
-        settings = get_settings()
-        self.app = app
-        self.keys = api_keys(keys_file=settings.serving.api_keys_file)
-        self.max_bytes = settings.serving.max_request_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        if self.keys and not key_matches(headers.get("authorization"), self.keys):
-            reply = error_response(
-                401, "unauthorized", "send Authorization: Bearer <api key>", {"WWW-Authenticate": "Bearer"}
-            )
-            await reply(scope, receive, send)
-            return
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(413, "request_too_large", f"body over {self.max_bytes} bytes")(
-                scope, receive, send
-            )
-            return
-        if scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await error_response(413, "request_too_large", f"body over {self.max_bytes} bytes")(
-                    scope, receive, send
-                )
-                return
-        problem = uploads.upload_problem(scope["path"], bytes(body), headers.get("content-type", ""))
-        if problem:
-            await error_response(*problem)(scope, receive, send)
-            return
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        serving = get_settings().serving
+        policy = GuardPolicy(
+            key_table(keys_file=serving.api_keys_file), serving.max_request_bytes, serving.drain_request_bytes
+        )
+        super().__init__(app, policy, count_error, _record_admin)
 
 
 async def version_endpoint(request: Request) -> Response:
     try:
         return JSONResponse(bentoml.get_current_service().version_info())
     except bentoml.exceptions.BentoMLException:
-        return JSONResponse({"error": "not_ready", "detail": "service is starting"}, status_code=503)
+        return error_response(503, "not_ready", "the service is starting: retry in a few seconds")
 
 
 def refuse(ctx: bentoml.Context, exc: BadRequest) -> dict[str, str]:
     """A client error from inside an API: BentoML takes the status from the context."""
-    ERRORS.labels(exc.code, str(exc.status)).inc()
+    count_error(exc.code, exc.status)
     ctx.response.status_code = exc.status
     return exc.body()
+
+
+def internal_error(ctx: bentoml.Context, what: str) -> dict[str, str]:
+    """A 500 that says what the client can do; the detail goes to the log under an incident id."""
+    incident = incident_id()
+    log.exception("%s failed [incident %s]", what, incident)
+    detail = f"the service failed on this request: retry, and quote incident {incident} if it persists"
+    return refuse(ctx, BadRequest(500, "internal_error", detail))
+
+
+def caller_id(ctx: bentoml.Context) -> str:
+    """The caller's key id, as the guard authenticated it."""
+    return str(ctx.request.headers.get(KEY_ID_HEADER.decode(), ANONYMOUS))
 
 
 def _prediction_log() -> PredictionLog | None:
     if os.environ.get(LOG_ENV, "").lower() == "off":
         return None
+    serving = get_settings().serving
     return PredictionLog(
-        storage_from_settings(SETTINGS),
-        get_settings().serving.log_flush_rows,
-        get_settings().serving.log_flush_seconds,
+        storage_from_settings(get_settings()),
+        serving.log_flush_rows,
+        serving.log_flush_seconds,
+        max_buffer_rows=serving.log_max_buffer_rows,
+        max_buffer_bytes=serving.log_max_buffer_bytes,
+        on_drop=lambda kind, count: LOG_DROPPED.labels(kind).inc(count),
     )
 
 
@@ -157,6 +142,32 @@ def _resolve(tag: str) -> Path:
     """Bundle folder of a model tag (or bare version) in the BentoML model store."""
     return Path(
         bentoml.models.get(tag if ":" in tag else f"{get_settings().mlflow.registered_model}:v{tag}").path
+    )
+
+
+def _predictor() -> Predictor:
+    """Fail closed first (no open endpoint, no short key), then the predictor for this worker."""
+    settings = get_settings()
+    keys = key_table(keys_file=settings.serving.api_keys_file)  # a short or malformed key raises here
+    refuse_open_endpoint(settings.serving.host, bool(keys))
+    secret = load_secret(secret_path(settings.serving.state_dir, settings.serving.feedback_secret_file))
+    packed = json.loads(PACKED_FILE.read_text()) if PACKED_FILE.exists() else {}
+    state = os.environ.get(STATE_ENV)
+    if not keys:
+        log.warning("no API key configured: every local caller is accepted (the service listens on loopback)")
+    return Predictor(
+        _resolve,
+        ImageLimits.from_settings(settings.ingest),
+        state_path=Path(state) if state else None,
+        default_version=packed.get("model_version"),
+        default_tag=packed.get("model_tag"),
+        threads=settings.serving.threads,
+        max_batch_size=settings.serving.max_batch_size,
+        max_latency_ms=settings.serving.max_latency_ms,
+        prediction_log=_prediction_log(),
+        log_images=settings.serving.log_images,
+        observe=_observe,
+        request_ids=RequestIds(secret),
     )
 
 
@@ -171,33 +182,18 @@ def _resolve(tag: str) -> Path:
 )
 class ImageClassifier:
     def __init__(self) -> None:
-        keys = api_keys(keys_file=get_settings().serving.api_keys_file)
-        if not keys:
-            log.warning(
-                "NO API KEY CONFIGURED (MLOPS_API_KEYS): every caller is accepted; bind to 127.0.0.1 only"
-            )
         packed = json.loads(PACKED_FILE.read_text()) if PACKED_FILE.exists() else {}
-        state = os.environ.get(STATE_ENV)
         self.bento_tag = str(packed.get("bento_tag", "development"))
-        self.predictor = Predictor(
-            _resolve,
-            ImageLimits.from_settings(get_settings().ingest),
-            state_path=Path(state) if state else None,
-            default_version=packed.get("model_version"),
-            default_tag=packed.get("model_tag"),
-            threads=get_settings().serving.threads,
-            max_batch_size=get_settings().serving.max_batch_size,
-            max_latency_ms=get_settings().serving.max_latency_ms,
-            prediction_log=_prediction_log(),
-            log_images=get_settings().serving.log_images,
-            observe=_observe,
-        )
+        self.predictor = _predictor()
         self.predictor.refresh()
+        _WORKER[:] = [self.predictor]
         self._watcher: asyncio.Task[None] | None = None
 
     @bentoml.on_startup
     async def start_watching(self) -> None:
         self._watcher = asyncio.create_task(self.predictor.watch())
+        if not stop_gracefully(get_settings().serving.drain_seconds):
+            log.warning("SIGTERM stops this worker at once: uvicorn's signal handler was not found")
 
     @bentoml.on_shutdown
     def stop(self) -> None:
@@ -212,6 +208,7 @@ class ImageClassifier:
         state = self.predictor.state
         stable = self.predictor.stable
         canary = self.predictor.canary
+        incident = self.predictor.load_incident
         return {
             "model_version": stable.version if stable else None,
             "dataset_version": stable.model.meta.dataset_version if stable else None,
@@ -220,16 +217,21 @@ class ImageClassifier:
             "previous_version": state.previous if state else None,
             "bento_tag": self.bento_tag,
             "ready": self.predictor.ready(),
-            "load_error": self.predictor.load_error,
+            "load_error": f"the deployment state could not be loaded: see the log, incident {incident}"
+            if incident
+            else "",
         }
 
     @bentoml.api(route="/predict")
     async def predict(self, image: Path, ctx: bentoml.Context) -> Any:
         """Classify one image (multipart field ``image``): class, confidence, probabilities, version, id."""
+        route_key = ctx.request.headers.get("x-client-id")
         try:
-            return await self.predictor.predict(image.read_bytes(), ctx.request.headers.get("x-client-id"))
+            return await self.predictor.predict(image.read_bytes(), route_key, caller_id(ctx))
         except BadRequest as exc:
             return refuse(ctx, exc)
+        except Exception:  # noqa: BLE001 - the client gets an incident id, the log the traceback
+            return internal_error(ctx, "predict")
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(self, images: list[Path], ctx: bentoml.Context) -> Any:
@@ -238,27 +240,32 @@ class ImageClassifier:
             return error_response(
                 413, "too_many_images", f"at most {get_settings().serving.max_batch_images} per request"
             )
-        key = ctx.request.headers.get("x-client-id")
+        key, who = ctx.request.headers.get("x-client-id"), caller_id(ctx)
 
         async def one(path: Path) -> dict[str, Any]:
             try:
-                return await self.predictor.predict(path.read_bytes(), key)
+                return await self.predictor.predict(path.read_bytes(), key, who)
             except BadRequest as exc:
-                ERRORS.labels(exc.code, str(exc.status)).inc()
+                count_error(exc.code, exc.status)
                 return {**exc.body(), "status": exc.status}
 
-        results = await asyncio.gather(*(one(path) for path in images))
+        try:
+            results = await asyncio.gather(*(one(path) for path in images))
+        except Exception:  # noqa: BLE001 - the client gets an incident id, the log the traceback
+            return internal_error(ctx, "predict_batch")
         if images and all("error" in result for result in results):
             ctx.response.status_code = int(results[0]["status"])
         return {"results": results}
 
     @bentoml.api(route="/feedback")
     def feedback(self, request_id: str, label: str, ctx: bentoml.Context) -> Any:
-        """Record the true label for an earlier prediction's ``request_id``."""
+        """Record the true label of an earlier prediction (``request_id``), once, by the key that asked."""
         try:
-            return self.predictor.feedback(request_id, label, self.predictor.classes())
+            return self.predictor.feedback(request_id, label, self.predictor.classes(), caller_id(ctx))
         except BadRequest as exc:
             return refuse(ctx, exc)
+        except Exception:  # noqa: BLE001 - the client gets an incident id, the log the traceback
+            return internal_error(ctx, "feedback")
 
 
 ImageClassifier.add_asgi_middleware(GuardMiddleware)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -25,11 +26,19 @@ def http(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 30,
+    ca_file: str | None = None,
 ) -> tuple[int, bytes]:
-    """One HTTP request; (status, body) whatever the status. Connection errors raise ``OSError``."""
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    """One HTTP request; (status, body) whatever the status. Connection errors raise ``OSError``.
+
+    ``ca_file``: the CA bundle an https server's certificate must chain to (for a self-signed
+    certificate, the certificate itself); None trusts the system's CAs.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"only http(s) URLs are requested, not {url.split(':', 1)[0]!r}")
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})  # noqa: S310 - scheme checked above
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -49,7 +58,11 @@ def multipart(field_name: str, files: list[tuple[str, bytes]]) -> tuple[bytes, s
 
 
 def wait_ready(
-    url: str, process: subprocess.Popen[bytes] | None, timeout: float, path: str = "/readyz"
+    url: str,
+    process: subprocess.Popen[bytes] | None,
+    timeout: float,
+    path: str = "/readyz",
+    ca_file: str | None = None,
 ) -> None:
     """Poll ``url + path`` until it answers 200; ``NotReady`` if the process exits or time runs out."""
     deadline = time.monotonic() + timeout
@@ -57,7 +70,7 @@ def wait_ready(
         if process is not None and process.poll() is not None:
             raise NotReady(f"the service exited with code {process.returncode} before it was ready")
         try:
-            if http("GET", f"{url}{path}", timeout=2)[0] == 200:
+            if http("GET", f"{url}{path}", timeout=2, ca_file=ca_file)[0] == 200:
                 return
         except OSError:
             pass

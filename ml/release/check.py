@@ -21,7 +21,15 @@ from ml.data.catalog import dataset_rows
 from ml.http import NotReady, free_port, http, multipart, wait_ready
 from ml.release.build import build_bento, import_model, use_bentoml_home
 from ml.release.errors import DeployError
-from ml.release.service import STATE_ENV, start_service, state_path, stop_service
+from ml.release.service import (
+    STATE_ENV,
+    instance_home,
+    start_service,
+    state_path,
+    stop_service,
+    tls_args,
+    tls_ca_file,
+)
 from ml.serving.bundle import BUNDLE_ONNX, BundleMeta
 from ml.storage import Storage
 
@@ -60,7 +68,12 @@ def offline_probabilities(bundle: Path, images: list[bytes]) -> np.ndarray:
 
 
 def _probe(
-    url: str, key: str, images: list[tuple[str, bytes]], expected: np.ndarray, classes: list[str]
+    url: str,
+    key: str,
+    images: list[tuple[str, bytes]],
+    expected: np.ndarray,
+    classes: list[str],
+    ca_file: str | None = None,
 ) -> tuple[list[float], list[float], list[str]]:
     """Send the golden images; (latencies ms, probability gaps, reasons for every mismatch)."""
     latencies, gaps, reasons = [], [], []
@@ -72,6 +85,7 @@ def _probe(
             f"{url}/predict",
             body=payload,
             headers={"Content-Type": content_type, "Authorization": f"Bearer {key}"},
+            ca_file=ca_file,
         )
         latencies.append((time.perf_counter() - started) * 1000)
         if status != 200:
@@ -100,17 +114,20 @@ def _hold_to_bounds(
         result.reasons.append(f"p99 latency {result.p99_ms} ms > {settings.serving.check_latency_p99_ms} ms")
 
 
-def _examine(url: str, key: str, result: CheckResult, settings: Settings, golden: tuple) -> None:
+def _examine(
+    url: str, key: str, result: CheckResult, settings: Settings, golden: tuple, ca_file: str | None = None
+) -> None:
     """Everything the check asks of a running service; failures go to ``result.reasons``."""
     images, expected, classes = golden
-    status, body = http("GET", f"{url}/version", headers={"Authorization": f"Bearer {key}"})
+    status, body = http("GET", f"{url}/version", headers={"Authorization": f"Bearer {key}"}, ca_file=ca_file)
     served = json.loads(body).get("model_version") if status == 200 else None
     if served != result.version:
         result.reasons.append(f"/version says model {served!r} (HTTP {status}), expected {result.version}")
-    latencies, gaps, reasons = _probe(url, key, images, expected, classes)
+    latencies, gaps, reasons = _probe(url, key, images, expected, classes, ca_file)
     result.reasons.extend(reasons)
     payload, content_type = multipart("image", [("x.png", images[0][1])])
-    status, _ = http("POST", f"{url}/predict", body=payload, headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type}
+    status, _ = http("POST", f"{url}/predict", body=payload, headers=headers, ca_file=ca_file)
     if status != 401:
         result.reasons.append(f"a request without the API key got HTTP {status}, not 401")
     result.images = len(images)
@@ -130,15 +147,23 @@ def serving_check(settings: Settings, storage: Storage, version: str, bento_tag:
     bundle = Path(bentoml.models.get(import_model(settings, version)).path)
     expected = offline_probabilities(bundle, [data for _, data in images])
     classes = BundleMeta.read(bundle).classes
-    port, key = free_port(), secrets.token_hex(16)
+    port, key = free_port(), secrets.token_urlsafe(32)  # one key with every role
     env = {k: v for k, v in os.environ.items() if k != STATE_ENV}
     env |= {"MLOPS_API_KEYS": key, "MLOPS_PREDICTION_LOG": "off", "MLOPS_API_KEYS_FILE": ""}
+    env |= {"MLOPS_FEEDBACK_SECRET": secrets.token_hex(32)}  # the scratch service's own request-id secret
+    env["BENTOML_HOME"] = str(instance_home(use_bentoml_home(settings), f"check-{port}"))  # live metrics stay
     log_file = state_path(settings).parent / "logs" / f"check-v{version}.log"
-    url = f"http://127.0.0.1:{port}"
-    process = start_service(bento_tag, port, env, log_file)
     try:
-        wait_ready(url, process, settings.serving.check_timeout_seconds)
-        _examine(url, key, result, settings, (images, expected, classes))
+        tls = tls_args(settings)
+    except DeployError as exc:
+        result.reasons.append(str(exc))
+        return result
+    ca_file = tls_ca_file(settings)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    process = start_service(bento_tag, port, env, log_file, tls=tls)
+    try:
+        wait_ready(url, process, settings.serving.check_timeout_seconds, ca_file=ca_file)
+        _examine(url, key, result, settings, (images, expected, classes), ca_file)
     except (NotReady, DeployError, OSError, ValueError, KeyError) as exc:
         result.reasons.append(f"{type(exc).__name__}: {exc}")
     finally:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,14 +23,26 @@ from typing import Any
 import numpy as np
 
 from ml.data.images import ImageLimits
-from ml.layout import FEEDBACK_PREFIX, PREDICTIONS_PREFIX, request_image_key
+from ml.layout import (
+    FEEDBACK_PREFIX,
+    PREDICTIONS_PREFIX,
+    SERVING_ACCESS_AUDIT_PREFIX,
+    feedback_claim_key,
+    request_image_key,
+)
+from ml.serving.auth import ANONYMOUS
 from ml.serving.batching import AdaptiveBatcher
+from ml.serving.binding import RequestIds, well_formed
 from ml.serving.bundle import ServingModel
 from ml.serving.log import PredictionLog, now_iso
 from ml.serving.state import DeploymentState, read_state
-from ml.serving.uploads import BadRequest, Decoded, decode_upload
+from ml.serving.uploads import BadRequest, Decoded, decode_upload, incident_id
 
 log = logging.getLogger(__name__)
+
+
+def not_ready() -> BadRequest:
+    return BadRequest(503, "not_ready", "no model is loaded yet: retry in a few seconds")
 
 
 def canary_bucket(key: str) -> float:
@@ -73,6 +87,7 @@ class Predictor:
         prediction_log: PredictionLog | None = None,
         log_images: bool = False,
         observe: Observer | None = None,
+        request_ids: RequestIds | None = None,
     ) -> None:
         self.resolve = resolve
         self.limits = limits
@@ -85,6 +100,8 @@ class Predictor:
         self.prediction_log = prediction_log
         self.log_images = log_images
         self.observe = observe
+        self.request_ids = request_ids or RequestIds(secrets.token_bytes(32))
+        self._claimed: set[str] = set()  # where no storage is configured (the log is off)
         self.stable: Lane | None = None
         self.canary: Lane | None = None
         self.canary_share = 0.0
@@ -94,7 +111,8 @@ class Predictor:
         self._retired: list[tuple[float, Lane]] = []
         self._state_stamp: tuple[float, int] | None = None
         self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
-        self.load_error = ""
+        self.load_error = ""  # the internal reason, for the log only; clients see ``load_incident``
+        self.load_incident = ""
 
     # -- deployment state ---------------------------------------------------------------------
     def _lane(self, version: str, tag: str) -> Lane:
@@ -128,7 +146,7 @@ class Predictor:
             return False
         state = self._wanted()
         if state is None:
-            self.load_error = f"no deployment state at {self.state_path} and no packed model"
+            self._load_failed(f"no deployment state at {self.state_path} and no packed model")
             return False
         try:
             stable = self._lane(state.stable, state.tag(state.stable))
@@ -136,12 +154,14 @@ class Predictor:
             if state.canary and state.canary_share > 0:
                 canary = self._lane(state.canary, state.tag(state.canary))
         except Exception as exc:  # keep serving what runs; report why the new state failed
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self._load_failed(f"{type(exc).__name__}: {exc}")
             log.exception("deployment state %s could not be loaded; keeping the current models", state)
             self._state_stamp = stamp
+            if self.stable is None:  # a worker starting on an unloadable state: serve the last that loads
+                self._fall_back(state)
             return False
         self.stable, self.canary, self.canary_share = stable, canary, state.canary_share if canary else 0.0
-        self.state, self._state_stamp, self.load_error = state, stamp, ""
+        self.state, self._state_stamp, self.load_error, self.load_incident = state, stamp, "", ""
         for version in [v for v in self._lanes if v not in {stable.version, canary and canary.version}]:
             # requests already routed to it still finish there; `watch` closes it once it is idle
             self._retired.append((time.monotonic(), self._lanes.pop(version)))
@@ -151,6 +171,22 @@ class Predictor:
             f" + canary v{canary.version} ({self.canary_share:.0%})" if canary else "",
         )
         return True
+
+    def _fall_back(self, state: DeploymentState) -> None:
+        """Serve the newest earlier stable version of ``state`` that loads (the other workers kept it)."""
+        for version in reversed(state.history[:-1] or ([state.previous] if state.previous else [])):
+            try:
+                self.stable = self._lane(version, state.tag(version))
+            except Exception as exc:  # noqa: BLE001 - try the next one
+                log.warning("v%s cannot be loaded either: %s: %s", version, type(exc).__name__, exc)
+                continue
+            log.warning("serving v%s until v%s can be loaded", version, state.stable)
+            return
+
+    def _load_failed(self, reason: str) -> None:
+        if reason != self.load_error:
+            self.load_error, self.load_incident = reason, incident_id()
+            log.error("deployment state not loaded [incident %s]: %s", self.load_incident, reason)
 
     async def watch(self, every_seconds: float = 0.5) -> None:
         """Poll the state file; load off the event loop so requests keep flowing during a swap."""
@@ -162,8 +198,6 @@ class Predictor:
             except Exception:  # the watcher must survive anything
                 log.exception("deployment state refresh failed")
             self.reap_retired()
-            if self.prediction_log is not None and self.prediction_log.due():
-                await loop.run_in_executor(None, self.prediction_log.flush)
 
     def reap_retired(self, grace_seconds: float = 30.0) -> int:
         """Close lanes retired more than ``grace_seconds`` ago whose queue is empty; return how many."""
@@ -182,22 +216,28 @@ class Predictor:
 
     def route(self, key: str) -> tuple[Lane, str]:
         if self.stable is None:
-            raise BadRequest(503, "not_ready", self.load_error or "no model loaded yet")
+            raise not_ready()
         if self.canary is not None and canary_bucket(key) < self.canary_share:
             return self.canary, "canary"
         return self.stable, "stable"
 
     # -- requests -----------------------------------------------------------------------------
-    async def predict(self, data: bytes, route_key: str | None = None) -> dict[str, Any]:
-        """Classify one upload. Raises ``BadRequest`` for anything that is not a usable image."""
+    async def predict(
+        self, data: bytes, route_key: str | None = None, key_id: str = ANONYMOUS
+    ) -> dict[str, Any]:
+        """Classify one upload for the caller ``key_id``. Raises ``BadRequest`` for a bad image."""
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
-        lane, track = self.route(route_key or request_id)
+        lane, track = self.route(route_key or uuid.uuid4().hex)
+        request_id = self.request_ids.mint(lane.version, key_id)
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(
             self._decode_pool, decode_upload, data, self.limits, lane.model.prep
         )
-        proba, projected = await lane.batcher.submit(decoded.array)
+        try:
+            proba, projected = await lane.batcher.submit(decoded.array)
+        except Exception as exc:
+            self._log_failure(request_id, lane.version, track, started, exc)
+            raise
         classes = lane.model.meta.classes
         best = int(np.argmax(proba))
         result = {
@@ -238,24 +278,82 @@ class Predictor:
         }
         if self.log_images:
             key = request_image_key(record["time"][:10], result["request_id"])
-            self.prediction_log.storage.write_bytes(key, data)
-            record["image_key"] = key
+            if self.prediction_log.add_blob(key, data):
+                record["image_key"] = key
         self.prediction_log.add(PREDICTIONS_PREFIX, record)
 
-    def feedback(self, request_id: str, label: str, classes: Sequence[str]) -> dict[str, Any]:
-        """Record the true label of an earlier prediction (live accuracy joins on request_id)."""
-        if not request_id or len(request_id) > 64 or not request_id.replace("-", "").isalnum():
+    def _log_failure(self, request_id: str, version: str, track: str, started: float, exc: Exception) -> None:
+        """A request the model failed (a 5xx): logged per version, so the monitor can judge each one."""
+        if self.prediction_log is None:
+            return
+        record = {
+            "request_id": request_id,
+            "time": now_iso(),
+            "model_version": version,
+            "track": track,
+            "status": 500,
+            "error": type(exc).__name__,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        self.prediction_log.add(PREDICTIONS_PREFIX, record)
+
+    def feedback(
+        self, request_id: str, label: str, classes: Sequence[str], key_id: str = ANONYMOUS
+    ) -> dict[str, Any]:
+        """Record the true label of an earlier prediction, once, by the key that made it."""
+        if not well_formed(request_id):
             raise BadRequest(400, "bad_request_id", "request_id must be the id a prediction returned")
         if label not in classes:
             raise BadRequest(400, "unknown_label", f"label must be one of {', '.join(classes)}")
-        record = {"request_id": request_id, "label": label, "time": now_iso()}
+        bound = self.request_ids.verify(request_id)
+        if bound is None:
+            raise BadRequest(404, "unknown_request", "no prediction of this service has that request_id")
+        if bound.key_id != key_id:
+            raise BadRequest(
+                403, "not_your_prediction", "only the API key that made a prediction may label it"
+            )
+        record = {
+            "request_id": request_id,
+            "label": label,
+            "time": now_iso(),
+            "model_version": bound.model_version,
+            "key_id": key_id,
+            "bound": True,
+        }
+        self._claim(bound.nonce, record)
         if self.prediction_log is not None:
             self.prediction_log.add(FEEDBACK_PREFIX, record)
         return {"status": "recorded", **record}
 
+    def _claim(self, nonce: str, record: dict[str, Any]) -> None:
+        """Create-if-absent: the first label of a prediction wins, across workers and replicas."""
+        if self.prediction_log is None:
+            claimed = nonce not in self._claimed
+            self._claimed.add(nonce)
+        else:
+            data = json.dumps(record, sort_keys=True).encode()
+            try:
+                claimed = self.prediction_log.storage.write_if(feedback_claim_key(nonce), data, None)
+            except Exception as exc:  # noqa: BLE001 - any storage failure is the same to the client
+                incident = incident_id()
+                log.error("feedback claim failed [incident %s]: %r", incident, exc)
+                raise BadRequest(
+                    503,
+                    "storage_unavailable",
+                    f"feedback cannot be stored now: retry later (incident {incident})",
+                ) from None
+        if not claimed:
+            raise BadRequest(409, "already_labelled", "this prediction has a label already")
+
+    def record_admin(self, key_id: str, method: str, path: str, status: int) -> None:
+        """One record per admin request (who by key id, what, when) through the buffered writer."""
+        if self.prediction_log is not None:
+            record = {"time": now_iso(), "key_id": key_id, "method": method, "path": path, "status": status}
+            self.prediction_log.add(SERVING_ACCESS_AUDIT_PREFIX, record)
+
     def classes(self) -> list[str]:
         if self.stable is None:
-            raise BadRequest(503, "not_ready", self.load_error or "no model loaded yet")
+            raise not_ready()
         return list(self.stable.model.meta.classes)
 
     def close(self) -> None:
@@ -263,4 +361,4 @@ class Predictor:
             lane.batcher.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         if self.prediction_log is not None:
-            self.prediction_log.flush()
+            self.prediction_log.close()

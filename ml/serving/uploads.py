@@ -7,6 +7,7 @@ framework parses it, so a malformed body is the client's 400, not a server error
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,11 @@ class BadRequest(ValueError):
 
     def body(self) -> dict[str, str]:
         return {"error": self.code, "detail": self.message}
+
+
+def incident_id() -> str:
+    """A short id that ties a client's error answer to the detail kept in the service log."""
+    return uuid.uuid4().hex[:12]
 
 
 _REJECTION_STATUS = {"file_too_large": 413, "too_many_pixels": 413, "empty_file": 400}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,13 +23,16 @@ from PIL import Image
 from ml.config import load_settings
 from ml.data.ingest import ingest_day
 from ml.demo.landing import land_days
+from ml.http import multipart
 from ml.storage import LocalStorage
 from tests.conftest import REPO, world_env
 from tests.hostile import encode, photo, png_bomb, with_exif_gps
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 START = dt.date(2026, 6, 1)
-KEY = "integration-key"
+KEY = "0-integration-key-with-every-role"  # sorts first: the key deploy's /version check uses is admin
+PREDICT_KEY = "p-integration-key-that-only-predicts"
+FEEDBACK_KEY = "f-integration-key-that-only-labels-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -45,7 +49,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, Any,
         training__early_stopping__patience=4,
         serving__log_flush_seconds=0.5,
         serving__max_request_bytes=6000000,
-    ) | {"MLOPS_API_KEYS": KEY}
+    ) | {"MLOPS_API_KEYS": f"{KEY},{PREDICT_KEY}:predict,{FEEDBACK_KEY}:feedback"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -265,6 +269,7 @@ def test_metrics_version_and_the_prediction_log(world, live) -> None:
     assert row["model_version"] == "1" and {"embedding_pc0", "brightness", "blur", "latency_ms"} <= set(row)
     assert "image_key" not in row  # raw images are not kept unless configured
     assert [(r["request_id"], r["label"]) for r in feedback] == [(request_ids[0], "toys")]
+    assert feedback[0]["bound"] is True and feedback[0]["model_version"] == "1" and feedback[0]["key_id"]
     status, metrics = raw(live, "GET", "/metrics")
     text = metrics.decode()
     assert (
@@ -274,6 +279,244 @@ def test_metrics_version_and_the_prediction_log(world, live) -> None:
     assert 'mlops_request_errors_total{code="unauthorized",status="401"}' in text
     info = json.loads(raw(live, "GET", "/version")[1])
     assert info["model_version"] == "1" and info["dataset_version"].startswith("2026-06-03")
+
+
+def upload_in_chunks(port: int, size: int, *, chunked: bool) -> tuple[int, dict]:
+    """POST a ``size``-byte multipart body with http.client, 64 KiB at a time, then read the answer.
+
+    ``Connection: close`` (what urllib and many clients send) makes the server close the connection
+    after its answer: a server that answers early without reading the body resets it under the client.
+    """
+    import http.client
+
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'.encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    chunk = b"0" * 65536
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for _ in range(size // len(chunk)):
+            yield chunk
+        yield tail
+
+    headers = {**AUTH, "Connection": "close", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if not chunked:
+        headers["Content-Length"] = str(len(head) + size // len(chunk) * len(chunk) + len(tail))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", "/predict", body=body(), headers=headers, encode_chunked=chunked)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_30_mb_upload_gets_a_413_the_client_can_read(world, live, chunked: bool) -> None:
+    _, settings, _ = world
+    status, body = upload_in_chunks(settings.serving.port, 30_000_000, chunked=chunked)
+    assert status == 413 and body["error"] == "request_too_large", body
+    assert raw(live, "GET", "/readyz")[0] == 200
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_each_route_needs_its_role_and_admin_requests_are_audited(world, live) -> None:
+    from ml.layout import SERVING_ACCESS_AUDIT_PREFIX
+    from ml.serving.auth import key_id
+    from ml.storage import read_jsonl
+
+    _, _, storage = world
+    png = [("image", "a.png", image("PNG"))]
+    assert post(live, "/predict", png, bearer(PREDICT_KEY))[0] == 200
+    assert post(live, "/predict", png, bearer(FEEDBACK_KEY)) == (
+        403,
+        {"error": "forbidden", "detail": "this API key does not have the 'predict' role"},
+    )
+    label = json.dumps({"request_id": "ab12", "label": "toys"}).encode()
+    json_type = {"Content-Type": "application/json"}
+    assert raw(live, "POST", "/feedback", label, {**json_type, **bearer(PREDICT_KEY)})[0] == 403
+    assert raw(live, "GET", "/version", headers=bearer(PREDICT_KEY))[0] == 403
+    assert raw(live, "GET", "/version")[0] == 200
+    from ml.http import http
+
+    assert http("GET", f"{live}/metrics")[0] == 200  # from loopback: no key needed
+    deadline, audited = time.monotonic() + 15, []
+    while time.monotonic() < deadline and not {200, 403} <= {r["status"] for r in audited}:
+        time.sleep(0.5)
+        audited = [r for r in read_jsonl(storage, SERVING_ACCESS_AUDIT_PREFIX) if r["path"] == "/version"]
+    assert {(r["key_id"], r["status"]) for r in audited} >= {(key_id(KEY), 200), (key_id(PREDICT_KEY), 403)}
+    raw_records = b"".join(storage.read_bytes(k) for k in storage.list(SERVING_ACCESS_AUDIT_PREFIX))
+    assert KEY.encode() not in raw_records and PREDICT_KEY.encode() not in raw_records
+
+
+def test_feedback_is_bound_to_its_prediction_across_workers(world, live) -> None:
+    """The label comes from the key that asked, once; another key, a forged id or a second label is
+    refused, whichever worker process answers (connections land on either of the two)."""
+    _, body = post(live, "/predict", [("image", "a.jpg", image("JPEG"))])
+    request_id = body["request_id"]
+    json_type = {"Content-Type": "application/json"}
+
+    def label(rid: str, headers: dict[str, str], value: str = "toys") -> tuple[int, dict]:
+        data = json.dumps({"request_id": rid, "label": value}).encode()
+        status, answer = raw(live, "POST", "/feedback", data, {**json_type, **headers})
+        return status, json.loads(answer)
+
+    forged = request_id[:-4] + ("0000" if not request_id.endswith("0000") else "1111")
+    assert label(forged, AUTH)[0] == 404
+    assert label(request_id, bearer(FEEDBACK_KEY)) == (
+        403,
+        {"error": "not_your_prediction", "detail": "only the API key that made a prediction may label it"},
+    )
+    status, answer = label(request_id, AUTH)
+    assert status == 200 and answer["bound"] is True and answer["model_version"] == body["model_version"]
+    for _ in range(4):  # new connections: both workers get a chance to answer
+        assert label(request_id, AUTH, "books")[0] == 409
+
+
+def test_without_a_key_the_service_refuses_to_listen_beyond_loopback(world) -> None:
+    from ml.http import free_port, http
+    from ml.release.service import serve_env, start_service, stop_service
+
+    env, settings, _ = world
+    mlops = str(Path(sys.executable).parent / "mlops")
+    open_env = {**os.environ, "MLOPS_API_KEYS": "", "MLOPS__SERVING__HOST": "0.0.0.0"}
+    out = subprocess.run([mlops, "serve", "--json"], env=open_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "refusing to serve beyond loopback" in json.loads(out.stdout)["error"]
+    out = subprocess.run(
+        [mlops, "serve", "--json"],
+        env={**os.environ, "MLOPS_API_KEYS": "not-32-chars"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "12 characters long" in out.stdout and "not-32-chars" not in out.stdout
+    # bentoml serve itself on 0.0.0.0 (as in a container): every worker refuses to start
+    port, log_file = free_port(), Path(settings.serving.state_dir) / "open.log"
+    process = start_service(
+        "bentos.service:ImageClassifier",
+        port,
+        serve_env(settings, port) | {"MLOPS_API_KEYS": ""},
+        log_file,
+        "0.0.0.0",
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "refusing to start" not in log_file.read_text(errors="replace"):
+            time.sleep(0.5)
+        assert "no API key configured and the service listens on 0.0.0.0" in log_file.read_text(
+            errors="replace"
+        )
+        with pytest.raises(OSError):
+            http("GET", f"http://127.0.0.1:{port}/readyz", timeout=3)  # nothing answers
+    finally:
+        stop_service(process)
+
+
+def self_signed(folder: Path, addresses: list[str]) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and ``addresses``, and its key (PEM files)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    names = [x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses)]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key_file.write_bytes(pem)
+    return cert_file, key_file
+
+
+def outward_address() -> str:
+    """This machine's address on its default route (not loopback), or skip."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the route
+        except OSError:
+            pytest.skip("no non-loopback route on this machine")
+        return str(probe.getsockname()[0])
+
+
+def test_tls_service_answers_https_only_and_metrics_beyond_loopback_need_admin(world, tmp_path) -> None:
+    """`mlops serve` with a self-signed certificate on 0.0.0.0: https with the certificate as CA works,
+    plain http gets no answer, and /metrics from a non-loopback address needs a key with admin."""
+    from ml.http import free_port, http, wait_ready
+    from ml.release.service import stop_service
+
+    _, settings, _ = world
+    address = outward_address()
+    cert, key = self_signed(tmp_path, ["127.0.0.1", address])
+    port = free_port()
+    env = {**os.environ, "MLOPS__SERVING__HOST": "0.0.0.0", "MLOPS__SERVING__PORT": str(port)}
+    env |= {"MLOPS__SERVING__TLS_CERT": str(cert), "MLOPS__SERVING__TLS_KEY": str(key)}
+    mlops = str(Path(sys.executable).parent / "mlops")
+    with (tmp_path / "tls.log").open("ab") as out:
+        process = subprocess.Popen(
+            [mlops, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url, ca = f"https://127.0.0.1:{port}", str(cert)
+    try:
+        wait_ready(url, process, 120, ca_file=ca)
+        payload, content_type = multipart("image", [("a.png", image("PNG"))])
+        status, body = http(
+            "POST", f"{url}/predict", body=payload, headers={**AUTH, "Content-Type": content_type}, ca_file=ca
+        )
+        assert status == 200 and json.loads(body)["model_version"], body
+        with pytest.raises(OSError):  # the certificate is not trusted without its CA
+            http("GET", f"{url}/readyz")
+        try:
+            plain = http("GET", f"http://127.0.0.1:{port}/readyz", timeout=5)[0]
+        except OSError:
+            plain = None
+        assert plain != 200
+        outside = f"https://{address}:{port}"
+        assert http("GET", f"{outside}/metrics", ca_file=ca)[0] == 401
+        assert http("GET", f"{outside}/metrics", headers=bearer(PREDICT_KEY), ca_file=ca)[0] == 403
+        status, metrics = http("GET", f"{outside}/metrics", headers=AUTH, ca_file=ca)
+        assert status == 200 and b"mlops_predictions_total" in metrics
+        assert http("GET", f"{url}/metrics", ca_file=ca)[0] == 200  # loopback needs no key
+    finally:
+        stop_service(process)
+
+
+def test_the_serving_check_runs_its_scratch_service_with_tls_when_tls_is_on(world, tmp_path) -> None:
+    from ml.release.build import build_bento
+    from ml.release.check import serving_check
+
+    _, settings, storage = world
+    cert, key = self_signed(tmp_path, ["127.0.0.1"])
+    tls = settings.serving.model_copy(update={"tls_cert": str(cert), "tls_key": str(key)})
+    with_tls = settings.model_copy(update={"serving": tls})
+    # every probe goes to https://127.0.0.1:<port> checked against the certificate: a scratch service
+    # serving plain http would fail each of them
+    check = serving_check(with_tls, storage, "2", build_bento(settings, "2"))
+    assert check.passed and check.images == settings.serving.check_images, check.reasons
 
 
 class Traffic:

@@ -41,3 +41,13 @@ def test_compose_services_build_pinned_images_and_take_secrets_from_the_environm
     assert len(secrets) >= 4
     for match in secrets:
         assert match.startswith("${"), f"a password is written into the compose file: {match}"
+
+
+def test_the_service_container_fails_closed_and_gets_its_keys_and_secret_from_the_environment() -> None:
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    env = compose["services"]["service"]["environment"]
+    assert env["MLOPS__SERVING__HOST"] == "0.0.0.0"  # beyond loopback: no key, no start
+    keys = env["MLOPS_API_KEYS"].split(",")
+    assert keys[0].startswith("${MLOPS_API_KEYS:?") and keys[-1].startswith("${MLOPS_METRICS_KEY:?")
+    assert keys[-1].endswith("}:admin")  # Prometheus's key may read /metrics and nothing else
+    assert env["MLOPS_FEEDBACK_SECRET"].startswith("${MLOPS_FEEDBACK_SECRET:?")

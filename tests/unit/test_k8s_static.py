@@ -207,9 +207,12 @@ def test_canary_ingress_sends_ten_percent_to_the_canary_service_on_the_main_host
 @pytest.mark.parametrize("name", [STABLE, CANARY])
 def test_api_keys_come_from_the_secret_and_settings_from_the_configmap(name: str) -> None:
     env = _env(_container(_one("Deployment", name)))
-    assert "value" not in env["MLOPS_API_KEYS"]
-    ref = env["MLOPS_API_KEYS"]["valueFrom"]["secretKeyRef"]
-    assert (ref["name"], ref["key"]) == ("product-classifier-api-keys", "api-keys")
+    for variable, key in (("MLOPS_API_KEYS", "api-keys"), ("MLOPS_FEEDBACK_SECRET", "feedback-secret")):
+        assert "value" not in env[variable], variable
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("product-classifier-api-keys", key)
+    # the pod listens beyond loopback, so the service's fail-closed check applies (keys are required)
+    assert env["MLOPS__SERVING__HOST"]["value"] == "0.0.0.0"
     config_ref = env["MLOPS__STORAGE__ROOT"]["valueFrom"]["configMapKeyRef"]
     assert config_ref["name"] == "product-classifier-config"
     assert config_ref["key"] in _one("ConfigMap", "product-classifier-config")["data"]
@@ -223,8 +226,8 @@ def test_only_the_secret_template_holds_secret_data_and_its_value_is_a_placehold
         assert "stringData" not in doc, file_name
     (example,) = _documents(K8S / SECRET_EXAMPLE)
     assert example["kind"] == "Secret" and example["metadata"]["name"] == "product-classifier-api-keys"
-    assert set(example.get("stringData", {})) == {"api-keys"} and "data" not in example
-    assert example["stringData"]["api-keys"] == "REPLACE_ME"
+    assert set(example.get("stringData", {})) == {"api-keys", "feedback-secret"} and "data" not in example
+    assert set(example["stringData"].values()) == {"REPLACE_ME"}
 
 
 def test_aws_access_is_granted_through_the_service_account_role() -> None:

@@ -274,6 +274,19 @@ def test_prometheus_config_is_valid_and_every_target_is_a_compose_service_port()
     assert {"service:3000", "statsd-exporter:9102", "prometheus:9090"} <= targets
 
 
+def test_prometheus_scrapes_the_service_with_a_bearer_key_the_service_accepts_as_admin() -> None:
+    (job,) = [job for job in _yaml(PROMETHEUS)["scrape_configs"] if job["job_name"] == "prediction-service"]
+    auth = job["authorization"]
+    assert auth.get("type", "Bearer") == "Bearer" and "credentials" not in auth  # no key in the file
+    compose = _yaml(COMPOSE)
+    mounted = {f"/run/secrets/{name}": name for name in _services()["prometheus"].get("secrets", [])}
+    secret = mounted.get(auth["credentials_file"])
+    assert secret, f"{auth['credentials_file']} is not a compose secret mounted into prometheus"
+    variable = compose["secrets"][secret]["environment"]
+    service_keys = _services()["service"]["environment"]["MLOPS_API_KEYS"].split(",")
+    assert any(entry.startswith(f"${{{variable}:") and entry.endswith(":admin") for entry in service_keys)
+
+
 def test_prometheus_loads_its_config_and_rules_from_mounted_repository_files() -> None:
     prometheus = _services()["prometheus"]
     mounts = _bind_mounts(prometheus)
@@ -410,6 +423,7 @@ def test_the_service_metrics_are_read_from_its_source() -> None:
         "mlops_prediction_latency_seconds_bucket",
         "mlops_predictions_total",
         "mlops_request_errors_total",
+        "mlops_prediction_log_dropped_total",
     } <= service_metrics()
 
 

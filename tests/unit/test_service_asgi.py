@@ -14,23 +14,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ml.layout import FEEDBACK_PREFIX, SERVING_ACCESS_AUDIT_PREFIX
+from ml.serving.auth import KeyConfigError, key_id
 from ml.serving.state import DeploymentState, write_state
+from ml.storage import LocalStorage, read_jsonl
 from tests.hostile import encode, photo, png_bomb
 from tests.unit.test_serving import CLASSES, make_bundle
 
-KEY = "unit-test-key"
+KEY = "unit-test-key-with-every-role-0001"  # no roles listed: predict, feedback and admin
+PREDICT_KEY = "unit-test-key-that-may-only-predict"
+FEEDBACK_KEY = "unit-test-key-that-may-only-label-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The service's ASGI app with two tiny real models in the BentoML store, v1 stable."""
+    """The service's ASGI app with tiny real models in the BentoML store, v1 stable, the prediction log
+    on a local store. v3 is broken: its metadata promises a 48 px input, its ONNX graph takes 32 px."""
     import bentoml
     from starlette.testclient import TestClient
 
     folder = tmp_path_factory.mktemp("service")
-    for version, seed in (("1", 0), ("2", 1)):
+    for version, seed in (("1", 0), ("2", 1), ("3", 2)):
         bundle = make_bundle(folder, version, seed)
+        if version == "3":
+            meta = json.loads((bundle / "meta.json").read_text())
+            (bundle / "meta.json").write_text(json.dumps(meta | {"image_size": 48}))
         with bentoml.models.create(f"product-classifier:v{version}") as model:
             for item in bundle.iterdir():
                 (Path(model.path) / item.name).write_bytes(item.read_bytes())
@@ -38,14 +47,25 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     write_state(state, DeploymentState(stable="1"))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLOPS_DEPLOYMENT_STATE", str(state))
-        env.setenv("MLOPS_API_KEYS", KEY)
-        env.setenv("MLOPS_PREDICTION_LOG", "off")
+        env.setenv("MLOPS_API_KEYS", f"{KEY},{PREDICT_KEY}:predict,{FEEDBACK_KEY}:feedback")
+        env.delenv("MLOPS_API_KEYS_FILE", raising=False)
+        env.delenv("MLOPS_FEEDBACK_SECRET", raising=False)
+        env.setenv("MLOPS__STORAGE__ROOT", str(folder / "store"))
+        env.setenv("MLOPS__SERVING__STATE_DIR", str(folder / "serving"))
+        env.setenv("MLOPS__SERVING__LOG_FLUSH_SECONDS", "0.2")
         env.setenv("MLOPS__PREPROCESSING__IMAGE_SIZE", "32")
         env.setenv("MLOPS__SERVING__MAX_REQUEST_BYTES", "8000000")
         service = importlib.import_module("bentos.service")
         with TestClient(service.ImageClassifier.to_asgi()) as test_client:
             test_client.state_file = state
+            test_client.store = LocalStorage(folder / "store")
+            test_client.service = service
+            test_client.env = env
             yield test_client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def post_image(client: Any, data: bytes, field: str = "image", headers: dict | None = None) -> Any:
@@ -97,7 +117,16 @@ def test_valid_images_of_any_kind_and_size_are_answered(client, fmt: str, mode: 
         ),
         (lambda c: post_image(c, encode(photo(1), "PNG"), headers={}), 401, "unauthorized"),
         (lambda c: post_image(c, encode(photo(1), "PNG"), headers={"Authorization": "Bearer no"}), 401, None),
+        (lambda c: post_image(c, encode(photo(1), "PNG"), headers=bearer(FEEDBACK_KEY)), 403, "forbidden"),
         (lambda c: c.post("/feedback", json={"request_id": "abc", "label": "cars"}, headers=AUTH), 400, None),
+        (lambda c: c.post("/feedback", json={"request_id": "ab", "label": "toys"}, headers=AUTH), 404, None),
+        (
+            lambda c: c.post(
+                "/feedback", json={"request_id": "ab", "label": "toys"}, headers=bearer(PREDICT_KEY)
+            ),
+            403,
+            "forbidden",
+        ),
         (
             lambda c: c.post(
                 "/feedback", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
@@ -117,7 +146,10 @@ def test_valid_images_of_any_kind_and_size_are_answered(client, fmt: str, mode: 
         "text-field",
         "no-key",
         "wrong-key",
+        "role-predict",
         "unknown-label",
+        "unknown-request",
+        "role-feedback",
         "bad-json",
     ],
 )
@@ -130,11 +162,47 @@ def test_bad_requests_get_a_4xx_with_a_json_error(client, make, status: int, cod
 
 
 def test_probes_need_no_key_and_version_says_what_serves(client) -> None:
-    # /metrics needs the server's multiprocess metrics setup: tests/integration/test_serving.py covers it
     assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
     assert client.get("/version").status_code == 401
     info = client.get("/version", headers=AUTH).json()
     assert info["model_version"] == "1" and info["dataset_version"] == "2026-01-01" and info["ready"]
+
+
+def test_version_and_metrics_need_the_admin_role_off_loopback(client) -> None:
+    # the test client calls from "testclient", not a loopback address; loopback scrapes are covered
+    # against a real server in tests/integration/test_serving.py
+    for path in ("/version", "/metrics"):
+        assert client.get(path).status_code == 401, path
+        for key in (PREDICT_KEY, FEEDBACK_KEY):
+            response = client.get(path, headers=bearer(key))
+            assert response.status_code == 403 and "'admin' role" in response.json()["detail"], path
+    assert client.get("/version", headers=AUTH).status_code == 200
+
+
+def test_every_admin_request_is_recorded_by_key_id_never_by_key(client) -> None:
+    client.get("/version", headers=AUTH)
+    client.get("/version", headers=bearer(PREDICT_KEY))  # refused (403), and recorded too
+    deadline = time.monotonic() + 10
+    records: list[dict] = []
+    while time.monotonic() < deadline and not {r["status"] for r in records} >= {200, 403}:
+        time.sleep(0.2)
+        records = read_jsonl(client.store, SERVING_ACCESS_AUDIT_PREFIX)
+    by_status = {r["status"]: r for r in records if r["path"] == "/version"}
+    assert (
+        by_status[200]["key_id"] == key_id(KEY)
+        and by_status[200]["method"] == "GET"
+        and by_status[200]["time"]
+    )
+    assert by_status[403]["key_id"] == key_id(PREDICT_KEY)
+    raw = b"".join(client.store.read_bytes(k) for k in client.store.list(SERVING_ACCESS_AUDIT_PREFIX))
+    assert KEY.encode() not in raw and PREDICT_KEY.encode() not in raw
+
+
+def test_a_client_cannot_claim_another_key_id_by_header(client) -> None:
+    request_id = post_image(client, encode(photo(8), "PNG"), headers=bearer(PREDICT_KEY)).json()["request_id"]
+    spoofed = {**AUTH, "X-MLOps-Key-Id": key_id(PREDICT_KEY)}  # the guard drops the client's own value
+    response = client.post("/feedback", json={"request_id": request_id, "label": "toys"}, headers=spoofed)
+    assert response.status_code == 403 and response.json()["error"] == "not_your_prediction"
 
 
 def test_batch_answers_each_image_and_flags_the_bad_one(client) -> None:
@@ -145,10 +213,67 @@ def test_batch_answers_each_image_and_flags_the_bad_one(client) -> None:
     assert first["predicted_class"] in CLASSES and second["error"] == "not_an_image"
 
 
-def test_feedback_is_accepted_for_a_prediction(client) -> None:
+def test_feedback_is_accepted_once_from_the_key_that_made_the_prediction(client) -> None:
     request_id = post_image(client, encode(photo(4), "PNG")).json()["request_id"]
-    response = client.post("/feedback", json={"request_id": request_id, "label": "toys"}, headers=AUTH)
+    label = {"request_id": request_id, "label": "toys"}
+    other = client.post("/feedback", json=label, headers=bearer(FEEDBACK_KEY))  # may label, not this one
+    assert other.status_code == 403 and other.json()["error"] == "not_your_prediction"
+    response = client.post("/feedback", json=label, headers=AUTH)
     assert response.status_code == 200 and response.json()["status"] == "recorded"
+    assert response.json()["model_version"] == "1" and response.json()["bound"] is True
+    again = client.post("/feedback", json={**label, "label": "books"}, headers=AUTH)
+    assert again.status_code == 409 and again.json()["error"] == "already_labelled"
+    deadline, logged = time.monotonic() + 10, []
+    while time.monotonic() < deadline and not logged:
+        time.sleep(0.2)
+        logged = [r for r in read_jsonl(client.store, FEEDBACK_PREFIX) if r["request_id"] == request_id]
+    assert [(r["label"], r["key_id"], r["bound"]) for r in logged] == [("toys", key_id(KEY), True)]
+
+
+def test_an_internal_failure_is_a_500_with_an_incident_id_and_no_internals(client, caplog) -> None:
+    write_state(client.state_file, DeploymentState(stable="3", previous="1"))  # the broken model
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            time.monotonic() < deadline
+            and client.get("/version", headers=AUTH).json()["model_version"] != "3"
+        ):
+            time.sleep(0.2)
+        response = post_image(client, encode(photo(9), "PNG"))
+        assert response.status_code == 500, response.text
+        body = response.json()
+        assert body["error"] == "internal_error" and "retry" in body["detail"]
+        incident = body["detail"].rsplit("incident ", 1)[1].split()[0]
+        for internal in ("onnx", "Invalid", "dimension", "Traceback", "/"):
+            assert internal not in body["detail"], internal
+        assert any(incident in record.getMessage() for record in caplog.records)
+        assert any(record.exc_info for record in caplog.records if incident in record.getMessage())
+    finally:
+        write_state(client.state_file, DeploymentState(stable="1"))
+        deadline = time.monotonic() + 10
+        while (
+            time.monotonic() < deadline
+            and client.get("/version", headers=AUTH).json()["model_version"] != "1"
+        ):
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"MLOPS__SERVING__HOST": "0.0.0.0"}, "no API key configured and the service listens on 0.0.0.0"),
+        ({"MLOPS_API_KEYS": "short-key"}, "MLOPS_API_KEYS entry 1: the API key is 9 characters long"),
+    ],
+    ids=["open-host", "short-key"],
+)
+def test_the_service_refuses_to_start_open_or_with_a_short_key(client, env: dict, problem: str) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLOPS_API_KEYS")
+        for name, value in env.items():
+            patch.setenv(name, value)
+        with pytest.raises(KeyConfigError) as caught:
+            client.service.ImageClassifier.inner()
+    assert problem in str(caught.value) and "short-key" not in str(caught.value)
 
 
 def test_a_new_deployment_state_is_picked_up_without_a_restart(client) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,19 @@ from torch import nn
 from ml.config import load_settings
 from ml.data.images import ImageLimits
 from ml.layout import FEEDBACK_PREFIX, PREDICTIONS_PREFIX
-from ml.serving.auth import api_keys, key_matches
+from ml.serving.auth import (
+    KeyConfigError,
+    api_keys,
+    authenticate,
+    is_loopback,
+    key_id,
+    key_matches,
+    key_table,
+)
 from ml.serving.batching import AdaptiveBatcher
+from ml.serving.binding import Bound, RequestIds, SecretError, load_secret
 from ml.serving.bundle import BundleMeta, Outputs, ServingModel, write_bundle
+from ml.serving.lifecycle import listening_hosts, refuse_open_endpoint
 from ml.serving.log import PredictionLog
 from ml.serving.predictor import Predictor, canary_bucket
 from ml.serving.state import DeploymentState, read_state, write_state
@@ -169,33 +180,152 @@ def test_canary_share_is_honoured_and_sticky_per_client() -> None:
     assert canary_bucket("client-7") == canary_bucket("client-7")
 
 
-def test_api_keys_come_from_env_and_file_and_are_checked_exactly(tmp_path: Path) -> None:
+KEY_A, KEY_B, KEY_F = "a" * 32, "b" * 40, "f" * 33  # long enough: at least 32 characters
+
+
+def test_api_keys_come_from_env_and_file_with_roles_and_are_checked_exactly(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
-    keys_file.write_text("file-key\n\n")
-    keys = api_keys({"MLOPS_API_KEYS": " a-key , b-key ,"}, str(keys_file))
-    assert keys == {"a-key", "b-key", "file-key"}
-    assert key_matches("Bearer b-key", keys) and key_matches("Bearer file-key", keys)
-    for header in (None, "", "b-key", "Bearer ", "Bearer b-ke", "Basic b-key", "bearer b-key"):
-        assert not key_matches(header, keys), header
+    keys_file.write_text(f"{KEY_F} feedback\n\n# a comment\n")
+    table = key_table({"MLOPS_API_KEYS": f" {KEY_A} , {KEY_B}:predict+admin ,"}, str(keys_file))
+    assert {key: sorted(entry.roles) for key, entry in table.items()} == {
+        KEY_A: ["admin", "feedback", "predict"],  # no roles given: all three (backwards compatible)
+        KEY_B: ["admin", "predict"],
+        KEY_F: ["feedback"],
+    }
+    assert api_keys({"MLOPS_API_KEYS": KEY_A}) == {KEY_A}
+    assert authenticate(f"Bearer {KEY_B}", table) == table[KEY_B] and key_matches(
+        f"Bearer {KEY_F}", set(table)
+    )
+    for header in (None, "", KEY_B, "Bearer ", f"Bearer {KEY_B[:-1]}", f"Basic {KEY_B}", f"bearer {KEY_B}"):
+        assert authenticate(header, table) is None, header
+    assert table[KEY_A].key_id == key_id(KEY_A) and len(key_id(KEY_A)) == 12 and KEY_A not in key_id(KEY_A)
 
 
-def test_prediction_log_writes_in_batches_and_keeps_rows_when_storage_fails(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("env", "line", "problem"),
+    [
+        ("short-secret-key", None, "MLOPS_API_KEYS entry 1: the API key is 16 characters long"),
+        (f"{KEY_A},tiny:admin", None, "MLOPS_API_KEYS entry 2: the API key is 4 characters long"),
+        (f"{KEY_A}:root", None, "unknown role(s) ['root']"),
+        (None, "0123456789", "line 1: the API key is 10 characters long"),
+        (None, f"{KEY_A} predict,sudo", "line 1: unknown role(s) ['sudo']"),
+    ],
+    ids=["short-env", "second-short", "bad-role", "short-file", "bad-file-role"],
+)
+def test_unusable_api_keys_are_refused_naming_the_problem_not_the_key(
+    tmp_path: Path, env: str | None, line: str | None, problem: str
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{line}\n" if line else "")
+    with pytest.raises(KeyConfigError) as caught:
+        key_table({"MLOPS_API_KEYS": env or ""}, str(keys_file) if line else None)
+    message = str(caught.value)
+    assert problem in message
+    for secret in ("short-secret-key", "tiny", "0123456789"):
+        assert secret not in message
+
+
+def test_loopback_hosts_and_the_fail_closed_start() -> None:
+    assert all(is_loopback(host) for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "10.0.0.5", "example.com", "testclient"))
+    refuse_open_endpoint("127.0.0.1", has_keys=False, hosts=[])
+    refuse_open_endpoint("0.0.0.0", has_keys=True, hosts=["0.0.0.0"])
+    with pytest.raises(KeyConfigError, match="no API key configured and the service listens on 0.0.0.0"):
+        refuse_open_endpoint("127.0.0.1", has_keys=False, hosts=["0.0.0.0"])  # the socket wins
+    with pytest.raises(KeyConfigError, match="10.1.2.3"):
+        refuse_open_endpoint("10.1.2.3", has_keys=False, hosts=[])
+
+
+def test_a_worker_reads_where_it_listens_from_the_socket_it_was_handed() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        assert listening_hosts(
+            ["worker.py", "bentos.service:ImageClassifier", "--fd", str(sock.fileno())]
+        ) == ["0.0.0.0"]
+    assert listening_hosts(["pytest"]) == []
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def row(i: int | str) -> dict:
+    return {"time": "2026-01-05T10:00:00.000+00:00", "request_id": str(i)}
+
+
+def test_the_flusher_writes_full_batches_and_quiet_rows_after_flush_seconds(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "store")
     log = PredictionLog(storage, flush_rows=3, flush_seconds=3600)
     for i in range(2):
-        log.add(PREDICTIONS_PREFIX, {"time": "2026-01-05T10:00:00", "request_id": str(i)})
-    assert storage.list(PREDICTIONS_PREFIX) == []
-    log.add(PREDICTIONS_PREFIX, {"time": "2026-01-05T10:00:01", "request_id": "2"})
-    rows = read_jsonl(storage, PREDICTIONS_PREFIX)
-    assert [row["request_id"] for row in rows] == ["0", "1", "2"]
+        log.add(PREDICTIONS_PREFIX, row(i))
+    time.sleep(0.3)
+    assert storage.list(PREDICTIONS_PREFIX) == []  # under flush_rows and flush_seconds: still buffered
+    log.add(PREDICTIONS_PREFIX, row(2))
+    assert wait_for(lambda: len(read_jsonl(storage, PREDICTIONS_PREFIX)) == 3)
+    assert [r["request_id"] for r in read_jsonl(storage, PREDICTIONS_PREFIX)] == ["0", "1", "2"]
+    quiet = PredictionLog(LocalStorage(tmp_path / "quiet"), flush_rows=100, flush_seconds=0.3)
+    quiet.add(FEEDBACK_PREFIX, row("a"))
+    assert wait_for(lambda: read_jsonl(quiet.storage, FEEDBACK_PREFIX) == [row("a")], 5)
+    log.close(), quiet.close()
 
-    class Down(LocalStorage):
-        def write_bytes(self, key: str, data: bytes) -> None:
-            raise OSError("storage is down")
 
-    failing = PredictionLog(Down(tmp_path / "down"), flush_rows=1)
-    failing.add(FEEDBACK_PREFIX, {"time": "2026-01-05T10:00:00", "request_id": "x"})
-    assert failing._rows[FEEDBACK_PREFIX] == [{"time": "2026-01-05T10:00:00", "request_id": "x"}]
+def stalled_s3(listener) -> object:
+    """S3 storage whose endpoint accepts connections and never answers (a hung server)."""
+    from ml.storage import open_storage
+
+    port = listener.getsockname()[1]
+    return open_storage("s3://stalled-bucket", endpoint_url=f"http://127.0.0.1:{port}", timeout_seconds=1)
+
+
+def test_adding_never_waits_for_storage_even_when_it_hangs(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel completes connections; nobody reads or answers
+    log = PredictionLog(stalled_s3(listener), flush_rows=5, flush_seconds=0.1)
+    took = []
+    for i in range(300):
+        started = time.perf_counter()
+        log.add(PREDICTIONS_PREFIX, row(i))
+        took.append(time.perf_counter() - started)
+    assert max(took) < 0.05, max(took)  # a hung write costs the request path nothing
+    assert wait_for(lambda: log.write_failures >= 1 and log.pending()[0] == 300, 30)  # timed out, kept
+    listener.close()
+    assert not log.close()  # still down at shutdown: nothing written, and it says so
+
+
+def test_an_outage_keeps_rows_up_to_the_cap_and_counts_what_it_drops(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.write_text("not a folder: every write fails")  # a real fault: the storage root is unusable
+    drops: list[tuple[str, int]] = []
+    log = PredictionLog(
+        LocalStorage(root),
+        flush_rows=2,
+        flush_seconds=0.1,
+        max_buffer_rows=5,
+        max_buffer_bytes=10,
+        on_drop=lambda kind, count: drops.append((kind, count)),
+    )
+    kept = [log.add(PREDICTIONS_PREFIX, row(i)) for i in range(8)]
+    assert log.add_blob("serving/images/2026-01-05/a", b"12345678") and not log.add_blob("x/b", b"123")
+    assert kept == [True] * 5 + [False] * 3 and log.dropped_rows == 3 and log.dropped_blobs == 1
+    assert drops == [("rows", 1)] * 3 + [("images", 1)]
+    time.sleep(0.5)  # the flusher tries and fails meanwhile
+    assert log.pending() == (5, 1)
+    root.unlink()  # storage is back
+    assert wait_for(lambda: log.pending() == (0, 0), 10)
+    assert [r["request_id"] for r in read_jsonl(log.storage, PREDICTIONS_PREFIX)] == ["0", "1", "2", "3", "4"]
+    assert log.storage.read_bytes("serving/images/2026-01-05/a") == b"12345678"
+    assert log.close()
 
 
 def predictor(bundles, tmp_path: Path, state: DeploymentState | None) -> Predictor:
@@ -235,6 +365,28 @@ def test_predictor_keeps_serving_when_a_new_state_cannot_load(bundles, tmp_path:
     assert asyncio.run(found.predict(png(1)))["model_version"] == "1"
 
 
+def test_a_worker_starting_on_a_state_it_cannot_load_serves_the_last_version_that_loads(
+    bundles, tmp_path: Path
+) -> None:
+    """Deploy v9 failed to load everywhere; a worker (re)starting now must not come up serving nothing."""
+    state = DeploymentState(stable="9", previous="2", history=["1", "2", "9"])
+    found = predictor(bundles, tmp_path, state)
+    assert found.stable is not None and found.stable.version == "2" and "KeyError" in found.load_error
+    assert asyncio.run(found.predict(png(1)))["model_version"] == "2"
+
+
+def test_a_request_the_model_fails_is_logged_as_a_5xx_of_its_version(bundles, tmp_path: Path) -> None:
+    found = predictor(bundles, tmp_path, DeploymentState(stable="1"))
+    found.stable.model.session = None  # the ONNX session is gone: every model call raises
+
+    with pytest.raises(AttributeError):
+        asyncio.run(found.predict(png(1)))
+    found.close()
+    (row,) = read_jsonl(found.prediction_log.storage, PREDICTIONS_PREFIX)
+    assert (row["model_version"], row["status"], row["error"]) == ("1", 500, "AttributeError")
+    assert "predicted_class" not in row
+
+
 def test_canary_routing_sends_its_share_to_the_challenger(bundles, tmp_path: Path) -> None:
     state = DeploymentState(stable="1", canary="2", canary_share=0.1)
     found = predictor(bundles, tmp_path, state)
@@ -250,10 +402,79 @@ def test_same_image_same_answer(bundles, tmp_path: Path) -> None:
 
 def test_feedback_needs_a_known_label_and_a_plausible_request_id(bundles, tmp_path: Path) -> None:
     found = predictor(bundles, tmp_path, DeploymentState(stable="1"))
-    assert found.feedback("abc123", "toys", CLASSES)["status"] == "recorded"
-    for request_id, label in (("abc123", "cars"), ("", "toys"), ("../../etc", "toys"), ("x" * 65, "toys")):
-        with pytest.raises(BadRequest):
-            found.feedback(request_id, label, CLASSES)
+    request_id = asyncio.run(found.predict(png(1)))["request_id"]
+    for bad_id, label in ((request_id, "cars"), ("", "toys"), ("../../etc", "toys"), ("x" * 129, "toys")):
+        with pytest.raises(BadRequest) as caught:
+            found.feedback(bad_id, label, CLASSES)
+        assert caught.value.status == 400
+    assert found.feedback(request_id, "toys", CLASSES)["status"] == "recorded"
+
+
+def test_feedback_is_bound_to_the_key_that_made_the_prediction_and_given_once(
+    bundles, tmp_path: Path
+) -> None:
+    shared = RequestIds(b"s" * 32)
+    storage = LocalStorage(tmp_path / "store")
+
+    def worker() -> Predictor:  # two workers (or replicas): one secret, one storage
+        log = PredictionLog(storage, flush_rows=1000)
+        found = Predictor(
+            lambda v: bundles[v], LIMITS, prediction_log=log, request_ids=shared, default_version="1"
+        )
+        found.refresh()
+        return found
+
+    first, second = worker(), worker()
+    answer = asyncio.run(first.predict(png(2), key_id="alice0000001"))
+    request_id = answer["request_id"]
+    assert len(request_id) <= 128 and request_id.replace("-", "").isalnum()
+    forged = request_id[:-1] + ("0" if request_id[-1] != "0" else "1")
+    cases = [
+        (forged, "alice0000001", 404, "unknown_request"),
+        ("0" * 32 + "-31-alice0000001-" + "0" * 32, "alice0000001", 404, "unknown_request"),
+        (request_id, "mallory00001", 403, "not_your_prediction"),
+    ]
+    for candidate, who, status, code in cases:
+        with pytest.raises(BadRequest) as caught:
+            second.feedback(candidate, "toys", CLASSES, key_id=who)
+        assert (caught.value.status, caught.value.code) == (status, code)
+    recorded = second.feedback(request_id, "toys", CLASSES, key_id="alice0000001")  # another worker: fine
+    assert (recorded["model_version"], recorded["key_id"], recorded["bound"]) == ("1", "alice0000001", True)
+    for again in (first, second):
+        with pytest.raises(BadRequest) as caught:
+            again.feedback(request_id, "books", CLASSES, key_id="alice0000001")
+        assert (caught.value.status, caught.value.code) == (409, "already_labelled")
+    first.close(), second.close()
+    (feedback,) = read_jsonl(storage, FEEDBACK_PREFIX)
+    assert feedback["request_id"] == request_id and feedback["label"] == "toys" and feedback["time"]
+    assert {r["request_id"] for r in read_jsonl(storage, PREDICTIONS_PREFIX)} == {request_id}
+
+
+def test_request_ids_verify_only_with_the_secret_that_made_them(tmp_path: Path) -> None:
+    ids = RequestIds(b"k" * 32)
+    request_id = ids.mint("12", "0123456789ab")
+    assert ids.verify(request_id) == Bound(request_id.split("-")[0], "12", "0123456789ab")
+    assert RequestIds(b"j" * 32).verify(request_id) is None and ids.verify("abc") is None
+    with pytest.raises(SecretError):
+        RequestIds(b"short")
+    path = tmp_path / "serving" / "feedback.key"
+    secret = load_secret(path, environ={})
+    assert load_secret(path, environ={}) == secret and len(secret) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_secret(path, environ={"MLOPS_FEEDBACK_SECRET": "e" * 40}) == b"e" * 40
+
+
+def test_not_ready_tells_the_client_what_to_do_and_keeps_the_reason_in_the_log(
+    bundles, tmp_path: Path, caplog
+) -> None:
+    found = predictor(bundles, tmp_path, DeploymentState(stable="9"))  # a version that does not exist
+    assert found.stable is None and "KeyError" in found.load_error and found.load_incident
+    with pytest.raises(BadRequest) as caught:
+        found.route("client")
+    assert (caught.value.status, caught.value.code) == (503, "not_ready")
+    assert "retry" in caught.value.message and "KeyError" not in caught.value.message
+    assert str(tmp_path) not in caught.value.message
+    assert any(found.load_incident in r.getMessage() and "KeyError" in r.getMessage() for r in caplog.records)
 
 
 def test_deployment_state_round_trips_and_writes_atomically(tmp_path: Path) -> None:
@@ -281,17 +502,6 @@ def test_requests_in_flight_during_a_swap_all_complete(bundles, tmp_path: Path) 
     assert found.reap_retired(grace_seconds=0) == 1  # the old model is closed once idle
 
 
-def test_a_quiet_prediction_log_is_due_for_writing_after_flush_seconds(tmp_path: Path) -> None:
-    log = PredictionLog(LocalStorage(tmp_path / "store"), flush_rows=100, flush_seconds=0.2)
-    assert not log.due()
-    log.add(PREDICTIONS_PREFIX, {"time": "2026-01-05T10:00:00", "request_id": "a"})
-    assert not log.due()
-    import time
-
-    time.sleep(0.25)
-    assert log.due() and log.flush() and not log.due()
-
-
 def test_concurrent_writers_lose_no_prediction_rows(tmp_path: Path) -> None:
     import threading
 
@@ -307,6 +517,6 @@ def test_concurrent_writers_lose_no_prediction_rows(tmp_path: Path) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    log.flush()
+    assert log.close()
     rows = read_jsonl(storage, PREDICTIONS_PREFIX)
     assert len(rows) == 1200 and len({row["request_id"] for row in rows}) == 1200
