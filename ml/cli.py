@@ -11,7 +11,7 @@ from typing import Any
 
 from ml.config import REPO_ROOT, ConfigError, Settings, load_settings
 
-EXIT_OK, EXIT_USAGE, EXIT_REJECTED, EXIT_NOTHING = 0, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_REJECTED, EXIT_NOTHING, EXIT_UNAVAILABLE = 0, 2, 3, 4, 5
 Handler = Callable[[Settings, argparse.Namespace], dict[str, Any]]
 DEMO_START = dt.date(2026, 1, 5)
 
@@ -62,6 +62,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         overrides=overrides,
         context=RunContext(trigger="manual", note=args.note or ""),
         dataset_day=args.dataset_day,
+        dataset_version=args.dataset_version,
         force=args.force,
         shuffle_labels=args.shuffle_labels,
     ).to_dict()
@@ -146,21 +147,38 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> dict[str, Any]
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    """Replace this process with ``bentoml serve`` of the live service (Ctrl-C stops it)."""
+    """Replace this process with ``bentoml serve`` of the live service (Ctrl-C stops it).
+
+    ``--reload``: restart the running service's workers gracefully instead (its socket stays open).
+    """
     import os
 
     from ml.release.build import SERVICE
     from ml.release.deploy import ensure_state
-    from ml.release.service import STATE_ENV, bentoml_command, serve_env, serve_host
+    from ml.release.service import (
+        STATE_ENV,
+        pid_path,
+        reload_service,
+        serve_command,
+        serve_env,
+        serve_host,
+        tls_args,
+    )
     from ml.storage import storage_from_settings
 
+    port = args.port or settings.serving.port
+    if args.reload:
+        return reload_service(settings, port)
+    host = serve_host(settings)  # before anything else: no open endpoint, no short key
+    tls = tls_args(settings)
     state = ensure_state(settings, storage_from_settings(settings))
-    env = serve_env(settings)
-    port = str(args.port or settings.serving.port)
-    host = serve_host(settings)
-    print(f"serving v{state.stable} on http://{host}:{port} (state {env[STATE_ENV]})", flush=True)
+    env = serve_env(settings, port)
+    scheme = "https" if tls else "http"
+    print(f"serving v{state.stable} on {scheme}://{host}:{port} (state {env[STATE_ENV]})", flush=True)
+    pid_path(settings, port).write_text(f"{os.getpid()}\n")  # exec keeps the pid: it becomes the arbiter's
     os.chdir(REPO_ROOT)
-    os.execve(bentoml_command(), [bentoml_command(), "serve", SERVICE, "--host", host, "--port", port], env)
+    command = serve_command(SERVICE, host, port, tls)
+    os.execve(command[0], command, env)  # noqa: S606 - becomes bentoml serve; argv built here, no shell
     return {}  # not reached
 
 
@@ -189,8 +207,12 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     train.add_argument("--epochs", type=int)
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--batch-size", type=int)
-    train.add_argument(
+    dataset = train.add_mutually_exclusive_group()
+    dataset.add_argument(
         "--dataset-day", type=_date, help="train on this day's dataset version (default: LATEST)"
+    )
+    dataset.add_argument(
+        "--dataset-version", help="train on this dataset version id (catalog/versions/by_id/ID.json)"
     )
     train.add_argument(
         "--force", action="store_true", help="train even if the champion saw this dataset version"
@@ -230,6 +252,9 @@ def _serving_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     serve = add("serve", cmd_serve, "run the live prediction service (BentoML)")
     serve.add_argument("--port", type=int, help="default: serving.port")
+    serve.add_argument(
+        "--reload", action="store_true", help="restart the running service's workers gracefully (no downtime)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +290,7 @@ def _emit(payload: dict[str, Any], as_json: bool, stream: Any = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ml.data.ingest import BatchRejected, NothingLanded
+    from ml.registry import RegistryError
     from ml.release.errors import DeployError
 
     args = build_parser().parse_args(argv)
@@ -287,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeployError as exc:
         _emit({"error": str(exc), "type": "deploy"}, args.json, sys.stdout if args.json else sys.stderr)
         return EXIT_REJECTED
+    except RegistryError as exc:
+        _emit({"error": str(exc), "type": "registry"}, args.json, sys.stdout if args.json else sys.stderr)
+        return EXIT_UNAVAILABLE
     except ValueError as exc:
         _emit(
             {"error": str(exc), "type": "invalid_argument"},

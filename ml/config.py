@@ -87,6 +87,7 @@ class IngestConfig(_Strict):
     workers: int = Field(ge=0)
     sensor_poke_seconds: int = Field(ge=1)
     sensor_timeout_seconds: int = Field(ge=1)
+    spool_dir: str | None = None  # local folder for the day's downloads; None = the system temp dir
 
 
 class PreprocessingConfig(_Strict):
@@ -156,17 +157,37 @@ class ServingConfig(_Strict):
     log_flush_rows: int = Field(default=256, ge=1)
     log_flush_seconds: float = Field(default=5.0, gt=0)
     log_images: bool = False
+    log_max_buffer_rows: int = Field(default=50_000, ge=1)
+    log_max_buffer_bytes: int = Field(default=100_000_000, ge=0)
+    drain_request_bytes: int = Field(default=64_000_000, ge=0)
+    drain_seconds: float = Field(default=2.0, ge=0, le=60)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    feedback_secret_file: str | None = None
     check_images: int = Field(default=20, ge=1)
     check_latency_p99_ms: float = Field(default=500.0, gt=0)
     check_timeout_seconds: float = Field(default=120.0, gt=0)
+    switch_timeout_seconds: float = Field(default=60.0, gt=0)  # a live endpoint must follow a deploy in this
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> ServingConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
 
     @property
     def live_url(self) -> str:
-        """Where this machine reaches the live endpoint."""
-        host = (
-            "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        )  # bind-all: reach it on loopback
-        return f"http://{host}:{self.port}"
+        """Where this machine reaches the live endpoint (https when TLS is on)."""
+        bind_all = ("0.0.0.0", "::", "")  # noqa: S104 - compared with, never bound: reach it on loopback
+        host = "127.0.0.1" if self.host in bind_all else self.host
+        return f"{'https' if self.tls_cert else 'http'}://{host}:{self.port}"
+
+    @property
+    def ca_file(self) -> str | None:
+        """What local clients verify the service's certificate with (None when TLS is off)."""
+        name = self.tls_ca or self.tls_cert
+        return str((REPO_ROOT / name).resolve()) if name else None
 
 
 class MonitoringConfig(_Strict):

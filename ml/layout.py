@@ -16,6 +16,7 @@ LABELS_FILE = "labels.csv"
 CURATED_IMAGES_PREFIX = "curated/images"
 QUARANTINE_PREFIX = "quarantine"
 QUARANTINE_REASONS_FILE = "_reasons.csv"
+QUARANTINE_UNSAFE_FOLDER = "unsafe_keys"  # copies of objects whose landed key is not a safe path
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class DayLayout:
     def quarantine_reasons(self) -> str:
         return f"{self.quarantine}/{QUARANTINE_REASONS_FILE}"
 
+    def quarantine_unsafe(self, key_digest: str) -> str:
+        """Where an object whose key is not a safe path is kept: named by the sha256 of its key."""
+        return f"{self.quarantine}/{QUARANTINE_UNSAFE_FOLDER}/{key_digest}"
+
     @property
     def reports(self) -> str:
         return f"{INGEST_REPORTS_PREFIX}/{self.day.isoformat()}"
@@ -69,6 +74,7 @@ def curated_key(sha256: str, ext: str) -> str:
 # -- the catalog and dataset versions -------------------------------------------------------------
 CATALOG_DAYS_PREFIX = "catalog/days"
 CATALOG_VERSIONS_PREFIX = "catalog/versions"
+CATALOG_VERSIONS_BY_ID_PREFIX = f"{CATALOG_VERSIONS_PREFIX}/by_id"
 CATALOG_LATEST_KEY = "catalog/LATEST"
 
 
@@ -77,7 +83,13 @@ def partition_key(day: dt.date) -> str:
 
 
 def version_key(day: dt.date) -> str:
+    """The current dataset version of ``day`` (rewritten when that day or an earlier one is re-ingested)."""
     return f"{CATALOG_VERSIONS_PREFIX}/{day.isoformat()}.json"
+
+
+def version_id_key(version: str) -> str:
+    """A dataset version by its id, written once and never rewritten."""
+    return f"{CATALOG_VERSIONS_BY_ID_PREFIX}/{version}.json"
 
 
 # -- reports --------------------------------------------------------------------------------------
@@ -116,6 +128,12 @@ SERVING_AUDIT_PREFIX = "serving/audit"
 PREDICTIONS_PREFIX = "serving/predictions"
 FEEDBACK_PREFIX = "serving/feedback"
 REQUEST_IMAGES_PREFIX = "serving/images"
+SERVING_ACCESS_AUDIT_PREFIX = "serving/access_audit"  # every admin request: key id, method, path, time
+FEEDBACK_CLAIMS_PREFIX = "serving/feedback_claims"  # one object per labelled prediction (create-if-absent)
+
+
+def feedback_claim_key(nonce: str) -> str:
+    return f"{FEEDBACK_CLAIMS_PREFIX}/{nonce}"
 
 
 def request_image_key(day: str, request_id: str) -> str:
@@ -132,3 +150,5 @@ ONNX_ARTIFACT = "onnx/model.onnx"
 REFERENCE_ARTIFACTS = "drift_reference"
 REFERENCE_PCA_ARTIFACT = f"{REFERENCE_ARTIFACTS}/pca.npz"
 CLASS_NAMES_ARTIFACT = "model_meta/class_names.json"
+HEAD_WEIGHTS_ARTIFACT = "model_meta/head.pt"  # the head's state dict: loadable with weights_only=True
+HEAD_META_ARTIFACT = "model_meta/head.json"  # what builds the empty head those weights load into

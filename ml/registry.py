@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ml.config import REPO_ROOT, Settings
+from ml.layout import REGISTRY_AUDIT_PREFIX
 from ml.storage import Storage
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-AUDIT_PREFIX = "registry/audit"
+
+
+class RegistryError(RuntimeError):
+    """The registry could not answer (MLflow down or failing): an error, never "no such model"."""
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -55,16 +59,31 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
     return str(mlflow_client.create_experiment(name, artifact_location=artifact_location(settings)))
 
 
+def is_not_found(exc: Exception) -> bool:
+    """An MLflow answer that the model or alias does not exist (as opposed to a failure to answer)."""
+    code = getattr(exc, "error_code", "")
+    missing_alias = code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc)
+    return code == "RESOURCE_DOES_NOT_EXIST" or missing_alias
+
+
 def version_for_alias(settings: Settings, alias: str) -> str | None:
-    """The model version behind ``alias``, or None."""
+    """The model version behind ``alias``; None only when the registry says there is none.
+
+    Any other MLflow error raises ``RegistryError``: a registry that cannot answer must not look
+    like "no champion" (the gate would then register a challenger it never compared).
+    """
     from mlflow.exceptions import MlflowException
 
     try:
         return str(
             client(settings).get_model_version_by_alias(settings.mlflow.registered_model, alias).version
         )
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if is_not_found(exc):
+            return None
+        raise RegistryError(
+            f"the MLflow registry ({tracking_uri(settings)}) could not say which version is {alias!r}: {exc}"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,7 @@ def promote(settings: Settings, storage: Storage, version: str, approved_by: str
         mlflow_client.set_model_version_tag(name, str(version), key, value)
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")  # sortable, unique per promotion
     storage.write_bytes(
-        f"{AUDIT_PREFIX}/{stamp}-v{version}.json",
+        f"{REGISTRY_AUDIT_PREFIX}/{stamp}-v{version}.json",
         json.dumps(asdict(approval), indent=2, sort_keys=True).encode(),
     )
     return approval
@@ -108,4 +127,4 @@ def promote(settings: Settings, storage: Storage, version: str, approved_by: str
 
 def audit_log(storage: Storage) -> list[dict[str, Any]]:
     """Every recorded promotion, oldest first."""
-    return [json.loads(storage.read_bytes(key)) for key in storage.list(AUDIT_PREFIX)]
+    return [json.loads(storage.read_bytes(key)) for key in storage.list(REGISTRY_AUDIT_PREFIX)]

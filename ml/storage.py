@@ -299,6 +299,19 @@ def update_json(
     raise WriteConflict(f"{storage.url(key)}: other writers changed it {attempts} times in a row")
 
 
+def append_jsonl(storage: Storage, key: str, record: dict[str, Any], attempts: int = 20) -> None:
+    """Append one record to a shared JSONL document, compare-and-swap (concurrent appends all land)."""
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    for _ in range(attempts):
+        current = storage.read_tagged(key)
+        body = current[0] if current else b""
+        if body and not body.endswith(b"\n"):
+            body += b"\n"
+        if storage.write_if(key, body + line, current[1] if current else None):
+            return
+    raise WriteConflict(f"{storage.url(key)}: other writers changed it {attempts} times in a row")
+
+
 def resolve_local_root(root: str) -> Path:
     """A ``file://`` URL or a path; relative paths are taken from the repository root."""
     if root.startswith("file://"):

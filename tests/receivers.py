@@ -20,17 +20,23 @@ class Received:
 
 
 class Receiver:
-    """Records POSTs; ``/slack/...`` answers like Slack ("ok"), ``/v2/enqueue`` like PagerDuty."""
+    """Records POSTs; ``/slack/...`` answers like Slack ("ok"), ``/v2/enqueue`` like PagerDuty.
 
-    def __init__(self, fail: bool = False) -> None:
+    ``fail``: answer 500. ``hang``: hold every request that long before answering (a stuck peer).
+    """
+
+    def __init__(self, fail: bool = False, hang: float = 0.0) -> None:
         self.requests: list[Received] = []
         self.fail = fail
+        self.hang = hang
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 outer.requests.append(Received(self.path, body))
+                if outer.hang:
+                    time.sleep(outer.hang)
                 if outer.fail:
                     self.send_response(500)
                     self.end_headers()
@@ -53,7 +59,14 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (a hanging receiver): nothing to answer
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True  # a hanging handler must not hold up shutdown
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -32,8 +32,15 @@ import pandas as pd
 from ml import registry
 from ml.alerts import Alert, Notify
 from ml.config import MonitoringConfig, Settings
-from ml.layout import DRIFT_REPORTS_PREFIX, REFERENCE_ARTIFACTS, RETRAIN_REQUESTS_KEY, drift_summary_key
-from ml.storage import Storage
+from ml.layout import (
+    DRIFT_REPORTS_PREFIX,
+    HEAD_META_ARTIFACT,
+    HEAD_WEIGHTS_ARTIFACT,
+    REFERENCE_ARTIFACTS,
+    RETRAIN_REQUESTS_KEY,
+    drift_summary_key,
+)
+from ml.storage import Storage, append_jsonl
 from ml.training.reference import Reference, batch_frame
 
 log = logging.getLogger(__name__)
@@ -180,15 +187,22 @@ def load_reference(settings: Settings, version: str) -> Reference:
 
 def champion_reference(settings: Settings) -> tuple[str, Reference, Any] | None:
     """(version, reference, head) of the current champion, or None when there is none yet."""
-    import mlflow
-
     version = registry.version_for_alias(settings, registry.CHAMPION)
     if version is None:
         return None
-    reference = load_reference(settings, version)
-    mlflow.set_tracking_uri(registry.tracking_uri(settings))
-    model = mlflow.pytorch.load_model(f"models:/{settings.mlflow.registered_model}/{version}")
-    return version, reference, model.head.eval()
+    return version, load_reference(settings, version), load_champion_head(settings, version)
+
+
+def load_champion_head(settings: Settings, version: str) -> Any:
+    """The head of model ``version`` from its state dict (``weights_only``: never a pickled model)."""
+    from ml.training.model import load_head
+
+    client = registry.client(settings)
+    model_version = client.get_model_version(settings.mlflow.registered_model, str(version))
+    with tempfile.TemporaryDirectory() as folder:
+        weights = client.download_artifacts(model_version.run_id, HEAD_WEIGHTS_ARTIFACT, folder)
+        spec = client.download_artifacts(model_version.run_id, HEAD_META_ARTIFACT, folder)
+        return load_head(Path(weights), Path(spec))
 
 
 def current_frame(
@@ -389,8 +403,7 @@ def record_retrain_request(storage: Storage, summary: dict[str, Any], why: str) 
         "report": summary.get("report", ""),
         "why": why,
     }
-    lines = [json.dumps(r) for r in retrain_requests(storage)] + [json.dumps(record)]
-    storage.write_bytes(RETRAIN_REQUESTS_KEY, ("\n".join(lines) + "\n").encode())
+    append_jsonl(storage, RETRAIN_REQUESTS_KEY, record)
     return record
 
 

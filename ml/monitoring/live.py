@@ -38,12 +38,13 @@ from ml.layout import (
     SERVING_DRIFT_REPORTS_PREFIX,
     live_check_key,
 )
-from ml.storage import Storage, read_jsonl
+from ml.storage import Storage, read_jsonl, update_json
 
 SERVED_ENDPOINTS = ("/predict", "/predict_batch", "/feedback")
 
 NotifyNotice = Callable[[Notice], dict[str, str]]
 RollBack = Callable[[str], dict[str, Any]]  # reason -> the rollback's result (its new state, live or not)
+Withdraw = Callable[[str], str]  # canary version -> what was done
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,15 @@ def iso(moment: dt.datetime) -> str:
 # ---------------------------------------------------------------- measuring
 
 
-def scrape(url: str, timeout: float) -> dict[str, float]:
-    """Requests, 4xx and 5xx answers on the served endpoints, from BentoML's request counter."""
+def scrape(url: str, timeout: float, ca_file: str | None = None, key: str = "") -> dict[str, float]:
+    """Requests, 4xx and 5xx answers on the served endpoints, from BentoML's request counter.
+
+    ``/metrics`` is open to loopback only; from elsewhere ``key`` must have the admin role.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, body = http("GET", f"{url}/metrics", timeout=timeout)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    status, body = http("GET", f"{url}/metrics", timeout=timeout, ca_file=ca_file, headers=headers)
     if status != 200:
         raise OSError(f"{url}/metrics answered {status}")
     counters = {"requests": 0.0, "client_errors": 0.0, "server_errors": 0.0}
@@ -107,8 +112,12 @@ def log_records(storage: Storage, prefix: str, start: dt.datetime, end: dt.datet
 def live_accuracy(
     predictions: list[dict[str, Any]], feedback: list[dict[str, Any]]
 ) -> dict[str, dict[str, float | int]]:
-    """Per model version: labelled predictions and the share predicted right (last label wins)."""
-    labels = {record["request_id"]: record["label"] for record in feedback}
+    """Per model version: labelled predictions and the share predicted right.
+
+    Only labels bound to their prediction count (the service checked that the key that asked
+    for the prediction gave the label, once); an unbound record is ignored.
+    """
+    labels = {record["request_id"]: record["label"] for record in feedback if record.get("bound") is True}
     by_version: dict[str, list[bool]] = {}
     for record in predictions:
         if record["request_id"] in labels:
@@ -117,6 +126,19 @@ def live_accuracy(
     return {
         version: {"feedback": len(hits), "accuracy": round(float(np.mean(hits)), 4)}
         for version, hits in by_version.items()
+    }
+
+
+def errors_by_version(records: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """Per model version: requests it answered or failed, and the share that failed (5xx)."""
+    counts: dict[str, list[int]] = {}
+    for record in records:
+        tally = counts.setdefault(str(record.get("model_version")), [0, 0])
+        tally[0] += 1
+        tally[1] += int(int(record.get("status") or 200) >= 500)
+    return {
+        version: {"requests": total, "errors": failed, "error_rate": round(failed / total, 4)}
+        for version, (total, failed) in counts.items()
     }
 
 
@@ -168,11 +190,12 @@ def _measure_endpoint(
     last_scrape: dict[str, float] | None,
     metrics: dict[str, float | None],
     facts: dict[str, Any],
+    scrape_key: str = "",
 ) -> None:
     """Whether the endpoint answers, and its 5xx share since the last scrape."""
-    watch = settings.serving_monitor
+    watch, serving = settings.serving_monitor, settings.serving
     try:
-        counters = scrape(settings.serving.live_url, watch.scrape_timeout_seconds)
+        counters = scrape(serving.live_url, watch.scrape_timeout_seconds, serving.ca_file, scrape_key)
     except OSError as exc:
         metrics["service_up"] = 0.0 if stable else None  # nothing deployed: nothing should answer
         facts["scrape_error"] = f"{type(exc).__name__}: {exc}"
@@ -198,9 +221,10 @@ def _measure_logs(
     # a label can come long after its prediction: predictions are read a day further back for the join
     labelled = log_records(storage, PREDICTIONS_PREFIX, start - dt.timedelta(days=1), end)
     predictions = [r for r in labelled if parse_time(r["time"]) > start]
-    latencies = np.array([float(r["latency_ms"]) for r in predictions])
-    facts["predictions"] = len(predictions)
-    metrics["throughput_rps"] = round(len(predictions) / max((end - start).total_seconds(), 1.0), 3)
+    answered = [r for r in predictions if "predicted_class" in r]
+    latencies = np.array([float(r["latency_ms"]) for r in answered])
+    facts["predictions"] = len(answered)
+    metrics["throughput_rps"] = round(len(answered) / max((end - start).total_seconds(), 1.0), 3)
     if len(latencies) >= watch.min_requests:
         metrics["p99_latency_ms"] = round(float(np.percentile(latencies, 99)), 1)
         metrics["p50_latency_ms"] = round(float(np.percentile(latencies, 50)), 1)
@@ -210,10 +234,14 @@ def _measure_logs(
     judged = facts["accuracy_by_version"].get(str(stable), {})
     if judged.get("feedback", 0) >= watch.min_feedback:
         metrics["accuracy"] = judged["accuracy"]
-    served = [r for r in predictions if str(r["model_version"]) == str(stable)]
+    facts["errors_by_version"] = errors_by_version(predictions)
+    served = [r for r in predictions if str(r["model_version"]) == str(stable) and "predicted_class" in r]
     if stable and len(served) >= watch.min_drift_rows:
-        facts["drift"] = served_drift(settings, storage, served, str(stable), end)
-        metrics["drift_score"] = facts["drift"]["drift_score"]
+        try:
+            facts["drift"] = served_drift(settings, storage, served, str(stable), end)
+            metrics["drift_score"] = facts["drift"]["drift_score"]
+        except Exception as exc:  # noqa: BLE001 - MLflow down or a missing reference: drift unknown, the rest judged
+            facts["drift_error"] = f"{type(exc).__name__}: {exc}"
 
 
 def measure_window(
@@ -223,11 +251,12 @@ def measure_window(
     start: dt.datetime,
     end: dt.datetime,
     last_scrape: dict[str, float] | None,
+    scrape_key: str = "",
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
     """(metric -> value or None when too little data, facts behind them) for the window."""
     metrics: dict[str, float | None] = dict.fromkeys(METRICS)
     facts: dict[str, Any] = {"window": [iso(start), iso(end)], "model_version": stable}
-    _measure_endpoint(settings, stable, last_scrape, metrics, facts)
+    _measure_endpoint(settings, stable, last_scrape, metrics, facts, scrape_key)
     _measure_logs(settings, storage, stable, (start, end), metrics, facts)
     return metrics, facts
 
@@ -316,12 +345,76 @@ def decide_rollback(
             triggers, f"no automatic rollback: v{stable} has no previous version to return to"
         )
     why = "; ".join(f"{rule.name}: {verdicts.describe(rule)}" for rule in triggers)
-    rolled = rollback(why)
+    try:
+        rolled = rollback(why)
+    except Exception as exc:  # noqa: BLE001 - a failed rollback is reported in the critical notice, not lost
+        return RollbackDecision(
+            triggers, f"automatic rollback of v{stable} FAILED: {type(exc).__name__}: {exc}"
+        )
     note = (
         f"ROLLED BACK automatically: the live endpoint serves v{rolled['state']['stable']} again "
         f"(was v{stable}, deployed {deployment.since})"
     )
+    # the version returned to is the one that served well before: the next check must not remove it
+    state["last_good"] = {"version": rolled["state"]["stable"], "at": rolled["audit"]["at"]}
     return RollbackDecision(triggers, note, rolled)
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    """The canary judged on its own traffic by the rules that guard the stable model."""
+
+    version: str | None
+    metrics: dict[str, float | None]
+    outcomes: dict[str, str]
+    withdrawn: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def judge_canary(
+    settings: Settings, deployment: LiveDeployment, facts: dict[str, Any], withdraw: Withdraw | None
+) -> CanaryVerdict:
+    """Live accuracy and error rate of the canary alone; a guarding rule firing withdraws it."""
+    canary, watch = deployment.canary, settings.serving_monitor
+    if not canary:
+        return CanaryVerdict(None, {}, {})
+    labelled = facts.get("accuracy_by_version", {}).get(str(canary), {})
+    answered = facts.get("errors_by_version", {}).get(str(canary), {})
+    metrics: dict[str, float | None] = {
+        "accuracy": labelled["accuracy"] if labelled.get("feedback", 0) >= watch.min_feedback else None,
+        "error_rate": answered["error_rate"] if answered.get("requests", 0) >= watch.min_requests else None,
+    }
+    guarding = [rule for rule in settings.alerts.rules if rule.auto_rollback and rule.metric in metrics]
+    outcomes = {rule.name: judge(rule, metrics[rule.metric]) for rule in guarding}
+    firing = [rule for rule in guarding if outcomes[rule.name] == "firing"]
+    if not firing or withdraw is None:
+        return CanaryVerdict(canary, metrics, outcomes)
+    try:
+        withdrawn = withdraw(str(canary))
+    except Exception as exc:  # noqa: BLE001 - reported in the notice
+        withdrawn = f"withdrawal of canary v{canary} FAILED: {type(exc).__name__}: {exc}"
+    return CanaryVerdict(canary, metrics, outcomes, withdrawn)
+
+
+def canary_notices(verdict: CanaryVerdict, settings: Settings) -> list[Notice]:
+    """One notice per guarding rule the canary failed, saying what was done."""
+    notices = []
+    for rule in settings.alerts.rules:
+        if verdict.outcomes.get(rule.name) == "firing":
+            value = verdict.metrics[rule.metric]
+            reason = (
+                f"canary v{verdict.version}: {rule.metric} {value:g} {rule.op} {rule.threshold:g} on its own "
+                f"traffic. {verdict.withdrawn or 'not withdrawn (automatic rollback is off)'}"
+            )
+            notices.append(Notice(f"canary_{rule.name}", rule.severity, "trigger", reason, {"value": value}))
+    return notices
+
+
+def delivered(outcome: dict[str, str]) -> bool:
+    """A notice reached every configured channel (a channel that failed is retried next check)."""
+    return not any(str(result).startswith("failed") for result in outcome.values())
 
 
 def check_endpoint(
@@ -331,17 +424,21 @@ def check_endpoint(
     *,
     notify: NotifyNotice | None = None,
     rollback: RollBack | None = None,
+    withdraw: Withdraw | None = None,
     allow_rollback: bool | None = None,
     now: dt.datetime | None = None,
     run_id: str = "",
+    scrape_key: str = "",
 ) -> dict[str, Any]:
-    """One monitoring check: measure, judge every rule, notify changes, roll back if it must."""
+    """One monitoring check: measure, judge every rule, notify changes, roll back or withdraw if it must."""
     end = now or dt.datetime.now(dt.UTC)
     state = read_monitor_state(storage)
     lookback = end - dt.timedelta(minutes=settings.serving_monitor.lookback_minutes)
     start = max(parse_time(state["last_check_at"]), lookback) if state.get("last_check_at") else lookback
     stable = deployment.stable
-    metrics, facts = measure_window(settings, storage, stable, start, end, state.get("last_scrape"))
+    metrics, facts = measure_window(
+        settings, storage, stable, start, end, state.get("last_scrape"), scrape_key
+    )
     rules = settings.alerts.rules
     verdicts = Verdicts(rules, {r.name: judge(r, metrics.get(r.metric)) for r in rules}, metrics, facts, end)
     guarding = [rule for rule in rules if rule.auto_rollback]
@@ -349,19 +446,33 @@ def check_endpoint(
         state["last_good"] = {"version": stable, "at": iso(end)}
     wanted = settings.serving_monitor.auto_rollback if allow_rollback is None else allow_rollback
     decision = decide_rollback(verdicts, deployment, state, rollback, wanted)
+    canary = judge_canary(settings, deployment, facts, withdraw if wanted and not decision.result else None)
     notices = plan_notices(verdicts, state.get("alerts", {}), settings.serving_monitor.repeat_hours, decision)
+    notices += canary_notices(canary, settings)
     sent = [
         {"notice": asdict(n), "outcome": notify(n) if notify else {"log": "no channels"}} for n in notices
     ]
-    state["alerts"] = next_alert_state(verdicts, state.get("alerts", {}), notices, stable)
+    reached = {item["notice"]["rule"] for item in sent if delivered(item["outcome"])}
+    state["alerts"] = next_alert_state(verdicts, state.get("alerts", {}), notices, stable, reached)
     state["last_check_at"] = iso(end)
     if "scrape" in facts:
         state["last_scrape"] = facts["scrape"]
-    record = check_record(verdicts, deployment, run_id, sent, decision)
+    record = check_record(verdicts, deployment, run_id, sent, decision) | {"canary": canary.to_dict()}
     key = live_check_key(end)
     storage.write_bytes(key, json.dumps(record, indent=2, default=str).encode())
-    storage.write_bytes(LIVE_MONITOR_STATE_KEY, json.dumps(state, indent=2).encode())
+    save_monitor_state(storage, state)
     return record | {"record": storage.url(key)}
+
+
+def save_monitor_state(storage: Storage, state: dict[str, Any]) -> None:
+    """Write this check's state compare-and-swap; an older check never overwrites a newer one's."""
+
+    def newer(current: dict[str, Any] | None) -> dict[str, Any]:
+        if current and current.get("last_check_at", "") > state["last_check_at"]:
+            return current
+        return state
+
+    update_json(storage, LIVE_MONITOR_STATE_KEY, newer)
 
 
 def check_record(
@@ -405,7 +516,7 @@ def rule_lines(record: dict[str, Any]) -> list[str]:
 def plan_notices(
     verdicts: Verdicts, alerts: dict[str, dict[str, Any]], repeat_hours: float, decision: RollbackDecision
 ) -> list[Notice]:
-    """New firing rules, repeats past ``repeat_hours``, resolutions, and any rollback decision."""
+    """New firing rules, repeats past ``repeat_hours``, undelivered ones again, resolutions, rollbacks."""
     repeat = dt.timedelta(hours=repeat_hours)
     notices = []
     for rule in verdicts.rules:
@@ -415,12 +526,13 @@ def plan_notices(
             last = before.get("last_sent")
             stale = bool(repeat) and last is not None and verdicts.at - parse_time(last) >= repeat
             triggered = rule in decision.triggers
-            if before.get("firing") and not stale and not (decision.result and triggered):
+            again = stale or before.get("undelivered") or (decision.result and triggered)
+            if before.get("firing") and not again:
                 continue
             reason = verdicts.describe(rule)
             if triggered and decision.note:
                 reason = f"{reason}. {decision.note}"
-            if before.get("firing"):
+            if before.get("firing") and not before.get("undelivered"):
                 reason = f"still firing since {before.get('since')}: {reason}"
             notices.append(Notice(rule.name, rule.severity, "trigger", reason, {"value": value}))
         elif outcome == "ok" and before.get("firing"):
@@ -430,21 +542,32 @@ def plan_notices(
 
 
 def next_alert_state(
-    verdicts: Verdicts, alerts: dict[str, dict[str, Any]], notices: list[Notice], stable: str | None
+    verdicts: Verdicts,
+    alerts: dict[str, dict[str, Any]],
+    notices: list[Notice],
+    stable: str | None,
+    reached: set[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    sent = {notice.rule for notice in notices if notice.action == "trigger"}
+    """Each rule's alert state after this check; a notice that did not reach its channels stays owed."""
+    planned = {notice.rule: notice.action for notice in notices}
+    reached = set(planned) if reached is None else reached
     now = verdicts.at
     updated = {}
     for rule in verdicts.rules:
         before, outcome = dict(alerts.get(rule.name, {})), verdicts.outcomes[rule.name]
         if outcome == "firing":
+            sent = planned.get(rule.name) == "trigger" and rule.name in reached
+            owed = planned.get(rule.name) == "trigger" and rule.name not in reached
             updated[rule.name] = {
                 "firing": True,
                 "since": before.get("since") if before.get("firing") else iso(now),
-                "last_sent": iso(now) if rule.name in sent else before.get("last_sent"),
+                "last_sent": iso(now) if sent else before.get("last_sent"),
+                "undelivered": owed or (bool(before.get("undelivered")) and not sent),
                 "value": verdicts.metrics.get(rule.metric),
                 "model_version": stable,
             }
+        elif outcome == "ok" and planned.get(rule.name) == "resolve" and rule.name not in reached:
+            updated[rule.name] = before  # the resolution did not get through: send it again next time
         elif outcome == "ok":
             updated[rule.name] = {
                 "firing": False,

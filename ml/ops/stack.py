@@ -45,9 +45,8 @@ def mlflow_ui_url() -> str:
 
 
 def airflow_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "airflow"), *args], capture_output=True, text=True
-    )
+    command = [str(Path(sys.executable).parent / "airflow"), *args]
+    return subprocess.run(command, capture_output=True, text=True)  # noqa: S603 - this venv's airflow, no shell
 
 
 def local_secret(name: str) -> str:
@@ -82,7 +81,8 @@ def service_running() -> bool:
 
 def healthy(timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(f"{api_url()}/api/v2/monitor/health", timeout=timeout) as response:
+        health = f"{api_url()}/api/v2/monitor/health"  # the stack's own API on loopback
+        with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310
             body = json.load(response)
         return body.get("scheduler", {}).get("status") == "healthy"
     except (OSError, ValueError):
@@ -103,7 +103,7 @@ def _spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> sub
     home = airflow_home()
     home.mkdir(parents=True, exist_ok=True)
     with (home / f"{name}.log").open("ab") as log:
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: S603 - argv of this venv's programs, no shell
             argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
     _pidfile(name).write_text(str(process.pid))
@@ -237,7 +237,7 @@ class Api:
     token: str = ""
 
     def call(self, path: str, payload: dict | None = None, method: str | None = None) -> Any:
-        request = urllib.request.Request(
+        request = urllib.request.Request(  # noqa: S310 - the stack's own API (http on loopback)
             f"{self.url}{path}",
             data=json.dumps(payload).encode() if payload is not None else None,
             method=method or ("POST" if payload is not None else "GET"),
@@ -245,7 +245,7 @@ class Api:
         )
         for attempt in range(5):  # SQLite can make the API server answer 500 while the scheduler writes
             try:
-                with urllib.request.urlopen(request, timeout=30) as response:
+                with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
                     return json.load(response)
             except urllib.error.HTTPError as exc:
                 if exc.code < 500 or attempt == 4:

@@ -25,8 +25,8 @@ from ml.release.build import build_bento, import_model
 from ml.release.check import serving_check
 from ml.release.errors import DeployError
 from ml.release.service import state_path
-from ml.serving.auth import api_keys
-from ml.serving.state import DeploymentState, read_state, write_state
+from ml.serving.auth import admin_key
+from ml.serving.state import DeploymentState, read_state, update_state
 from ml.storage import Storage
 
 LIVE_STREAK = 8  # consecutive /version answers that must agree before a deploy counts as live
@@ -58,59 +58,81 @@ def _next_state(current: DeploymentState | None, version: str, stage: str, share
     return DeploymentState(stable=version, previous=current.stable)
 
 
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def require_live(settings: Settings, state: DeploymentState, what: str) -> bool | None:
+    """Wait for a running endpoint to serve ``state``; ``DeployError`` when it runs and did not switch."""
+    live = wait_live(settings, state)
+    if live is False:
+        raise DeployError(
+            f"{what}: the deployment state says stable v{state.stable}"
+            f"{f' + canary v{state.canary}' if state.canary else ''} (revision {state.revision}), "
+            f"but the endpoint at {settings.serving.live_url} did not switch to it in time; check its log "
+            "(the state stays written: the service follows it once it can load the model)"
+        )
+    return live
+
+
 def deploy(
     settings: Settings, storage: Storage, version: str, *, stage: str, by: str, reason: str = ""
 ) -> DeployResult:
-    """Stage ``version`` as the canary or make it the stable model; wait for a running endpoint to follow."""
+    """Stage ``version`` as the canary or make it stable; fail loudly if a live endpoint does not follow."""
     if stage not in ("canary", "full"):
         raise DeployError(f"stage must be canary or full, not {stage!r}")
     version = str(version)
     tag = import_model(settings, version)
-    path = state_path(settings)
-    current = read_state(path)
-    new = _next_state(current, version, stage, settings.serving.canary_share)
-    kept = {
-        v: t
-        for v, t in (current.models if current else {}).items()
-        if v in (new.stable, new.canary, new.previous)
-    }
-    new = replace(
-        new,
-        updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        updated_by=by,
-        reason=reason or f"{stage} deploy of v{version}",
-        models=kept | {version: tag},
-    )
-    write_state(path, new)
-    record = {
-        "by": by,
-        "from": current.stable if current else None,
-        "to": version,
-        "why": new.reason,
-        "state": asdict(new),
-    }
-    entry = audit(storage, f"deploy-{stage}", record)
-    return DeployResult(new, entry, wait_live(settings, new))
+
+    def change(current: DeploymentState | None) -> DeploymentState:
+        new = _next_state(current, version, stage, settings.serving.canary_share)
+        kept = {
+            v: t
+            for v, t in (current.models if current else {}).items()
+            if v in (new.stable, new.canary, new.previous)
+        }
+        return replace(
+            new,
+            updated_at=now_iso(),
+            updated_by=by,
+            reason=reason or f"{stage} deploy of v{version}",
+            models=kept | {version: tag},
+        )
+
+    before, new = update_state(state_path(settings), change)
+    record = {"by": by, "from": before.stable if before else None, "to": version, "why": new.reason}
+    entry = audit(storage, f"deploy-{stage}", record | {"state": asdict(new)})
+    return DeployResult(new, entry, require_live(settings, new, f"{stage} deploy of v{version}"))
 
 
 def withdraw_canary(settings: Settings, storage: Storage, version: str, *, by: str) -> str:
-    """Take ``version`` off the canary (a challenger that was not approved); idempotent."""
-    path = state_path(settings)
-    current = read_state(path)
-    if current is None or current.canary != str(version):
-        return f"v{version} is not the canary"
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    new = replace(
-        current, canary=None, canary_share=0.0, updated_at=now, updated_by=by, reason="canary withdrawn"
-    )
-    write_state(path, new)
-    audit(
-        storage,
-        "withdraw-canary",
-        {"by": by, "from": str(version), "to": current.stable, "why": "not approved"},
-    )
-    wait_live(settings, new)
-    return f"v{version} withdrawn from the canary; v{current.stable} serves all traffic"
+    """Take ``version`` off the canary (a challenger that was not approved, a bad canary); idempotent."""
+    version = str(version)
+
+    def change(current: DeploymentState | None) -> DeploymentState:
+        if current is None or current.canary != version:
+            raise _NothingToDo(f"v{version} is not the canary")
+        return replace(
+            current,
+            canary=None,
+            canary_share=0.0,
+            updated_at=now_iso(),
+            updated_by=by,
+            reason="canary withdrawn",
+        )
+
+    try:
+        before, new = update_state(state_path(settings), change)
+    except _NothingToDo as nothing:
+        return str(nothing)
+    record = {"by": by, "from": version, "to": new.stable, "why": "not approved", "state": asdict(new)}
+    audit(storage, "withdraw-canary", record)
+    require_live(settings, new, f"withdrawal of canary v{version}")
+    return f"v{version} withdrawn from the canary; v{new.stable} serves all traffic"
+
+
+class _NothingToDo(Exception):
+    """A state change that turned out to be unnecessary (not an error)."""
 
 
 def withdraw_unapproved(settings: Settings, storage: Storage, version: str | None, *, by: str) -> str:
@@ -120,26 +142,26 @@ def withdraw_unapproved(settings: Settings, storage: Storage, version: str | Non
     return withdraw_canary(settings, storage, str(version), by=by)
 
 
-def wait_live(settings: Settings, state: DeploymentState, timeout: float = 60) -> bool | None:
+def wait_live(settings: Settings, state: DeploymentState, timeout: float | None = None) -> bool | None:
     """True once a running endpoint serves ``state``; None when none is running; False on timeout.
 
     Every worker process swaps on its own, so the answer must hold for ``LIVE_STREAK`` /version
     calls in a row (new connections land on any worker), spanning more than one poll interval.
     """
-    url = settings.serving.live_url
+    url, ca_file = settings.serving.live_url, settings.serving.ca_file
     try:
-        status, _ = http("GET", f"{url}/livez", timeout=2)
+        status, _ = http("GET", f"{url}/livez", timeout=2, ca_file=ca_file)
     except OSError:
         return None
     if status != 200:
         return None
-    key = first_key()
+    key = first_key(settings)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     wanted = (state.stable, state.canary if state.canary_share > 0 else None)
-    deadline, streak = time.monotonic() + timeout, 0
+    deadline, streak = time.monotonic() + (timeout or settings.serving.switch_timeout_seconds), 0
     while time.monotonic() < deadline:
         try:
-            status, body = http("GET", f"{url}/version", headers=headers, timeout=5)
+            status, body = http("GET", f"{url}/version", headers=headers, timeout=5, ca_file=ca_file)
             info = json.loads(body) if status == 200 else {}
         except (OSError, ValueError):
             info = {}
@@ -150,48 +172,95 @@ def wait_live(settings: Settings, state: DeploymentState, timeout: float = 60) -
     return False
 
 
-def first_key() -> str:
-    keys = sorted(api_keys())
-    return keys[0] if keys else ""
+def first_key(settings: Settings) -> str:
+    """A key with the admin role (``/version``), from ``MLOPS_API_KEYS`` or the keys file."""
+    return admin_key(keys_file=settings.serving.api_keys_file)
+
+
+def rolled_back(settings: Settings, versions: list[str]) -> set[str]:
+    """Which of ``versions`` carry the ``rolled_back`` tag in the registry."""
+    client, name = registry.client(settings), settings.mlflow.registered_model
+    return {v for v in set(versions) if "rolled_back" in client.get_model_version(name, v).tags}
+
+
+def rollback_target(settings: Settings, current: DeploymentState) -> str:
+    """The newest earlier stable version that was never rolled back (history, else ``previous``)."""
+    earlier = [v for v in reversed(current.history) if v != current.stable] or (
+        [current.previous] if current.previous else []
+    )
+    excluded = rolled_back(settings, earlier)
+    for version in earlier:
+        if version not in excluded:
+            return version
+    raise DeployError(
+        f"v{current.stable} has no previous version to return to (none earlier in its history "
+        f"{current.history} that was not itself rolled back); name one with --to"
+    )
 
 
 def rollback(
     settings: Settings, storage: Storage, *, to: str | None = None, by: str, reason: str
 ) -> DeployResult:
-    """Serve the previous (or named) version again, make it the champion, and record who, when and why."""
+    """Serve an earlier (or the named) version again, make it the champion, record who, when and why.
+
+    By default the newest earlier stable version that was never rolled back: a rollback never
+    returns to the model it just removed. Naming a version with ``to`` restores it on purpose.
+    """
     path = state_path(settings)
-    current = read_state(path)
-    if current is None:
-        raise DeployError(f"nothing is deployed (no {path}); nothing to roll back")
-    target = str(to) if to else current.previous
-    if not target:
-        raise DeployError(f"v{current.stable} has no previous version recorded; name one with --to")
-    if target == current.stable and not current.canary:
-        raise DeployError(f"v{target} is already the live model")
-    tag = import_model(settings, target)
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    models = {current.stable: current.tag(current.stable), target: tag}
-    new = DeploymentState(
-        models=models,
-        stable=target,
-        previous=current.stable,
-        updated_at=now,
-        updated_by=by,
-        reason=f"rollback: {reason}",
-    )
-    write_state(path, new)
-    mlflow_client = registry.client(settings)
-    name = settings.mlflow.registered_model
-    if registry.version_for_alias(settings, registry.CHAMPION) != target:
-        registry.promote(settings, storage, target, by, note=f"rollback from v{current.stable}: {reason}")
-    for version in {current.stable, current.canary} - {None, target}:
-        mlflow_client.set_model_version_tag(name, str(version), "rolled_back", f"{now} by {by}: {reason}")
-    entry = audit(
-        storage,
-        "rollback",
-        {"by": by, "from": current.stable, "canary_dropped": current.canary, "to": target, "why": reason},
-    )
-    return DeployResult(new, entry, wait_live(settings, new))
+    chosen: dict[str, str] = {}
+
+    def change(current: DeploymentState | None) -> DeploymentState:
+        if current is None:
+            raise DeployError(f"nothing is deployed (no {path}); nothing to roll back")
+        target = str(to) if to else rollback_target(settings, current)
+        if target == current.stable and not current.canary:
+            raise DeployError(f"v{target} is already the live model")
+        chosen["tag"] = chosen.get("tag") or import_model(settings, target)
+        models = {current.stable: current.tag(current.stable), target: chosen["tag"]}
+        return replace(
+            current,
+            models=models,
+            stable=target,
+            canary=None,
+            canary_share=0.0,
+            previous=current.stable,
+            updated_at=now_iso(),
+            updated_by=by,
+            reason=f"rollback: {reason}",
+        )
+
+    before, new = update_state(path, change)
+    if before is None:  # change() refuses a missing state; this cannot be reached
+        raise DeployError("nothing was deployed")
+    _record_rollback_in_registry(settings, storage, before, new, by, reason, explicit=bool(to))
+    record = {
+        "by": by,
+        "from": before.stable,
+        "canary_dropped": before.canary,
+        "to": new.stable,
+        "why": reason,
+    }
+    entry = audit(storage, "rollback", record | {"revision": new.revision})
+    return DeployResult(new, entry, require_live(settings, new, f"rollback to v{new.stable}"))
+
+
+def _record_rollback_in_registry(
+    settings: Settings,
+    storage: Storage,
+    before: DeploymentState,
+    new: DeploymentState,
+    by: str,
+    reason: str,
+    explicit: bool,
+) -> None:
+    """The champion alias follows; what was removed is tagged ``rolled_back``; a named restore is untagged."""
+    client, name = registry.client(settings), settings.mlflow.registered_model
+    if registry.version_for_alias(settings, registry.CHAMPION) != new.stable:
+        registry.promote(settings, storage, new.stable, by, note=f"rollback from v{before.stable}: {reason}")
+    for version in {before.stable, before.canary} - {None, new.stable}:
+        client.set_model_version_tag(name, str(version), "rolled_back", f"{new.updated_at} by {by}: {reason}")
+    if explicit and new.stable in rolled_back(settings, [new.stable]):
+        client.delete_model_version_tag(name, new.stable, "rolled_back")
 
 
 def ensure_state(settings: Settings, storage: Storage) -> DeploymentState:
@@ -202,10 +271,10 @@ def ensure_state(settings: Settings, storage: Storage) -> DeploymentState:
     champion = registry.version_for_alias(settings, registry.CHAMPION)
     if champion is None:
         raise DeployError("no champion model yet: train and promote one first (retrain DAG or `mlops train`)")
-    deploy(settings, storage, champion, stage="full", by="mlops serve", reason="first deploy of the champion")
-    state = read_state(state_path(settings))
-    assert state is not None
-    return state
+    first = deploy(
+        settings, storage, champion, stage="full", by="mlops serve", reason="first deploy of the champion"
+    )
+    return first.state
 
 
 def release(

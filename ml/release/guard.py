@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ml.alerts import Notice, Notify, notice_alert
+from ml.alerts import Alert, Notice, Notify, notice_alert
 from ml.config import Settings
 from ml.monitoring.live import LiveDeployment, check_endpoint
 from ml.release.audit import deployed_at
-from ml.release.deploy import rollback
+from ml.release.deploy import rollback, withdraw_canary
 from ml.release.service import state_path
+from ml.serving.auth import admin_key
 from ml.serving.state import read_state
 from ml.storage import Storage
 
@@ -38,21 +39,36 @@ def check_live(
     now: dt.datetime | None = None,
     run_id: str = "",
 ) -> dict[str, Any]:
-    """Check the endpoint; alerts go through ``notify`` (titled by rule, deduplicated per ``origin``)."""
+    """Check the endpoint; alerts go through ``notify`` (titled by rule, deduplicated per ``origin``).
+
+    A check that fails part-way (storage or MLflow down) still pages: ``monitor_check_failed``
+    (critical) goes out before the error is raised, so the task fails loudly and is retried.
+    """
 
     def roll_back(reason: str) -> dict[str, Any]:
         return rollback(settings, storage, by=f"{by} (automatic)", reason=reason).to_dict()
 
+    def withdraw(version: str) -> str:
+        return withdraw_canary(settings, storage, version, by=f"{by} (automatic)")
+
     def send(notice: Notice) -> dict[str, str]:
         return notify(notice_alert(notice, dag_id=origin)) if notify else {"log": "no channels"}
 
-    return check_endpoint(
-        settings,
-        storage,
-        live_deployment(settings, storage),
-        notify=send if notify else None,
-        rollback=roll_back,
-        allow_rollback=allow_rollback,
-        now=now,
-        run_id=run_id,
-    )
+    try:
+        return check_endpoint(
+            settings,
+            storage,
+            live_deployment(settings, storage),
+            notify=send if notify else None,
+            rollback=roll_back,
+            withdraw=withdraw,
+            allow_rollback=allow_rollback,
+            now=now,
+            run_id=run_id,
+            scrape_key=admin_key(keys_file=settings.serving.api_keys_file),
+        )
+    except Exception as exc:
+        if notify:
+            reason = f"the live check could not finish: {type(exc).__name__}: {exc}"
+            notify(Alert("monitor_check_failed", "critical", reason, origin, "check", key=f"{origin}/check"))
+        raise

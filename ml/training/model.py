@@ -172,6 +172,41 @@ class Head(nn.Module):
         return self.layers(features)
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """What builds an empty head that a saved state dict loads into."""
+
+    in_features: int
+    num_classes: int
+    dropout: float
+
+    @classmethod
+    def of(cls, head: Head) -> HeadSpec:
+        first, last = head.layers[1], head.layers[4]
+        return cls(int(first.in_features), int(last.out_features), float(head.layers[0].p))
+
+
+def save_head(head: Head, folder: Path) -> tuple[Path, Path]:
+    """The head's weights (a plain state dict) and its spec, as two files in ``folder``."""
+    import json
+    from dataclasses import asdict
+
+    weights, spec = folder / "head.pt", folder / "head.json"
+    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, weights)
+    spec.write_text(json.dumps(asdict(HeadSpec.of(head))))
+    return weights, spec
+
+
+def load_head(weights: Path, spec: Path) -> Head:
+    """A head from saved weights, loaded with ``weights_only=True``: a planted pickle never runs."""
+    import json
+
+    described = HeadSpec(**json.loads(spec.read_text()))
+    head = Head(described.in_features, described.num_classes, described.dropout)
+    head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    return head.eval()
+
+
 class Classifier(nn.Module):
     """Backbone + head: normalised images (N, 3, H, W) -> logits (N, classes)."""
 

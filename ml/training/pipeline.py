@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -27,7 +28,7 @@ import pandas as pd
 from ml import registry
 from ml.config import REPO_ROOT, Settings
 from ml.data.catalog import dataset_rows, split_rows
-from ml.layout import CLASS_NAMES_ARTIFACT, ONNX_ARTIFACT, REFERENCE_ARTIFACTS
+from ml.layout import CLASS_NAMES_ARTIFACT, HEAD_WEIGHTS_ARTIFACT, ONNX_ARTIFACT, REFERENCE_ARTIFACTS
 from ml.runs import RunContext
 from ml.storage import Storage, StorageError
 from ml.training.evaluate import (
@@ -48,6 +49,7 @@ from ml.training.model import (
     export_onnx,
     onnx_parity,
     predict_proba,
+    save_head,
     set_deterministic,
 )
 from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
@@ -103,10 +105,12 @@ class RetrainResult:
 
 
 def git_commit() -> str:
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
-        )
+        command = [git, "rev-parse", "HEAD"]
+        out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)  # noqa: S603
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -182,13 +186,20 @@ def retrain(
     overrides: dict[str, Any] | None = None,
     context: RunContext | None = None,
     dataset_day: dt.date | None = None,
+    dataset_version: str | None = None,
     force: bool = False,
     shuffle_labels: bool = False,
 ) -> RetrainResult:
-    """Train a challenger on the dataset version, gate it against the bar and the champion, register it."""
+    """Train a challenger on a dataset version (an id, a day's, or LATEST), gate it, register it.
+
+    The version's partitions are read exactly as it recorded them (sha256 checked): an unknown id
+    raises ``UnknownDatasetVersion``, a partition changed since raises ``DatasetIntegrityError``.
+    """
+    if dataset_day is not None and dataset_version is not None:
+        raise ValueError("give a dataset day or a dataset version, not both")
     hparams = Hyperparameters.from_settings(settings, **(overrides or {}))
     try:
-        version, rows = dataset_rows(storage, dataset_day)
+        version, rows = dataset_rows(storage, dataset_day, version=dataset_version)
     except StorageError as exc:  # nothing ingested yet: a scheduled run has nothing to do
         return RetrainResult(RetrainStatus.NO_DATA, reason=str(exc))
     skipped = skip_unchanged(settings, version["version"], force)
@@ -347,6 +358,9 @@ def log_outcome(
     mlflow.log_image(_png(confusion_matrix_png(evaluation)), "evaluation/confusion_matrix.png")
     mlflow.log_image(_png(training_curves_png(trained.fit.history)), "evaluation/training_curves.png")
     mlflow.log_dict({"classes": list(settings.classes)}, CLASS_NAMES_ARTIFACT)
+    with tempfile.TemporaryDirectory() as folder:
+        for path in save_head(trained.head, Path(folder)):
+            mlflow.log_artifact(str(path), HEAD_WEIGHTS_ARTIFACT.rsplit("/", 1)[0])
 
 
 def _classifier(backbone: Backbone, head: Any) -> Classifier:

@@ -13,7 +13,16 @@ import asyncio
 import logging
 from typing import Any
 
-from ml.alerts import PAGERDUTY_EVENTS_URL, Alert, Sender, channel_connections, link_in, notice_alert, route
+from ml.alerts import (
+    PAGERDUTY_EVENTS_URL,
+    SEND_TIMEOUT_SECONDS,
+    Alert,
+    Sender,
+    channel_connections,
+    link_in,
+    notice_alert,
+    route,
+)
 from ml.config import Settings, get_settings
 
 __all__ = ["Alert", "failure_callback", "landing_timeout_callback", "notice_alert", "send_alert"]
@@ -35,7 +44,10 @@ def slack_sender(conn_id: str) -> Sender:
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
         # .notify() sends the text as given (no Jinja rendering of user-supplied reasons).
-        SlackWebhookNotifier(slack_webhook_conn_id=conn_id, text=alert.text(), timeout=10).notify({})
+        notifier = SlackWebhookNotifier(
+            slack_webhook_conn_id=conn_id, text=alert.text(), timeout=SEND_TIMEOUT_SECONDS
+        )
+        notifier.notify({})
 
     return send
 
@@ -53,18 +65,18 @@ def pagerduty_sender(conn_id: str, conn: Any) -> Sender:
         hook = PagerdutyEventsAsyncHook(pagerduty_events_conn_id=conn_id)
         hook.base_url = conn.extra_dejson.get("events_url") or PAGERDUTY_EVENTS_URL
         event = alert.pagerduty_event("")
-        asyncio.run(
-            hook.send_event(
-                summary=event["payload"]["summary"],
-                severity=event["payload"]["severity"],
-                source=event["payload"]["source"],
-                action=alert.action,
-                component=event["payload"]["component"],
-                dedup_key=alert.dedup_key,
-                custom_details=event["payload"]["custom_details"],
-                links=event.get("links"),
-            )
+        sending = hook.send_event(
+            summary=event["payload"]["summary"],
+            severity=event["payload"]["severity"],
+            source=event["payload"]["source"],
+            action=alert.action,
+            component=event["payload"]["component"],
+            dedup_key=alert.dedup_key,
+            custom_details=event["payload"]["custom_details"],
+            links=event.get("links"),
         )
+        # the hook has no timeout of its own: a stuck Events API must cost seconds, not the task
+        asyncio.run(asyncio.wait_for(sending, timeout=SEND_TIMEOUT_SECONDS))
 
     return send
 

@@ -141,3 +141,36 @@ def test_cli_prints_score_decision_and_report(world, monkeypatch: pytest.MonkeyP
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["drift_detected"] is True and result["drift_score"] > 0.1
     assert result["report"] == storage.url(f"reports/drift/{day}/report.html")
+
+
+def test_drift_loads_the_champion_head_without_unpickling_a_planted_artifact(world, tmp_path: Path) -> None:
+    """A poisoned head.pt in the champion's run must not run: drift fails instead of executing it."""
+    import pickle
+
+    import torch
+
+    from ml import registry
+    from ml.layout import HEAD_WEIGHTS_ARTIFACT
+    from ml.monitoring.drift import champion_reference
+    from tests.unit.test_model import _Planted
+
+    _, settings, _ = world
+    client = registry.client(settings)
+    version = registry.version_for_alias(settings, registry.CHAMPION)
+    run_id = client.get_model_version(settings.mlflow.registered_model, version).run_id
+    original = Path(client.download_artifacts(run_id, HEAD_WEIGHTS_ARTIFACT, str(tmp_path)))
+    kept = original.read_bytes()
+    assert champion_reference(settings)[2] is not None  # the real head loads
+    marker = tmp_path / "marker.txt"
+    poisoned = tmp_path / "poisoned" / "head.pt"
+    poisoned.parent.mkdir()
+    torch.save({"layers.1.weight": _Planted(str(marker))}, poisoned)
+    client.log_artifact(run_id, str(poisoned), "model_meta")
+    try:
+        with pytest.raises(pickle.UnpicklingError):
+            champion_reference(settings)
+        assert not marker.exists()
+    finally:
+        poisoned.write_bytes(kept)
+        client.log_artifact(run_id, str(poisoned), "model_meta")
+    assert champion_reference(settings)[2] is not None

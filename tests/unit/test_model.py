@@ -219,3 +219,30 @@ def test_set_deterministic_repeats_head_init() -> None:
     other = Head(64, 3).state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert not torch.equal(first["layers.1.weight"], other["layers.1.weight"])
+
+
+class _Planted:
+    """A pickle that writes a file when it is unpickled (what a poisoned artifact would do)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_a_head_round_trips_through_its_state_dict_and_a_planted_pickle_never_runs(tmp_path: Path) -> None:
+    import pickle
+
+    from ml.training.model import load_head, save_head
+
+    head = Head(16, 3, dropout=0.25).eval()
+    weights, spec = save_head(head, tmp_path)
+    loaded = load_head(weights, spec)
+    features = torch.randn(4, 16)
+    assert torch.equal(loaded(features), head(features)) and loaded.layers[0].p == 0.25
+    marker = tmp_path / "marker.txt"
+    torch.save({"layers.1.weight": _Planted(str(marker))}, weights)  # a poisoned head.pt
+    with pytest.raises(pickle.UnpicklingError):
+        load_head(weights, spec)
+    assert not marker.exists()

@@ -56,11 +56,12 @@ def test_live_accuracy_joins_feedback_to_predictions_per_version() -> None:
         {"request_id": "d", "model_version": "2", "predicted_class": "home"},  # no feedback
     ]
     feedback = [
-        {"request_id": "a", "label": "toys"},
-        {"request_id": "b", "label": "toys"},
-        {"request_id": "c", "label": "books"},
-        {"request_id": "c", "label": "home"},  # corrected: the last label wins
-        {"request_id": "zzz", "label": "home"},  # its prediction is not in the log: ignored
+        {"request_id": "a", "label": "toys", "bound": True},
+        {"request_id": "b", "label": "toys", "bound": True},
+        {"request_id": "c", "label": "books", "bound": True},
+        {"request_id": "c", "label": "home", "bound": True},  # corrected: the last label wins
+        {"request_id": "d", "label": "toys"},  # not bound to its prediction by the service: ignored
+        {"request_id": "zzz", "label": "home", "bound": True},  # its prediction is not in the log: ignored
     ]
     assert live_accuracy(predictions, feedback) == {
         "1": {"feedback": 2, "accuracy": 0.5},
@@ -121,3 +122,79 @@ def test_a_model_is_proven_good_only_by_a_check_after_its_deploy() -> None:
     assert not proven_good(state, "2", "2026-03-01T12:30:00+00:00")  # deployed again since
     assert not proven_good(state, "3", "2026-03-01T11:00:00+00:00")
     assert not proven_good({}, "2", "")
+
+
+def test_a_notice_that_did_not_reach_its_channels_is_sent_again_next_check() -> None:
+    settings = load_settings()
+    rules = [ACCURACY]
+    hour = dt.timedelta(hours=1)
+
+    def check(alerts: dict, accuracy: float, at: dt.datetime, reached: set[str]):
+        metrics = {"accuracy": accuracy}
+        verdicts = Verdicts(rules, {r.name: judge(r, accuracy) for r in rules}, metrics, FACTS, at)
+        notices = plan_notices(verdicts, alerts, settings.serving_monitor.repeat_hours, RollbackDecision([]))
+        return notices, next_alert_state(verdicts, alerts, notices, "2", reached)
+
+    sent, alerts = check({}, 0.5, T0, reached=set())  # Slack answered 500: not delivered
+    assert [n.action for n in sent] == ["trigger"] and alerts["model_accuracy_drop"]["undelivered"]
+    assert alerts["model_accuracy_drop"]["last_sent"] is None
+    sent, alerts = check(alerts, 0.5, T0 + hour, reached={"model_accuracy_drop"})  # retried, delivered
+    assert [n.action for n in sent] == ["trigger"] and "still firing" not in sent[0].reason
+    assert not alerts["model_accuracy_drop"]["undelivered"]
+    sent, alerts = check(alerts, 0.5, T0 + 2 * hour, reached=set())
+    assert sent == []  # delivered once: not re-sent
+    sent, alerts = check(alerts, 0.95, T0 + 3 * hour, reached=set())  # the resolution fails to go out
+    assert [n.action for n in sent] == ["resolve"] and alerts["model_accuracy_drop"]["firing"]
+    sent, alerts = check(alerts, 0.95, T0 + 4 * hour, reached={"model_accuracy_drop"})
+    assert [n.action for n in sent] == ["resolve"] and not alerts["model_accuracy_drop"]["firing"]
+
+
+def test_a_failed_rollback_is_reported_and_a_restored_model_counts_as_good() -> None:
+    from ml.monitoring.live import LiveDeployment, decide_rollback
+
+    guarding = ACCURACY.model_copy(update={"auto_rollback": True})
+    verdicts = Verdicts([guarding], {guarding.name: "firing"}, {"accuracy": 0.5}, FACTS, T0)
+    deployment = LiveDeployment("3", previous="2", since="2026-03-01T11:00:00+00:00")
+
+    def broken(reason: str) -> dict:
+        raise ConnectionError("MLflow at http://127.0.0.1:1 refused the connection")
+
+    failed = decide_rollback(verdicts, deployment, {}, broken, wanted=True)
+    assert failed.result is None and "automatic rollback of v3 FAILED" in failed.note
+    assert "refused the connection" in failed.note
+    state: dict = {}
+    done = decide_rollback(
+        verdicts, deployment, state, lambda reason: {"state": {"stable": "2"}, "audit": {"at": "t9"}}, True
+    )
+    assert done.result and state["last_good"] == {"version": "2", "at": "t9"}
+
+
+def test_a_canary_failing_a_guarding_rule_on_its_own_traffic_is_withdrawn() -> None:
+    from ml.monitoring.live import LiveDeployment, canary_notices, judge_canary
+
+    settings = load_settings()
+    facts = {
+        "accuracy_by_version": {
+            "2": {"feedback": 200, "accuracy": 0.97},
+            "3": {"feedback": 40, "accuracy": 0.4},
+        },
+        "errors_by_version": {"3": {"requests": 60, "errors": 0, "error_rate": 0.0}},
+    }
+    withdrawn: list[str] = []
+
+    def withdraw(version: str) -> str:
+        withdrawn.append(version)
+        return f"v{version} withdrawn from the canary"
+
+    verdict = judge_canary(settings, LiveDeployment("2", canary="3"), facts, withdraw)
+    assert withdrawn == ["3"] and verdict.outcomes["model_accuracy_drop"] == "firing"
+    assert verdict.outcomes["high_error_rate"] == "ok"
+    (notice,) = canary_notices(verdict, settings)
+    assert notice.rule == "canary_model_accuracy_drop" and notice.severity == "critical"
+    assert "canary v3: accuracy 0.4 < 0.8" in notice.reason and "withdrawn" in notice.reason
+    few = {"accuracy_by_version": {"3": {"feedback": 5, "accuracy": 0.0}}}  # too little feedback: no verdict
+    assert judge_canary(settings, LiveDeployment("2", canary="3"), few, withdraw).outcomes == {
+        "model_accuracy_drop": "unknown",
+        "high_error_rate": "unknown",
+    }
+    assert withdrawn == ["3"]

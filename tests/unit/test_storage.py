@@ -12,6 +12,7 @@ from ml.storage import (
     StorageError,
     UnsafeKeyError,
     WriteConflict,
+    append_jsonl,
     open_storage,
     safe_key,
     update_json,
@@ -109,6 +110,25 @@ def test_two_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
         writer.join(120)
     assert [writer.exitcode for writer in writers] == [0, 0]
     assert json.loads(LocalStorage(tmp_path).read_bytes("counter.json")) == {"n": 400}
+
+
+def _append_many(root: str, writer: int, times: int) -> None:
+    storage = LocalStorage(Path(root))
+    for i in range(times):
+        append_jsonl(storage, "log.jsonl", {"writer": writer, "i": i}, attempts=1000)
+
+
+def test_two_concurrent_appenders_lose_no_line(tmp_path: Path) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_append_many, args=(str(tmp_path), w, 100)) for w in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    lines = [json.loads(line) for line in LocalStorage(tmp_path).read_bytes("log.jsonl").splitlines()]
+    assert sorted((r["writer"], r["i"]) for r in lines) == [(w, i) for w in range(2) for i in range(100)]
 
 
 def test_a_writer_that_always_loses_gets_a_clear_error(tmp_path: Path) -> None:

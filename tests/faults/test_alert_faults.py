@@ -1,0 +1,103 @@
+"""Alert channels that fail for real: Slack and PagerDuty receivers answering 500, or hanging.
+
+The live check finds the endpoint down (a deployed model, no service answering): a critical
+``service_down``. Nothing may be lost: a delivery that failed is not recorded as sent, and the
+next check delivers it once the channel works; a hanging channel costs its timeout, not the check.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import pytest
+
+from ml.alerts import env_notify
+from ml.release.guard import check_live
+from ml.release.service import state_path
+from ml.serving.state import DeploymentState, write_state
+from ml.storage import LocalStorage
+from tests.receivers import Receiver, connect_alerts
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.fault]
+T0 = dt.datetime(2026, 10, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_settings):
+    from ml.http import free_port
+
+    settings = make_settings(
+        storage__root=str(tmp_path / "store"),
+        serving__state_dir=str(tmp_path / "serving"),
+        serving__port=free_port(),  # nothing listens: the endpoint is down
+        serving_monitor__scrape_timeout_seconds=2,
+    )
+    write_state(state_path(settings), DeploymentState(stable="1"))
+    return settings, LocalStorage(tmp_path / "store")
+
+
+def pages(receiver: Receiver, rule: str) -> list[dict]:
+    return [e.json() for e in receiver.on("/v2/enqueue") if e.json()["dedup_key"].endswith(rule)]
+
+
+def slacks(receiver: Receiver, rule: str) -> list[str]:
+    return [m.json()["text"] for m in receiver.on("/slack/") if rule in m.json()["text"]]
+
+
+def test_an_alert_a_failing_channel_refused_is_delivered_by_the_next_check(world, monkeypatch) -> None:
+    settings, storage = world
+    with Receiver(fail=True) as failing:
+        connect_alerts(monkeypatch, failing.url)
+        first = check_live(settings, storage, notify=env_notify(settings), now=T0)
+    assert first["rules"]["service_down"]["outcome"] == "firing"
+    (attempt,) = [n for n in first["notices"] if n["notice"]["rule"] == "service_down"]
+    assert attempt["outcome"]["slack"].startswith("failed") and attempt["outcome"]["pagerduty"].startswith(
+        "failed"
+    )
+    assert slacks(failing, "service_down") and pages(failing, "service_down")  # they were tried
+
+    with Receiver() as working:
+        connect_alerts(monkeypatch, working.url)
+        check_live(settings, storage, notify=env_notify(settings), now=T0 + dt.timedelta(hours=1))
+        check_live(settings, storage, notify=env_notify(settings), now=T0 + dt.timedelta(hours=2))
+    assert (
+        len(slacks(working, "service_down")) == 1
+        and "[CRITICAL] service_down" in slacks(working, "service_down")[0]
+    )
+    (page,) = pages(working, "service_down")
+    assert page["event_action"] == "trigger"  # delivered once, after the outage; not repeated
+
+
+def test_a_hanging_channel_costs_its_timeout_and_the_alert_still_arrives(world, monkeypatch) -> None:
+    settings, storage = world
+    with Receiver(hang=30) as stuck:
+        connect_alerts(monkeypatch, stuck.url)
+        started = time.monotonic()
+        first = check_live(settings, storage, notify=env_notify(settings), now=T0)
+        took = time.monotonic() - started
+    assert took < 40, f"a hanging channel held the check for {took:.0f} s"
+    (attempt,) = [n for n in first["notices"] if n["notice"]["rule"] == "service_down"]
+    assert all(outcome.startswith("failed") for outcome in attempt["outcome"].values()), attempt
+    with Receiver() as working:
+        connect_alerts(monkeypatch, working.url)
+        check_live(settings, storage, notify=env_notify(settings), now=T0 + dt.timedelta(hours=1))
+    assert len(slacks(working, "service_down")) == 1 and len(pages(working, "service_down")) == 1
+
+
+def test_the_airflow_senders_time_out_on_a_hanging_channel_too(monkeypatch) -> None:
+    from mlops_airflow.alerts import send_alert
+
+    from ml.alerts import Alert
+    from ml.config import load_settings
+
+    settings = load_settings(environ={})
+    alert = Alert("Task failed", "critical", "boom", "ingest_daily", "ingest", "2026-01-06")
+    with Receiver(hang=60) as stuck:
+        connect_alerts(monkeypatch, stuck.url)
+        started = time.monotonic()
+        outcomes = send_alert(alert, settings)
+        took = time.monotonic() - started
+    assert took < 45, f"the Airflow senders waited {took:.0f} s on a hanging channel"
+    assert outcomes["slack"].startswith("failed") and outcomes["pagerduty"].startswith("failed")
