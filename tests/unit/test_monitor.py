@@ -198,3 +198,27 @@ def test_a_canary_failing_a_guarding_rule_on_its_own_traffic_is_withdrawn() -> N
         "high_error_rate": "unknown",
     }
     assert withdrawn == ["3"]
+
+
+def test_a_second_firing_check_after_an_automatic_rollback_leaves_the_good_model_serving() -> None:
+    """v3 is rolled back to v2; the next check still sees the rule firing (old traffic): v2 stays."""
+    from ml.monitoring.live import LiveDeployment, decide_rollback
+
+    guarding = ACCURACY.model_copy(update={"auto_rollback": True})
+    verdicts = Verdicts([guarding], {guarding.name: "firing"}, {"accuracy": 0.5}, FACTS, T0)
+    state: dict = {}
+    calls: list[str] = []
+
+    def rollback(reason: str) -> dict:
+        calls.append(reason)
+        return {"state": {"stable": "2"}, "audit": {"at": "2026-03-01T12:00:05+00:00"}}
+
+    first = decide_rollback(
+        verdicts, LiveDeployment("3", previous="2", since="2026-03-01T11:00:00+00:00"), state, rollback, True
+    )
+    assert first.result and len(calls) == 1
+    restored = LiveDeployment(
+        "2", previous="3", since="2026-03-01T12:00:05+00:00"
+    )  # the rollback's audit time
+    second = decide_rollback(verdicts, restored, state, rollback, True)
+    assert second.result is None and len(calls) == 1 and "checked good since its deploy" in second.note
