@@ -4,9 +4,11 @@ POST /predict (multipart field ``image``), POST /predict_batch (multipart field 
 repeated), POST /feedback (JSON ``request_id``, ``label``), GET /version; BentoML adds /healthz,
 /livez, /readyz and /metrics. Clients send ``Authorization: Bearer <key>``; keys and their roles
 (predict, feedback, admin) come from ``MLOPS_API_KEYS`` or a keys file, and ``ml.serving.guard``
-checks them before anything is parsed. Which model versions serve (stable + canary) comes from
-the deployment state file named by ``MLOPS_DEPLOYMENT_STATE``; a built bento without one serves
-the model packed into it (``packed.json``, written at build time).
+checks them before anything is parsed. Which model versions serve (stable, canary, shadow) comes
+from the deployment state in storage (``serving/state.json``), polled every
+``serving.state_poll_seconds``; each worker publishes a heartbeat of what it serves. With
+``MLOPS_FOLLOW_STATE=off`` (the serving check) it serves the model packed into the bento
+(``packed.json``, written at build time).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +32,20 @@ from ml.config import get_settings
 from ml.data.images import ImageLimits
 from ml.serving.auth import ANONYMOUS, key_table
 from ml.serving.binding import RequestIds, load_secret, secret_path
+from ml.serving.bundle import fetch_bundle
 from ml.serving.guard import KEY_ID_HEADER, Guard, GuardPolicy
 from ml.serving.lifecycle import refuse_open_endpoint, stop_gracefully
 from ml.serving.log import PredictionLog
-from ml.serving.predictor import Predictor
+from ml.serving.predictor import Predictor, ReplicaIdentity
 from ml.serving.uploads import BadRequest, incident_id
 from ml.storage import storage_from_settings
 
 log = logging.getLogger("mlops.service")
 
 PACKED_FILE = Path(__file__).resolve().parent / "packed.json"  # written into a bento at build time
-STATE_ENV = "MLOPS_DEPLOYMENT_STATE"
+FOLLOW_ENV = "MLOPS_FOLLOW_STATE"  # "off": serve the packed model only (a serving check's scratch service)
+REPLICA_ENV = "MLOPS_REPLICA_ID"  # this replica's name in the heartbeats (`mlops serve` sets host-port)
+REPLICA_URL_ENV = "MLOPS_REPLICA_URL"
 LOG_ENV = "MLOPS_PREDICTION_LOG"  # "off" disables the prediction log (serving checks)
 SETTINGS = get_settings()  # at import: only what the @bentoml.service decorator needs; the rest per instance
 
@@ -139,10 +145,27 @@ def _prediction_log() -> PredictionLog | None:
 
 
 def _resolve(tag: str) -> Path:
-    """Bundle folder of a model tag (or bare version) in the BentoML model store."""
-    return Path(
-        bentoml.models.get(tag if ":" in tag else f"{get_settings().mlflow.registered_model}:v{tag}").path
-    )
+    """Bundle folder of a model tag: this host's BentoML model store, else fetched from storage."""
+    settings = get_settings()
+    full = tag if ":" in tag else f"{settings.mlflow.registered_model}:v{tag}"
+    try:
+        return Path(bentoml.models.get(full).path)
+    except bentoml.exceptions.NotFound:
+        cache = settings.serving.bundle_cache_dir or str(
+            Path(os.environ.get("BENTOML_HOME", ".")) / "bundle-cache"
+        )
+        return fetch_bundle(storage_from_settings(settings), full, Path(cache))
+
+
+def _identity(bento_tag: str) -> ReplicaIdentity | None:
+    """This worker in the heartbeats (none for a scratch service that follows no state)."""
+    if os.environ.get(FOLLOW_ENV, "").lower() == "off":
+        return None
+    serving = get_settings().serving
+    replica = os.environ.get(REPLICA_ENV) or f"{socket.gethostname()}-{serving.port}"
+    worker = int(getattr(bentoml.server_context, "worker_index", 0) or 0)
+    url = os.environ.get(REPLICA_URL_ENV) or serving.live_url
+    return ReplicaIdentity(replica, worker, url, bento_tag, serving.heartbeat_seconds)
 
 
 def _predictor() -> Predictor:
@@ -152,13 +175,14 @@ def _predictor() -> Predictor:
     refuse_open_endpoint(settings.serving.host, bool(keys))
     secret = load_secret(secret_path(settings.serving.state_dir, settings.serving.feedback_secret_file))
     packed = json.loads(PACKED_FILE.read_text()) if PACKED_FILE.exists() else {}
-    state = os.environ.get(STATE_ENV)
+    follow = os.environ.get(FOLLOW_ENV, "").lower() != "off"
     if not keys:
         log.warning("no API key configured: every local caller is accepted (the service listens on loopback)")
     return Predictor(
         _resolve,
         ImageLimits.from_settings(settings.ingest),
-        state_path=Path(state) if state else None,
+        state_storage=storage_from_settings(settings) if follow else None,
+        identity=_identity(str(packed.get("bento_tag", "development"))),
         default_version=packed.get("model_version"),
         default_tag=packed.get("model_tag"),
         threads=settings.serving.threads,
@@ -191,7 +215,7 @@ class ImageClassifier:
 
     @bentoml.on_startup
     async def start_watching(self) -> None:
-        self._watcher = asyncio.create_task(self.predictor.watch())
+        self._watcher = asyncio.create_task(self.predictor.watch(get_settings().serving.state_poll_seconds))
         if not stop_gracefully(get_settings().serving.drain_seconds):
             log.warning("SIGTERM stops this worker at once: uvicorn's signal handler was not found")
 
@@ -215,6 +239,8 @@ class ImageClassifier:
             "canary_version": canary.version if canary else None,
             "canary_share": self.predictor.canary_share,
             "previous_version": state.previous if state else None,
+            "shadow_version": self.predictor.shadow.version if self.predictor.shadow else None,
+            "revision": state.revision if state else None,
             "bento_tag": self.bento_tag,
             "ready": self.predictor.ready(),
             "load_error": f"the deployment state could not be loaded: see the log, incident {incident}"

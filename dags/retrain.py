@@ -95,15 +95,21 @@ def promote(result: dict, ti: Any = None) -> dict:
     """Move the champion alias; record who approved it (or that the config auto-approved)."""
     from dataclasses import asdict
 
+    from airflow.sdk.exceptions import AirflowFailException
     from mlops_airflow.storage import dag_storage
 
     from ml import registry
+    from ml.release.guard import may_promote
     from ml.runs import approver
 
     settings = get_settings()
+    storage = dag_storage(settings)
     answer = ti.xcom_pull(task_ids="approve") if ti else None
     version, note = result["model_version"], f"retrain {result['run_id']}"
-    return asdict(registry.promote(settings, dag_storage(settings), version, approver(answer), note=note))
+    allowed, why = may_promote(settings, storage, version)  # the canary's live A/B evidence (ab.*)
+    if not allowed:
+        raise AirflowFailException(f"v{version} not promoted: {why}")
+    return asdict(registry.promote(settings, storage, version, approver(answer), note=note))
 
 
 @task

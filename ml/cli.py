@@ -146,6 +146,28 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> dict[str, Any]
     return rollback(settings, storage, to=args.to, by=_who(args.by), reason=args.reason).to_dict()
 
 
+def cmd_ab(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The canary against the stable model on the last ``--hours`` of live traffic."""
+    from ml.monitoring.ab import measure_ab
+    from ml.serving.state import read_state
+    from ml.storage import storage_from_settings
+
+    storage = storage_from_settings(settings)
+    state = read_state(storage)
+    control = args.control or (state.stable if state else None)
+    challenger = args.challenger or (state.canary if state else None)
+    if not challenger:
+        raise ValueError("no challenger: nothing is deployed as canary; name one with --challenger VERSION")
+    if not control:
+        raise ValueError("no control: nothing is deployed as stable; name one with --control VERSION")
+    hours = settings.ab.window_hours if args.hours is None else args.hours
+    if hours <= 0:
+        raise ValueError(f"--hours must be positive (got {hours:g})")
+    end = dt.datetime.now(dt.UTC)
+    start = end - dt.timedelta(hours=hours)
+    return measure_ab(settings, storage, control, challenger, start, end).to_dict()
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Replace this process with ``bentoml serve`` of the live service (Ctrl-C stops it).
 
@@ -156,7 +178,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     from ml.release.build import SERVICE
     from ml.release.deploy import ensure_state
     from ml.release.service import (
-        STATE_ENV,
+        REPLICA_ENV,
         pid_path,
         reload_service,
         serve_command,
@@ -171,15 +193,45 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         return reload_service(settings, port)
     host = serve_host(settings)  # before anything else: no open endpoint, no short key
     tls = tls_args(settings)
-    state = ensure_state(settings, storage_from_settings(settings))
+    storage = storage_from_settings(settings)
+    state = ensure_state(settings, storage)
     env = serve_env(settings, port)
     scheme = "https" if tls else "http"
-    print(f"serving v{state.stable} on {scheme}://{host}:{port} (state {env[STATE_ENV]})", flush=True)
+    reached = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - compared, not bound
+    env["MLOPS_REPLICA_URL"] = f"{scheme}://{reached}:{port}"
+    print(
+        f"serving v{state.stable} on {scheme}://{host}:{port} as replica {env[REPLICA_ENV]} "
+        f"(state {storage.url('serving/state.json')})",
+        flush=True,
+    )
     pid_path(settings, port).write_text(f"{os.getpid()}\n")  # exec keeps the pid: it becomes the arbiter's
     os.chdir(REPO_ROOT)
     command = serve_command(SERVICE, host, port, tls)
     os.execve(command[0], command, env)  # noqa: S606 - becomes bentoml serve; argv built here, no shell
     return {}  # not reached
+
+
+def cmd_shadow(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """How the shadow model's answers compare with the stable model's on the last hours of traffic."""
+    from ml.monitoring.shadow import measure_shadow
+    from ml.serving.state import read_state
+    from ml.storage import storage_from_settings
+
+    storage = storage_from_settings(settings)
+    state = read_state(storage)
+    shadow = args.shadow or (state.shadow if state else None)
+    if state is None or not shadow:
+        raise ValueError("no shadow deployed (mlops deploy VERSION --stage shadow, or serving.shadow)")
+    end = dt.datetime.now(dt.UTC)
+    return measure_shadow(storage, state.stable, shadow, end - dt.timedelta(hours=args.hours), end).to_dict()
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The deployment state, the champion, and every replica with what it serves."""
+    from ml.release.deploy import status
+    from ml.storage import storage_from_settings
+
+    return status(settings, storage_from_settings(settings))
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
@@ -236,7 +288,7 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 def _serving_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     deploy = add("deploy", cmd_deploy, "build the bento, run the serving check, deploy (default: champion)")
     deploy.add_argument("version", nargs="?")
-    deploy.add_argument("--stage", choices=["canary", "full"], default="full")
+    deploy.add_argument("--stage", choices=["canary", "full", "shadow"], default="full")
     deploy.add_argument("--skip-check", action="store_true", help="deploy without the serving check")
     deploy.add_argument("--by", help="who deploys (default: the current user)")
     deploy.add_argument("--reason")
@@ -249,6 +301,17 @@ def _serving_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     monitor = add("monitor", cmd_monitor, "check the live endpoint: latency, errors, live accuracy, drift")
     monitor.add_argument("--no-alerts", action="store_true", help="judge and record, send nothing")
     monitor.add_argument("--no-rollback", action="store_true", help="never roll back automatically")
+
+    ab = add("ab", cmd_ab, "A/B: the canary against the stable model (accuracy, latency, errors)")
+    ab.add_argument("--control", help="model version of the control arm (default: the deployed stable)")
+    ab.add_argument("--challenger", help="model version of the challenger arm (default: the deployed canary)")
+    ab.add_argument("--hours", type=float, help="window: the last this many hours (default: ab.window_hours)")
+
+    add("status", cmd_status, "what is deployed and what every replica serves")
+
+    shadow = add("shadow", cmd_shadow, "the shadow model against the stable one on live traffic")
+    shadow.add_argument("--shadow", help="shadow version (default: the deployed shadow)")
+    shadow.add_argument("--hours", type=float, default=24, help="window (default 24 h)")
 
     serve = add("serve", cmd_serve, "run the live prediction service (BentoML)")
     serve.add_argument("--port", type=int, help="default: serving.port")

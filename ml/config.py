@@ -169,6 +169,11 @@ class ServingConfig(_Strict):
     check_latency_p99_ms: float = Field(default=500.0, gt=0)
     check_timeout_seconds: float = Field(default=120.0, gt=0)
     switch_timeout_seconds: float = Field(default=60.0, gt=0)  # a live endpoint must follow a deploy in this
+    state_poll_seconds: float = Field(default=2.0, gt=0)  # replicas read the deployment state this often
+    heartbeat_seconds: float = Field(default=2.0, gt=0)  # and publish what they serve this often
+    heartbeat_max_age_seconds: float = Field(default=15.0, gt=0)  # an older heartbeat is a replica gone
+    bundle_cache_dir: str | None = None  # bundles replicas fetched from storage (None: BentoML home)
+    shadow: str | None = None  # a version every deploy stages as the shadow (copy of traffic, logged only)
 
     @model_validator(mode="after")
     def _tls_needs_both_files(self) -> ServingConfig:
@@ -211,6 +216,23 @@ class ServingMonitorConfig(_Strict):
     repeat_hours: float = Field(default=24, ge=0)
     auto_rollback: bool = True
     scrape_timeout_seconds: float = Field(default=10, gt=0)
+
+
+class AbConfig(_Strict):
+    """Challenger (canary) against control (stable) on live traffic: ``mlops ab``, ml/monitoring/ab.py."""
+
+    window_hours: float = Field(default=24, gt=0)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    min_requests: int = Field(default=500, ge=1)
+    min_labelled: int = Field(default=200, ge=1)
+    non_inferiority_margin: float = Field(default=0.02, ge=0, lt=1)
+    superiority_margin: float = Field(default=0.02, gt=0, lt=1)
+    latency_margin_ms: float = Field(default=10.0, ge=0)
+    latency_superiority_ms: float = Field(default=5.0, gt=0)
+    error_rate_margin: float = Field(default=0.01, ge=0, lt=1)
+    bootstrap_resamples: int = Field(default=2000, ge=100)
+    bootstrap_seed: int = 0
+    require_not_worse_to_promote: bool = False
 
 
 class MlflowConfig(_Strict):
@@ -265,6 +287,7 @@ class Settings(_Strict):
     serving: ServingConfig = ServingConfig()
     monitoring: MonitoringConfig
     serving_monitor: ServingMonitorConfig = ServingMonitorConfig()
+    ab: AbConfig = AbConfig()
     mlflow: MlflowConfig
     alerts: AlertsConfig
 

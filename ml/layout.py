@@ -125,7 +125,22 @@ def live_check_key(at: dt.datetime) -> str:
 # -- registry and serving -------------------------------------------------------------------------
 REGISTRY_AUDIT_PREFIX = "registry/audit"
 SERVING_AUDIT_PREFIX = "serving/audit"
+SERVING_STATE_KEY = "serving/state.json"  # the deployment state every replica follows (compare-and-swap)
+SERVING_BUNDLES_PREFIX = "serving/bundles"  # one folder per servable model: model.onnx, pca.npz, meta.json
+REPLICAS_PREFIX = "serving/replicas"  # one heartbeat per replica worker: what it serves, when it last looked
+
+
+def bundle_key(name: str, file: str) -> str:
+    """A file of the bundle ``name`` (the model-store version, e.g. ``v3-0123456789ab``)."""
+    return f"{SERVING_BUNDLES_PREFIX}/{name}/{file}"
+
+
+def heartbeat_key(replica: str, worker: int) -> str:
+    return f"{REPLICAS_PREFIX}/{replica}-w{worker}.json"
+
+
 PREDICTIONS_PREFIX = "serving/predictions"
+SHADOW_PREFIX = "serving/shadow"  # what a shadow model answered (never returned to a client)
 FEEDBACK_PREFIX = "serving/feedback"
 REQUEST_IMAGES_PREFIX = "serving/images"
 SERVING_ACCESS_AUDIT_PREFIX = "serving/access_audit"  # every admin request: key id, method, path, time

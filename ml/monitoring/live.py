@@ -38,7 +38,8 @@ from ml.layout import (
     SERVING_DRIFT_REPORTS_PREFIX,
     live_check_key,
 )
-from ml.storage import Storage, read_jsonl, update_json
+from ml.monitoring.logs import iso, log_records, parse_time
+from ml.storage import Storage, update_json
 
 SERVED_ENDPOINTS = ("/predict", "/predict_batch", "/feedback")
 
@@ -55,14 +56,6 @@ class LiveDeployment:
     canary: str | None = None
     previous: str | None = None
     since: str = ""  # when ``stable`` last became the stable model
-
-
-def parse_time(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- measuring
@@ -100,13 +93,6 @@ def counter_delta(now: dict[str, float], before: dict[str, float] | None) -> dic
     if before is None or any(now[key] < before.get(key, 0.0) for key in now):
         return dict(now)
     return {key: now[key] - before.get(key, 0.0) for key in now}
-
-
-def log_records(storage: Storage, prefix: str, start: dt.datetime, end: dt.datetime) -> list[dict[str, Any]]:
-    """Records of a serving log with ``start < time <= end``."""
-    span = (end.date() - start.date()).days
-    days = [(start.date() + dt.timedelta(days=n)).isoformat() for n in range(span + 1)]
-    return [r for r in read_jsonl(storage, prefix, days) if start < parse_time(r["time"]) <= end]
 
 
 def live_accuracy(
@@ -184,25 +170,45 @@ METRICS = (
 )
 
 
+def _scrape_all(
+    urls: list[str], timeout: float, ca_file: str | None, key: str
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Counters of every replica that answered, and why each other one did not."""
+    scraped, errors = {}, {}
+    for url in urls:
+        try:
+            scraped[url] = scrape(url, timeout, ca_file, key)
+        except OSError as exc:
+            errors[url] = f"{type(exc).__name__}: {exc}"
+    return scraped, errors
+
+
 def _measure_endpoint(
     settings: Settings,
     stable: str | None,
-    last_scrape: dict[str, float] | None,
+    last_scrape: dict[str, Any] | None,
     metrics: dict[str, float | None],
     facts: dict[str, Any],
     scrape_key: str = "",
+    urls: list[str] | None = None,
 ) -> None:
-    """Whether the endpoint answers, and its 5xx share since the last scrape."""
+    """The share of replicas that answer, and their 5xx share since the last scrape (summed).
+
+    ``urls``: every live replica (from their heartbeats); default the configured endpoint.
+    """
     watch, serving = settings.serving_monitor, settings.serving
-    try:
-        counters = scrape(serving.live_url, watch.scrape_timeout_seconds, serving.ca_file, scrape_key)
-    except OSError as exc:
+    targets = urls or [serving.live_url]
+    scraped, errors = _scrape_all(targets, watch.scrape_timeout_seconds, serving.ca_file, scrape_key)
+    if errors:
+        facts["scrape_error"] = "; ".join(f"{url}: {why}" for url, why in errors.items())
+    if not scraped:
         metrics["service_up"] = 0.0 if stable else None  # nothing deployed: nothing should answer
-        facts["scrape_error"] = f"{type(exc).__name__}: {exc}"
         return
-    metrics["service_up"] = 1.0
-    facts["scrape"] = counters
-    delta = counter_delta(counters, last_scrape)
+    metrics["service_up"] = round(len(scraped) / len(targets), 4)
+    facts["scrape"] = scraped
+    before = last_scrape if isinstance(last_scrape, dict) and "requests" not in last_scrape else {}
+    deltas = [counter_delta(counters, (before or {}).get(url)) for url, counters in scraped.items()]
+    delta = {key: sum(d[key] for d in deltas) for key in deltas[0]}
     facts["requests"] = delta
     if delta["requests"] >= watch.min_requests:
         metrics["error_rate"] = round(delta["server_errors"] / delta["requests"], 4)
@@ -250,13 +256,14 @@ def measure_window(
     stable: str | None,
     start: dt.datetime,
     end: dt.datetime,
-    last_scrape: dict[str, float] | None,
+    last_scrape: dict[str, Any] | None,
     scrape_key: str = "",
+    urls: list[str] | None = None,
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
     """(metric -> value or None when too little data, facts behind them) for the window."""
     metrics: dict[str, float | None] = dict.fromkeys(METRICS)
     facts: dict[str, Any] = {"window": [iso(start), iso(end)], "model_version": stable}
-    _measure_endpoint(settings, stable, last_scrape, metrics, facts, scrape_key)
+    _measure_endpoint(settings, stable, last_scrape, metrics, facts, scrape_key, urls)
     _measure_logs(settings, storage, stable, (start, end), metrics, facts)
     return metrics, facts
 
@@ -412,6 +419,21 @@ def canary_notices(verdict: CanaryVerdict, settings: Settings) -> list[Notice]:
     return notices
 
 
+def ab_of_canary(
+    settings: Settings, storage: Storage, deployment: LiveDeployment, end: dt.datetime
+) -> dict[str, Any] | None:
+    """The A/B report of the canary against the stable model over ``ab.window_hours`` (None: no canary)."""
+    from ml.monitoring.ab import measure_ab
+
+    if not (deployment.canary and deployment.stable):
+        return None
+    start = end - dt.timedelta(hours=settings.ab.window_hours)
+    try:
+        return measure_ab(settings, storage, deployment.stable, deployment.canary, start, end).to_dict()
+    except Exception as exc:  # noqa: BLE001 - a report that fails never stops the check
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def delivered(outcome: dict[str, str]) -> bool:
     """A notice reached every configured channel (a channel that failed is retried next check)."""
     return not any(str(result).startswith("failed") for result in outcome.values())
@@ -429,6 +451,7 @@ def check_endpoint(
     now: dt.datetime | None = None,
     run_id: str = "",
     scrape_key: str = "",
+    scrape_urls: list[str] | None = None,
 ) -> dict[str, Any]:
     """One monitoring check: measure, judge every rule, notify changes, roll back or withdraw if it must."""
     end = now or dt.datetime.now(dt.UTC)
@@ -437,7 +460,7 @@ def check_endpoint(
     start = max(parse_time(state["last_check_at"]), lookback) if state.get("last_check_at") else lookback
     stable = deployment.stable
     metrics, facts = measure_window(
-        settings, storage, stable, start, end, state.get("last_scrape"), scrape_key
+        settings, storage, stable, start, end, state.get("last_scrape"), scrape_key, scrape_urls
     )
     rules = settings.alerts.rules
     verdicts = Verdicts(rules, {r.name: judge(r, metrics.get(r.metric)) for r in rules}, metrics, facts, end)
@@ -458,6 +481,7 @@ def check_endpoint(
     if "scrape" in facts:
         state["last_scrape"] = facts["scrape"]
     record = check_record(verdicts, deployment, run_id, sent, decision) | {"canary": canary.to_dict()}
+    record["ab"] = ab_of_canary(settings, storage, deployment, end)
     key = live_check_key(end)
     storage.write_bytes(key, json.dumps(record, indent=2, default=str).encode())
     save_monitor_state(storage, state)

@@ -21,7 +21,8 @@ from ml import registry
 from ml.config import REPO_ROOT, Settings
 from ml.layout import CLASS_NAMES_ARTIFACT, ONNX_ARTIFACT, REFERENCE_PCA_ARTIFACT
 from ml.release.errors import DeployError
-from ml.serving.bundle import BundleMeta, write_bundle
+from ml.serving.bundle import BundleMeta, publish_bundle, write_bundle
+from ml.storage import Storage
 from ml.training.preprocessing import Preprocessing
 
 BENTOFILE = REPO_ROOT / "bentos" / "bentofile.yaml"
@@ -54,8 +55,18 @@ def model_tag(settings: Settings, version: str, run_id: str) -> str:
     return f"{settings.mlflow.registered_model}:v{version}-{run_id[:12]}"
 
 
-def import_model(settings: Settings, version: str) -> str:
-    """The model version as a bundle in the BentoML model store (idempotent); returns its tag."""
+def import_model(settings: Settings, version: str, storage: Storage | None = None) -> str:
+    """The model version as a bundle in the BentoML model store and, given ``storage``, published
+    there for replicas on other hosts (idempotent); returns its tag."""
+    tag = _import_to_store(settings, version)
+    if storage is not None:
+        import bentoml
+
+        publish_bundle(storage, tag, Path(bentoml.models.get(tag).path))
+    return tag
+
+
+def _import_to_store(settings: Settings, version: str) -> str:
     use_bentoml_home(settings)
     import bentoml
     from mlflow.exceptions import MlflowException

@@ -22,10 +22,11 @@ from ml.http import NotReady, free_port, http, multipart, wait_ready
 from ml.release.build import build_bento, import_model, use_bentoml_home
 from ml.release.errors import DeployError
 from ml.release.service import (
-    STATE_ENV,
+    FOLLOW_ENV,
+    REPLICA_ENV,
     instance_home,
+    serving_dir,
     start_service,
-    state_path,
     stop_service,
     tls_args,
     tls_ca_file,
@@ -148,11 +149,12 @@ def serving_check(settings: Settings, storage: Storage, version: str, bento_tag:
     expected = offline_probabilities(bundle, [data for _, data in images])
     classes = BundleMeta.read(bundle).classes
     port, key = free_port(), secrets.token_urlsafe(32)  # one key with every role
-    env = {k: v for k, v in os.environ.items() if k != STATE_ENV}
+    env = {k: v for k, v in os.environ.items() if k != REPLICA_ENV}  # a scratch service is no replica
+    env[FOLLOW_ENV] = "off"  # it serves the model packed in its bento, whatever is deployed
     env |= {"MLOPS_API_KEYS": key, "MLOPS_PREDICTION_LOG": "off", "MLOPS_API_KEYS_FILE": ""}
     env |= {"MLOPS_FEEDBACK_SECRET": secrets.token_hex(32)}  # the scratch service's own request-id secret
     env["BENTOML_HOME"] = str(instance_home(use_bentoml_home(settings), f"check-{port}"))  # live metrics stay
-    log_file = state_path(settings).parent / "logs" / f"check-v{version}.log"
+    log_file = serving_dir(settings) / "logs" / f"check-v{version}.log"
     try:
         tls = tls_args(settings)
     except DeployError as exc:

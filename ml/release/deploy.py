@@ -11,7 +11,6 @@ so no request fails during a deploy). ``canary`` stages a version on a share of 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -19,17 +18,13 @@ from typing import Any
 from ml import registry
 from ml.alerts import Alert
 from ml.config import Settings
-from ml.http import http
 from ml.release.audit import audit
 from ml.release.build import build_bento, import_model
 from ml.release.check import serving_check
 from ml.release.errors import DeployError
-from ml.release.service import state_path
-from ml.serving.auth import admin_key
+from ml.serving.replica import Heartbeat, live_heartbeats, read_heartbeats
 from ml.serving.state import DeploymentState, read_state, update_state
 from ml.storage import Storage
-
-LIVE_STREAK = 8  # consecutive /version answers that must agree before a deploy counts as live
 
 
 @dataclass(frozen=True)
@@ -50,59 +45,108 @@ class DeployResult:
         return Alert("model_rolled_back", "warning", reason, "rollback", "roll_back")
 
 
+STAGES = ("canary", "full", "shadow")
+
+
 def _next_state(current: DeploymentState | None, version: str, stage: str, share: float) -> DeploymentState:
+    if stage == "shadow":
+        if current is None:
+            raise DeployError("nothing is deployed yet: a shadow needs a stable model to copy traffic from")
+        return replace(current, shadow=version)
     if current is None or (stage == "full" and current.stable == version):
         return DeploymentState(stable=version, previous=current.previous if current else None)
     if stage == "canary":
         return replace(current, canary=version, canary_share=share)
-    return DeploymentState(stable=version, previous=current.stable)
+    return replace(current, stable=version, previous=current.stable, canary=None, canary_share=0.0)
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def require_live(settings: Settings, state: DeploymentState, what: str) -> bool | None:
-    """Wait for a running endpoint to serve ``state``; ``DeployError`` when it runs and did not switch."""
-    live = wait_live(settings, state)
-    if live is False:
-        raise DeployError(
-            f"{what}: the deployment state says stable v{state.stable}"
-            f"{f' + canary v{state.canary}' if state.canary else ''} (revision {state.revision}), "
-            f"but the endpoint at {settings.serving.live_url} did not switch to it in time; check its log "
-            "(the state stays written: the service follows it once it can load the model)"
-        )
-    return live
+def require_live(settings: Settings, storage: Storage, state: DeploymentState, what: str) -> bool | None:
+    """Wait for every live replica to serve ``state``; ``DeployError`` naming the ones that did not.
+
+    None when no replica runs (the state waits for the first ``mlops serve``).
+    """
+    laggards = wait_replicas(settings, storage, state)
+    if laggards is None or not laggards:
+        return None if laggards is None else True
+    described = "; ".join(
+        f"{beat.replica}-w{beat.worker} at {beat.url} serves v{beat.stable} (revision {beat.revision}"
+        f"{f', cannot load: incident {beat.load_error}' if beat.load_error else ''})"
+        for beat in laggards
+    )
+    raise DeployError(
+        f"{what}: the deployment state says stable v{state.stable}"
+        f"{f' + canary v{state.canary}' if state.canary else ''} (revision {state.revision}), but "
+        f"{len(laggards)} replica worker(s) did not switch within "
+        f"{settings.serving.switch_timeout_seconds:g} s: "
+        f"{described}. The state stays written: a replica follows it once it can load the model"
+    )
+
+
+def follows(beat: Heartbeat, state: DeploymentState) -> bool:
+    """A heartbeat shows ``state`` (or a newer one) loaded."""
+    return beat.revision >= state.revision and not (beat.revision == state.revision and beat.load_error)
+
+
+def wait_replicas(
+    settings: Settings, storage: Storage, state: DeploymentState, timeout: float | None = None
+) -> list[Heartbeat] | None:
+    """The live replica workers that have not loaded ``state`` when time ran out ([] = all did).
+
+    None when no replica is live (no fresh heartbeat). A replica that stops heartbeating while we
+    wait stops being waited for after ``heartbeat_max_age_seconds``.
+    """
+    serving = settings.serving
+    deadline = time.monotonic() + (timeout or serving.switch_timeout_seconds)
+    seen = False
+    while True:
+        beats = live_heartbeats(storage, serving.heartbeat_max_age_seconds)
+        seen = seen or bool(beats)
+        lagging = [beat for beat in beats if not follows(beat, state)]
+        if not beats and not seen:
+            return None
+        if not lagging or time.monotonic() >= deadline:
+            return lagging
+        time.sleep(0.25)
 
 
 def deploy(
     settings: Settings, storage: Storage, version: str, *, stage: str, by: str, reason: str = ""
 ) -> DeployResult:
     """Stage ``version`` as the canary or make it stable; fail loudly if a live endpoint does not follow."""
-    if stage not in ("canary", "full"):
-        raise DeployError(f"stage must be canary or full, not {stage!r}")
+    if stage not in STAGES:
+        raise DeployError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
     version = str(version)
-    tag = import_model(settings, version)
+    tag = import_model(settings, version, storage)
+    tags = {version: tag}
+    configured = settings.serving.shadow
+    if configured and stage != "shadow":
+        tags[str(configured)] = import_model(settings, str(configured), storage)
 
     def change(current: DeploymentState | None) -> DeploymentState:
         new = _next_state(current, version, stage, settings.serving.canary_share)
+        if stage != "shadow" and settings.serving.shadow and settings.serving.shadow != new.stable:
+            new = replace(new, shadow=settings.serving.shadow)  # the configured shadow rides along
         kept = {
             v: t
             for v, t in (current.models if current else {}).items()
-            if v in (new.stable, new.canary, new.previous)
+            if v in (new.stable, new.canary, new.previous, new.shadow)
         }
         return replace(
             new,
             updated_at=now_iso(),
             updated_by=by,
             reason=reason or f"{stage} deploy of v{version}",
-            models=kept | {version: tag},
+            models=kept | tags,
         )
 
-    before, new = update_state(state_path(settings), change)
+    before, new = update_state(storage, change)
     record = {"by": by, "from": before.stable if before else None, "to": version, "why": new.reason}
     entry = audit(storage, f"deploy-{stage}", record | {"state": asdict(new)})
-    return DeployResult(new, entry, require_live(settings, new, f"{stage} deploy of v{version}"))
+    return DeployResult(new, entry, require_live(settings, storage, new, f"{stage} deploy of v{version}"))
 
 
 def withdraw_canary(settings: Settings, storage: Storage, version: str, *, by: str) -> str:
@@ -122,12 +166,12 @@ def withdraw_canary(settings: Settings, storage: Storage, version: str, *, by: s
         )
 
     try:
-        before, new = update_state(state_path(settings), change)
+        before, new = update_state(storage, change)
     except _NothingToDo as nothing:
         return str(nothing)
     record = {"by": by, "from": version, "to": new.stable, "why": "not approved", "state": asdict(new)}
     audit(storage, "withdraw-canary", record)
-    require_live(settings, new, f"withdrawal of canary v{version}")
+    require_live(settings, storage, new, f"withdrawal of canary v{version}")
     return f"v{version} withdrawn from the canary; v{new.stable} serves all traffic"
 
 
@@ -140,41 +184,6 @@ def withdraw_unapproved(settings: Settings, storage: Storage, version: str | Non
     if not version or registry.version_for_alias(settings, registry.CHAMPION) == str(version):
         return "nothing to withdraw"
     return withdraw_canary(settings, storage, str(version), by=by)
-
-
-def wait_live(settings: Settings, state: DeploymentState, timeout: float | None = None) -> bool | None:
-    """True once a running endpoint serves ``state``; None when none is running; False on timeout.
-
-    Every worker process swaps on its own, so the answer must hold for ``LIVE_STREAK`` /version
-    calls in a row (new connections land on any worker), spanning more than one poll interval.
-    """
-    url, ca_file = settings.serving.live_url, settings.serving.ca_file
-    try:
-        status, _ = http("GET", f"{url}/livez", timeout=2, ca_file=ca_file)
-    except OSError:
-        return None
-    if status != 200:
-        return None
-    key = first_key(settings)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    wanted = (state.stable, state.canary if state.canary_share > 0 else None)
-    deadline, streak = time.monotonic() + (timeout or settings.serving.switch_timeout_seconds), 0
-    while time.monotonic() < deadline:
-        try:
-            status, body = http("GET", f"{url}/version", headers=headers, timeout=5, ca_file=ca_file)
-            info = json.loads(body) if status == 200 else {}
-        except (OSError, ValueError):
-            info = {}
-        streak = streak + 1 if (info.get("model_version"), info.get("canary_version")) == wanted else 0
-        if streak >= LIVE_STREAK:
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def first_key(settings: Settings) -> str:
-    """A key with the admin role (``/version``), from ``MLOPS_API_KEYS`` or the keys file."""
-    return admin_key(keys_file=settings.serving.api_keys_file)
 
 
 def rolled_back(settings: Settings, versions: list[str]) -> set[str]:
@@ -206,16 +215,17 @@ def rollback(
     By default the newest earlier stable version that was never rolled back: a rollback never
     returns to the model it just removed. Naming a version with ``to`` restores it on purpose.
     """
-    path = state_path(settings)
     chosen: dict[str, str] = {}
 
     def change(current: DeploymentState | None) -> DeploymentState:
         if current is None:
-            raise DeployError(f"nothing is deployed (no {path}); nothing to roll back")
+            raise DeployError(
+                f"nothing is deployed (no state in {storage.url('serving')}); nothing to roll back"
+            )
         target = str(to) if to else rollback_target(settings, current)
         if target == current.stable and not current.canary:
             raise DeployError(f"v{target} is already the live model")
-        chosen["tag"] = chosen.get("tag") or import_model(settings, target)
+        chosen["tag"] = chosen.get("tag") or import_model(settings, target, storage)
         models = {current.stable: current.tag(current.stable), target: chosen["tag"]}
         return replace(
             current,
@@ -229,7 +239,7 @@ def rollback(
             reason=f"rollback: {reason}",
         )
 
-    before, new = update_state(path, change)
+    before, new = update_state(storage, change)
     if before is None:  # change() refuses a missing state; this cannot be reached
         raise DeployError("nothing was deployed")
     _record_rollback_in_registry(settings, storage, before, new, by, reason, explicit=bool(to))
@@ -241,7 +251,7 @@ def rollback(
         "why": reason,
     }
     entry = audit(storage, "rollback", record | {"revision": new.revision})
-    return DeployResult(new, entry, require_live(settings, new, f"rollback to v{new.stable}"))
+    return DeployResult(new, entry, require_live(settings, storage, new, f"rollback to v{new.stable}"))
 
 
 def _record_rollback_in_registry(
@@ -265,7 +275,7 @@ def _record_rollback_in_registry(
 
 def ensure_state(settings: Settings, storage: Storage) -> DeploymentState:
     """The deployment state, created from the champion when nothing was deployed yet."""
-    current = read_state(state_path(settings))
+    current = read_state(storage)
     if current is not None:
         return current
     champion = registry.version_for_alias(settings, registry.CHAMPION)
@@ -298,3 +308,35 @@ def release(
                 f"serving check of v{version} ({bento_tag}) failed: {'; '.join(outcome.reasons)}"
             )
     return result | deploy(settings, storage, version, stage=stage, by=by, reason=reason).to_dict()
+
+
+def status(settings: Settings, storage: Storage) -> dict[str, Any]:
+    """What is deployed, who is champion, and what each replica (live or gone) says it serves."""
+    import datetime as dt
+
+    state = read_state(storage)
+    now = dt.datetime.now(dt.UTC)
+    max_age = settings.serving.heartbeat_max_age_seconds
+    replicas: dict[str, dict[str, Any]] = {}
+    for beat in read_heartbeats(storage):
+        age = beat.age_seconds(now)
+        entry = replicas.setdefault(beat.replica, {"replica": beat.replica, "url": beat.url, "workers": []})
+        entry["workers"].append(
+            {
+                "worker": beat.worker,
+                "live": age <= max_age,
+                "age_seconds": round(age, 1),
+                "revision": beat.revision,
+                "stable": beat.stable,
+                "canary": beat.canary,
+                "shadow": beat.shadow,
+                "follows_state": bool(state) and follows(beat, state),
+                "load_error": beat.load_error,
+                "bento_tag": beat.bento_tag,
+            }
+        )
+    return {
+        "state": asdict(state) if state else None,
+        "champion": registry.version_for_alias(settings, registry.CHAMPION),
+        "replicas": sorted(replicas.values(), key=lambda r: r["replica"]),
+    }

@@ -14,18 +14,24 @@ from ml.config import Settings
 from ml.monitoring.live import LiveDeployment, check_endpoint
 from ml.release.audit import deployed_at
 from ml.release.deploy import rollback, withdraw_canary
-from ml.release.service import state_path
 from ml.serving.auth import admin_key
+from ml.serving.replica import live_heartbeats
 from ml.serving.state import read_state
 from ml.storage import Storage
 
 
 def live_deployment(settings: Settings, storage: Storage) -> LiveDeployment:
     """What the endpoint is meant to serve, and since when its stable model serves."""
-    state = read_state(state_path(settings))
+    state = read_state(storage)
     if state is None:
         return LiveDeployment(stable=None)
     return LiveDeployment(state.stable, state.canary, state.previous, deployed_at(storage, state.stable))
+
+
+def replica_urls(settings: Settings, storage: Storage) -> list[str] | None:
+    """Where every live replica answers (from its heartbeats); None: ask the configured endpoint."""
+    beats = live_heartbeats(storage, settings.serving.heartbeat_max_age_seconds)
+    return sorted({beat.url for beat in beats}) or None
 
 
 def check_live(
@@ -66,9 +72,25 @@ def check_live(
             now=now,
             run_id=run_id,
             scrape_key=admin_key(keys_file=settings.serving.api_keys_file),
+            scrape_urls=replica_urls(settings, storage),
         )
     except Exception as exc:
         if notify:
             reason = f"the live check could not finish: {type(exc).__name__}: {exc}"
             notify(Alert("monitor_check_failed", "critical", reason, origin, "check", key=f"{origin}/check"))
         raise
+
+
+def may_promote(settings: Settings, storage: Storage, challenger: str) -> tuple[bool, str]:
+    """Whether the canary's live traffic allows promoting ``challenger`` (``ab.*``); why, either way."""
+    import datetime as dt
+
+    from ml.monitoring.ab import measure_ab, promotion_allowed
+
+    state = read_state(storage)
+    if state is None or state.canary != str(challenger) or state.stable == str(challenger):
+        return True, f"v{challenger} is not on the canary: no A/B evidence to weigh"
+    end = dt.datetime.now(dt.UTC)
+    start = end - dt.timedelta(hours=settings.ab.window_hours)
+    report = measure_ab(settings, storage, state.stable, str(challenger), start, end)
+    return promotion_allowed(report, settings.ab)

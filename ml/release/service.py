@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,18 +25,23 @@ from ml.release.errors import DeployError
 from ml.serving.auth import KeyConfigError, is_loopback, key_table
 from ml.serving.binding import load_secret, secret_path
 
-STATE_ENV = "MLOPS_DEPLOYMENT_STATE"  # the service reads its deployment state file from here
-STATE_FILE = "deployment.json"
+REPLICA_ENV = "MLOPS_REPLICA_ID"  # the name a replica's heartbeats carry (default: host-port)
+FOLLOW_ENV = "MLOPS_FOLLOW_STATE"  # "off": serve the packed model, ignore the deployment state (checks)
 PID_FILE = "serve-{port}.pid"  # the arbiter of the `mlops serve` on that port (for `--reload`)
 
 
-def state_path(settings: Settings) -> Path:
-    """The deployment state file the live service follows."""
-    return (REPO_ROOT / settings.serving.state_dir).resolve() / STATE_FILE
+def serving_dir(settings: Settings) -> Path:
+    """This host's serving folder: logs, pid files, the request-id secret (the state is in storage)."""
+    return (REPO_ROOT / settings.serving.state_dir).resolve()
 
 
 def pid_path(settings: Settings, port: int) -> Path:
-    return state_path(settings).parent / PID_FILE.format(port=port)
+    return serving_dir(settings) / PID_FILE.format(port=port)
+
+
+def replica_id(port: int) -> str:
+    """A replica's name: the host and the port it serves on (unique per host; a pod name in k8s)."""
+    return f"{socket.gethostname()}-{port}"
 
 
 def bentoml_command() -> str:
@@ -115,7 +121,7 @@ def serve_env(settings: Settings, port: int | None = None) -> dict[str, str]:
     """The service's environment (with ``port``: its own BentoML home); the request-id secret exists
     before any worker starts."""
     env = dict(os.environ)
-    env[STATE_ENV] = str(state_path(settings))
+    env.setdefault(REPLICA_ENV, replica_id(port or settings.serving.port))
     home = use_bentoml_home(settings)
     env["BENTOML_HOME"] = str(instance_home(home, f"serve-{port}") if port else home)
     load_secret(secret_path(settings.serving.state_dir, settings.serving.feedback_secret_file), env)

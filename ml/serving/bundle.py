@@ -1,23 +1,65 @@
 """A bundle: one registered model version made servable, and the model that runs it.
 
 A bundle folder holds the version's ONNX export (outputs ``logits`` and ``features``), the PCA of
-its drift reference and a ``meta.json`` (version, dataset, classes, preprocessing). In the
-service it is a model in the BentoML model store.
+its drift reference and a ``meta.json`` (version, dataset, classes, preprocessing). Release puts
+it in the BentoML model store and publishes it to storage (``serving/bundles/<name>/``), so a
+replica on any host finds a deployed model: from its own store, else fetched from storage into
+a local cache (``fetch_bundle``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ml.layout import bundle_key
+from ml.storage import Storage
 from ml.training.preprocessing import Preprocessing
 
 BUNDLE_ONNX = "model.onnx"
 BUNDLE_META = "meta.json"
 BUNDLE_PCA = "pca.npz"
+BUNDLE_FILES = (BUNDLE_ONNX, BUNDLE_PCA, BUNDLE_META)  # meta.json last: its presence means complete
+
+
+def bundle_name(tag: str) -> str:
+    """The storage name of a model-store tag: ``product-classifier:v3-<run>`` -> ``v3-<run>``."""
+    return tag.split(":", 1)[-1]
+
+
+def publish_bundle(storage: Storage, tag: str, folder: Path) -> bool:
+    """Copy a bundle folder to storage (meta.json last); False when it was there already."""
+    name = bundle_name(tag)
+    if storage.exists(bundle_key(name, BUNDLE_META)):
+        return False
+    for file in BUNDLE_FILES:
+        storage.write_bytes(bundle_key(name, file), (folder / file).read_bytes())
+    return True
+
+
+def fetch_bundle(storage: Storage, tag: str, cache: Path) -> Path:
+    """The bundle folder of ``tag`` under ``cache``, downloaded from storage when not there yet."""
+    folder = cache / bundle_name(tag)
+    if (folder / BUNDLE_META).is_file():
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache))
+    try:
+        for file in BUNDLE_FILES:
+            storage.download(bundle_key(bundle_name(tag), file), partial / file)
+        os.replace(partial, folder)  # whole or not at all: another worker may race us to it
+    except OSError:
+        if not (folder / BUNDLE_META).is_file():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from ml.layout import (
     FEEDBACK_PREFIX,
     PREDICTIONS_PREFIX,
     SERVING_ACCESS_AUDIT_PREFIX,
+    SHADOW_PREFIX,
     feedback_claim_key,
     request_image_key,
 )
@@ -35,8 +36,11 @@ from ml.serving.batching import AdaptiveBatcher
 from ml.serving.binding import RequestIds, well_formed
 from ml.serving.bundle import ServingModel
 from ml.serving.log import PredictionLog, now_iso
-from ml.serving.state import DeploymentState, read_state
+from ml.serving.replica import Heartbeat, remove_heartbeat, this_host, write_heartbeat
+from ml.serving.replica import now_iso as heartbeat_time
+from ml.serving.state import DeploymentState, read_state_tagged
 from ml.serving.uploads import BadRequest, Decoded, decode_upload, incident_id
+from ml.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +69,25 @@ class Lane:
 Observer = Callable[[str, str, float], None]  # (model version, predicted class, seconds)
 
 
-class Predictor:
-    """Stable model + optional canary, hot-swapped from the deployment state file.
+@dataclass(frozen=True)
+class ReplicaIdentity:
+    """Who this worker is in the heartbeats: its replica, its worker number, where it answers."""
 
-    ``resolve`` maps a model tag to its bundle folder (the BentoML model store in the service).
-    Without a state file the predictor serves ``default_version`` (the model packed into a bento).
-    A new state is loaded completely before it is switched in, so requests never see a gap.
+    replica: str
+    worker: int
+    url: str
+    bento_tag: str
+    heartbeat_seconds: float = 2.0
+
+
+class Predictor:
+    """Stable model + optional canary (and shadow), hot-swapped from the deployment state in storage.
+
+    ``resolve`` maps a model tag to its bundle folder (the BentoML model store in the service, else
+    a copy fetched from storage). Without a state the predictor serves ``default_version`` (the
+    model packed into a bento). A new state is loaded completely before it is switched in, so
+    requests never see a gap. With ``identity`` it publishes a heartbeat after every change and
+    every ``heartbeat_seconds``.
     """
 
     def __init__(
@@ -78,7 +95,8 @@ class Predictor:
         resolve: Callable[[str], Path],
         limits: ImageLimits,
         *,
-        state_path: Path | None = None,
+        state_storage: Storage | None = None,
+        identity: ReplicaIdentity | None = None,
         default_version: str | None = None,
         default_tag: str | None = None,
         threads: int = 1,
@@ -91,7 +109,8 @@ class Predictor:
     ) -> None:
         self.resolve = resolve
         self.limits = limits
-        self.state_path = state_path
+        self.state_storage = state_storage
+        self.identity = identity
         self.default_version = default_version
         self.default_tag = default_tag or default_version
         self.threads = threads
@@ -109,7 +128,11 @@ class Predictor:
         self._lanes: dict[str, Lane] = {}
         self._tags: dict[str, str] = {}
         self._retired: list[tuple[float, Lane]] = []
-        self._state_stamp: tuple[float, int] | None = None
+        self._state_tag: str | None = None
+        self._wanted_revision = -1
+        self._last_beat = 0.0
+        self.shadow: Lane | None = None
+        self._shadows: set[asyncio.Task[None]] = set()  # shadow calls in flight (kept so none is collected)
         self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.load_error = ""  # the internal reason, for the log only; clients see ``load_incident``
         self.load_incident = ""
@@ -124,53 +147,106 @@ class Predictor:
             )
         return self._lanes[version]
 
-    def _wanted(self) -> DeploymentState | None:
-        state = read_state(self.state_path) if self.state_path else None
-        if state is None and self.default_version:
+    def _wanted(self) -> tuple[DeploymentState | None, str | None]:
+        """The deployment state to serve and its storage tag (the packed model when there is none)."""
+        found = read_state_tagged(self.state_storage) if self.state_storage is not None else None
+        if found is not None:
+            return found
+        if self.default_version:
             models = {self.default_version: self.default_tag or self.default_version}
-            state = DeploymentState(
+            packed = DeploymentState(
                 stable=self.default_version, reason="model packed in the bento", models=models
             )
-        return state
+            return packed, None
+        return None, None
 
     def refresh(self) -> bool:
         """Load the deployment state if it changed; True when the routing changed."""
-        stamp = None
-        if self.state_path is not None:
-            try:
-                info = self.state_path.stat()
-                stamp = (info.st_mtime, info.st_size)
-            except FileNotFoundError:
-                stamp = None
-        if self.stable is not None and stamp == self._state_stamp:
-            return False
-        state = self._wanted()
-        if state is None:
-            self._load_failed(f"no deployment state at {self.state_path} and no packed model")
-            return False
         try:
-            stable = self._lane(state.stable, state.tag(state.stable))
-            canary = None
-            if state.canary and state.canary_share > 0:
-                canary = self._lane(state.canary, state.tag(state.canary))
+            state, tag = self._wanted()
+        except Exception as exc:  # noqa: BLE001 - storage down: keep serving, try again next poll
+            self._load_failed(f"the deployment state could not be read: {type(exc).__name__}: {exc}")
+            return False
+        if self.stable is not None and (tag is None or tag == self._state_tag):
+            return False
+        if state is None:
+            self._load_failed("no deployment state in storage and no packed model")
+            return False
+        self._wanted_revision = state.revision
+        try:
+            lanes = self._lanes_for(state)
         except Exception as exc:  # keep serving what runs; report why the new state failed
             self._load_failed(f"{type(exc).__name__}: {exc}")
             log.exception("deployment state %s could not be loaded; keeping the current models", state)
-            self._state_stamp = stamp
+            self._state_tag = tag
             if self.stable is None:  # a worker starting on an unloadable state: serve the last that loads
                 self._fall_back(state)
+            self.beat(force=True)
             return False
-        self.stable, self.canary, self.canary_share = stable, canary, state.canary_share if canary else 0.0
-        self.state, self._state_stamp, self.load_error, self.load_incident = state, stamp, "", ""
-        for version in [v for v in self._lanes if v not in {stable.version, canary and canary.version}]:
+        self._switch(state, tag, *lanes)
+        self.beat(force=True)
+        return True
+
+    def _lanes_for(self, state: DeploymentState) -> tuple[Lane, Lane | None, Lane | None]:
+        """Every model ``state`` asks for, loaded (stable, canary, shadow)."""
+        stable = self._lane(state.stable, state.tag(state.stable))
+        canary = None
+        if state.canary and state.canary_share > 0:
+            canary = self._lane(state.canary, state.tag(state.canary))
+        shadow = None
+        if state.shadow and state.shadow not in (state.stable, state.canary):
+            shadow = self._lane(state.shadow, state.tag(state.shadow))
+        return stable, canary, shadow
+
+    def _switch(
+        self, state: DeploymentState, tag: str | None, stable: Lane, canary: Lane | None, shadow: Lane | None
+    ) -> None:
+        self.stable, self.canary, self.shadow = stable, canary, shadow
+        self.canary_share = state.canary_share if canary else 0.0
+        self.state, self._state_tag, self.load_error, self.load_incident = state, tag, "", ""
+        serving = {stable.version, canary and canary.version, shadow and shadow.version}
+        for version in [v for v in self._lanes if v not in serving]:
             # requests already routed to it still finish there; `watch` closes it once it is idle
             self._retired.append((time.monotonic(), self._lanes.pop(version)))
         log.info(
-            "serving v%s%s",
+            "serving v%s%s%s",
             stable.version,
             f" + canary v{canary.version} ({self.canary_share:.0%})" if canary else "",
+            f" + shadow v{shadow.version}" if shadow else "",
         )
-        return True
+
+    def heartbeat(self) -> Heartbeat | None:
+        """This worker's report for the heartbeats (None when it is no replica)."""
+        if self.identity is None:
+            return None
+        host, pid = this_host()
+        return Heartbeat(
+            replica=self.identity.replica,
+            worker=self.identity.worker,
+            url=self.identity.url,
+            revision=self.state.revision if self.state else -1,
+            stable=self.stable.version if self.stable else None,
+            canary=self.canary.version if self.canary else None,
+            canary_share=self.canary_share,
+            shadow=self.shadow.version if self.shadow else None,
+            bento_tag=self.identity.bento_tag,
+            load_error=self.load_incident,
+            wanted_revision=self._wanted_revision,
+            at=heartbeat_time(),
+            host=host,
+            pid=pid,
+        )
+
+    def beat(self, force: bool = False) -> None:
+        """Publish the heartbeat when due (or now, after a change)."""
+        if self.identity is None or self.state_storage is None:
+            return
+        if not force and time.monotonic() - self._last_beat < self.identity.heartbeat_seconds:
+            return
+        beat = self.heartbeat()
+        if beat is not None:
+            write_heartbeat(self.state_storage, beat)
+            self._last_beat = time.monotonic()
 
     def _fall_back(self, state: DeploymentState) -> None:
         """Serve the newest earlier stable version of ``state`` that loads (the other workers kept it)."""
@@ -188,13 +264,14 @@ class Predictor:
             self.load_error, self.load_incident = reason, incident_id()
             log.error("deployment state not loaded [incident %s]: %s", self.load_incident, reason)
 
-    async def watch(self, every_seconds: float = 0.5) -> None:
-        """Poll the state file; load off the event loop so requests keep flowing during a swap."""
+    async def watch(self, every_seconds: float = 2.0) -> None:
+        """Poll the deployment state; load (and beat) off the event loop so requests keep flowing."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every_seconds)
             try:
                 await loop.run_in_executor(None, self.refresh)
+                await loop.run_in_executor(None, self.beat)
             except Exception:  # the watcher must survive anything
                 log.exception("deployment state refresh failed")
             self.reap_retired()
@@ -251,6 +328,8 @@ class Predictor:
         if self.observe:
             self.observe(lane.version, classes[best], seconds)
         self._log(result, decoded, projected, track, seconds, data)
+        if self.shadow is not None and track == "stable":
+            self._shadows.add(asyncio.create_task(self._shadow(self.shadow, decoded, request_id)))
         return result
 
     def _log(
@@ -281,6 +360,31 @@ class Predictor:
             if self.prediction_log.add_blob(key, data):
                 record["image_key"] = key
         self.prediction_log.add(PREDICTIONS_PREFIX, record)
+
+    async def _shadow(self, lane: Lane, decoded: Decoded, request_id: str) -> None:
+        """The shadow model answers a copy of the request after the client has its answer; logged only."""
+        await asyncio.sleep(0)  # let the response go out first
+        started = time.perf_counter()
+        try:
+            proba, _ = await lane.batcher.submit(decoded.array)
+        except Exception as exc:  # noqa: BLE001 - a failing shadow never touches live traffic
+            log.warning("shadow v%s failed on %s: %s", lane.version, request_id, exc)
+            return
+        finally:
+            self._shadows.discard(asyncio.current_task())  # type: ignore[arg-type]
+        if self.prediction_log is None:
+            return
+        best = int(np.argmax(proba))
+        record = {
+            "request_id": request_id,
+            "time": now_iso(),
+            "model_version": lane.version,
+            "track": "shadow",
+            "predicted_class": lane.model.meta.classes[best],
+            "confidence": round(float(proba[best]), 6),
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        self.prediction_log.add(SHADOW_PREFIX, record)
 
     def _log_failure(self, request_id: str, version: str, track: str, started: float, exc: Exception) -> None:
         """A request the model failed (a 5xx): logged per version, so the monitor can judge each one."""
@@ -357,6 +461,8 @@ class Predictor:
         return list(self.stable.model.meta.classes)
 
     def close(self) -> None:
+        if self.identity is not None and self.state_storage is not None:
+            remove_heartbeat(self.state_storage, self.identity.replica, self.identity.worker)
         for lane in [*self._lanes.values(), *(lane for _, lane in self._retired)]:
             lane.batcher.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -104,10 +104,9 @@ def test_a_human_approves_the_promotion_through_the_rest_api(stack: Stack) -> No
     tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, version).tags
     assert tags["approved_by"] == "admin"
     assert [record["approved_by"] for record in registry.audit_log(storage)] == ["admin"]
-    from ml.release.service import state_path
     from ml.serving.state import read_state
 
-    assert read_state(state_path(settings)).stable == version and tags["bento_tag"]  # checked, deployed
+    assert read_state(storage).stable == version and tags["bento_tag"]  # checked, deployed
 
 
 def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -> None:

@@ -15,7 +15,6 @@ import pytest
 
 from ml.alerts import env_notify
 from ml.release.guard import check_live
-from ml.release.service import state_path
 from ml.serving.state import DeploymentState, write_state
 from ml.storage import LocalStorage
 from tests.receivers import Receiver, connect_alerts
@@ -34,8 +33,9 @@ def world(tmp_path: Path, make_settings):
         serving__port=free_port(),  # nothing listens: the endpoint is down
         serving_monitor__scrape_timeout_seconds=2,
     )
-    write_state(state_path(settings), DeploymentState(stable="1"))
-    return settings, LocalStorage(tmp_path / "store")
+    storage = LocalStorage(tmp_path / "store")
+    write_state(storage, DeploymentState(stable="1"))
+    return settings, storage
 
 
 def pages(receiver: Receiver, rule: str) -> list[dict]:

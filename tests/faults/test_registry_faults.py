@@ -122,12 +122,11 @@ def test_a_deploy_racing_a_rollback_loses_no_update(world) -> None:
     from ml.release.audit import audit_log
     from ml.release.deploy import deploy, rollback
     from ml.release.errors import DeployError
-    from ml.release.service import state_path
     from ml.serving.state import read_state
 
     settings, storage = world["settings"], world["storage"]
     deploy(settings, storage, "1", stage="full", by="test")
-    start = read_state(state_path(settings))
+    start = read_state(storage)
     done: list[str] = []
     refused: list[str] = []
 
@@ -150,7 +149,7 @@ def test_a_deploy_racing_a_rollback_loses_no_update(world) -> None:
             thread.start()
         for thread in threads:
             thread.join(120)
-    final = read_state(state_path(settings))
+    final = read_state(storage)
     assert final.revision == start.revision + len(done), (done, refused)  # every change counted once
     changes = [e for e in audit_log(storage) if e.get("by") == "racer"]
     assert len(changes) == len(done)
@@ -230,7 +229,7 @@ def test_a_deploy_the_live_endpoint_does_not_follow_fails_loudly(world) -> None:
     from ml.http import http, wait_ready
     from ml.release.deploy import deploy, rollback, wait_live
     from ml.release.errors import DeployError
-    from ml.release.service import state_path, stop_service
+    from ml.release.service import stop_service
     from ml.serving.state import read_state
 
     settings, storage = world["settings"], world["storage"]
@@ -244,7 +243,7 @@ def test_a_deploy_the_live_endpoint_does_not_follow_fails_loudly(world) -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    state = read_state(state_path(settings))
+    state = read_state(storage)
     bundle = Path(bentoml.models.get(state.tag("1")).path) / "model.onnx"
     kept = bundle.read_bytes()
     fast = settings.model_copy(
@@ -257,7 +256,7 @@ def test_a_deploy_the_live_endpoint_does_not_follow_fails_loudly(world) -> None:
         with pytest.raises(DeployError, match="did not switch to it in time"):
             deploy(fast, storage, "1", stage="full", by="test")
         assert json.loads(http("GET", f"{url}/version")[1])["model_version"] == "2"  # still serving
-        assert read_state(state_path(settings)).stable == "1"  # the state says what was asked
+        assert read_state(storage).stable == "1"  # the state says what was asked
         bundle.write_bytes(kept)
         back = rollback(fast, storage, to="2", by="test", reason="v1 could not be loaded")
         assert back.live is True  # a state the endpoint can follow: live again

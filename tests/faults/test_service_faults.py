@@ -23,6 +23,7 @@ import pytest
 
 from ml.http import free_port, wait_ready
 from ml.serving.state import DeploymentState, write_state
+from ml.storage import LocalStorage
 from tests.hostile import encode, photo
 from tests.unit.test_serving import make_bundle
 
@@ -66,9 +67,7 @@ def start_service(tmp_path: Path, model_tag: str) -> Iterator[Callable[..., Serv
 
     def start(**settings: Any) -> Service:
         root = tmp_path / f"service-{len(started)}"
-        write_state(
-            root / "serving" / "deployment.json", DeploymentState(stable="1", models={"1": model_tag})
-        )
+        write_state(LocalStorage(root / "store"), DeploymentState(stable="1", models={"1": model_tag}))
         port = free_port()
         env = dict(os.environ) | {
             "MLOPS_API_KEYS": KEY,

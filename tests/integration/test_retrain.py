@@ -97,11 +97,10 @@ def test_retrain_registers_tracks_and_promotes(
     assert registry.audit_log(storage)[-1]["version"] == champion
 
     from ml.release.audit import audit_log
-    from ml.release.service import state_path
     from ml.serving.state import read_state
 
     assert version.tags["bento_tag"].startswith(f"product-classifier-service:v{champion}-")
-    assert read_state(state_path(settings)).stable == champion  # serving-checked, then deployed
+    assert read_state(storage).stable == champion  # serving-checked, then deployed
     assert [entry["action"] for entry in audit_log(storage)] == ["deploy-canary", "deploy-full"]
 
 

@@ -69,7 +69,6 @@ def test_release_builds_checks_and_deploys_the_champion(world) -> None:
     from ml import registry
     from ml.release.audit import audit_log
     from ml.release.deploy import release
-    from ml.release.service import state_path
     from ml.serving.state import read_state
 
     _, settings, storage = world
@@ -82,7 +81,7 @@ def test_release_builds_checks_and_deploys_the_champion(world) -> None:
     assert tags["bento_tag"] == result["bento_tag"] and result["bento_tag"].startswith(
         "product-classifier-service:v1-"
     )
-    assert read_state(state_path(settings)).stable == "1"
+    assert read_state(storage).stable == "1"
     assert result["live"] is None  # no live endpoint yet: the state waits for `mlops serve`
     assert audit_log(storage)[-1]["action"] == "deploy-full"
 
@@ -94,7 +93,6 @@ def test_a_broken_bento_fails_the_serving_check_and_nothing_deploys(world) -> No
     from ml.release.check import serving_check
     from ml.release.deploy import release
     from ml.release.errors import DeployError
-    from ml.release.service import state_path
     from ml.serving.state import read_state
 
     _, settings, storage = world
@@ -112,7 +110,7 @@ def test_a_broken_bento_fails_the_serving_check_and_nothing_deploys(world) -> No
         service.write_text(originals[service].decode() + "\nraise RuntimeError('broken build')\n")
         with pytest.raises(DeployError, match="serving check of v2.*exited"):
             release(settings, storage, "2", stage="canary", by="test")
-        assert read_state(state_path(settings)).canary is None  # nothing was deployed
+        assert read_state(storage).canary is None  # nothing was deployed
     finally:
         for path, data in originals.items():
             path.write_bytes(data)
@@ -654,7 +652,6 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
     from ml.release.audit import audit_log
     from ml.release.deploy import deploy
     from ml.release.guard import check_live
-    from ml.release.service import state_path
     from ml.serving.state import read_state
     from ml.training.pipeline import retrain
     from tests.receivers import connect_alerts
@@ -663,7 +660,7 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
     connect_alerts(monkeypatch, receiver.url)
     notify = notifier(settings)
 
-    assert read_state(state_path(settings)).stable == "2"  # left by the rollback DAG's test
+    assert read_state(storage).stable == "2"  # left by the rollback DAG's test
     check_live(settings, storage, allow_rollback=False)  # the next check's window starts here
     predict_with_feedback(live, storage, labelled_images(settings.classes, 110, seed=21))
     good = check_live(settings, storage, notify=notify)
@@ -704,7 +701,7 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
     assert (
         fired["rollback"]["from"] == version and fired["rollback"]["to"] == "2" and fired["rollback"]["live"]
     )
-    assert read_state(state_path(settings)).stable == "2"
+    assert read_state(storage).stable == "2"
     assert json.loads(raw(live, "GET", "/version")[1])["model_version"] == "2"
     assert registry.version_for_alias(settings, registry.CHAMPION) == "2"
     entry = audit_log(storage)[-1]
@@ -732,4 +729,4 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
     assert len(resolved) == 1 and "[RESOLVED]" in resolved[0]
     (page,) = [e.json() for e in receiver.on("/v2/enqueue") if b"model_accuracy_drop" in e.body]
     assert page["event_action"] == "resolve" and page["dedup_key"] == "monitor_serving/model_accuracy_drop"
-    assert read_state(state_path(settings)).stable == "2"  # a good check changes nothing
+    assert read_state(storage).stable == "2"  # a good check changes nothing

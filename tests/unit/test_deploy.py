@@ -78,7 +78,7 @@ def test_rollback_needs_something_deployed_and_a_previous_version(tmp_path) -> N
     storage = LocalStorage(tmp_path / "store")
     with pytest.raises(DeployError, match="nothing is deployed"):
         deploy.rollback(settings, storage, by="me", reason="x")
-    write_state(service.state_path(settings), DeploymentState(stable="3"))
+    write_state(storage, DeploymentState(stable="3"))
     with pytest.raises(DeployError, match="no previous version"):
         deploy.rollback(settings, storage, by="me", reason="x")
     assert deploy.withdraw_canary(settings, storage, "4", by="me") == "v4 is not the canary"

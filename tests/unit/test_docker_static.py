@@ -51,3 +51,16 @@ def test_the_service_container_fails_closed_and_gets_its_keys_and_secret_from_th
     assert keys[0].startswith("${MLOPS_API_KEYS:?") and keys[-1].startswith("${MLOPS_METRICS_KEY:?")
     assert keys[-1].endswith("}:admin")  # Prometheus's key may read /metrics and nothing else
     assert env["MLOPS_FEEDBACK_SECRET"].startswith("${MLOPS_FEEDBACK_SECRET:?")
+
+
+def test_the_service_and_airflow_share_one_s3_root_so_deploys_reach_the_service() -> None:
+    """The pipeline's deploy writes serving/state.json under storage.root; the service follows it."""
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    service_env = compose["services"]["service"]["environment"]
+    airflow_env = compose["services"]["airflow-scheduler"]["environment"]  # the tasks deploy from here
+    assert service_env["MLOPS__STORAGE__ROOT"] == airflow_env["MLOPS__STORAGE__ROOT"]
+    assert service_env["MLOPS__STORAGE__ROOT"].startswith("s3://")
+    assert service_env["MLOPS__STORAGE__ENDPOINT_URL"] == "http://minio:9000"
+    assert (
+        not {"MLOPS_DEPLOYMENT_STATE", "MLOPS__SERVING__STATE_DIR", "MLOPS_FOLLOW_STATE"} & service_env.keys()
+    )

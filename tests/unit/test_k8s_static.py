@@ -273,3 +273,15 @@ def test_pod_disruption_budget_keeps_one_stable_pod() -> None:
     pod_labels = _one("Deployment", STABLE)["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"] == {"app": "product-classifier", "track": "stable"}
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize("name", [STABLE, CANARY])
+def test_every_pod_follows_the_deployment_state_in_s3_and_heartbeats_as_itself(name: str) -> None:
+    """No local state file: pods read serving/state.json under an s3:// root and name themselves."""
+    env = _env(_container(_one("Deployment", name)))
+    root = _one("ConfigMap", "product-classifier-config")["data"]["MLOPS__STORAGE__ROOT"]
+    assert root.startswith("s3://")
+    assert env["MLOPS_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["MLOPS_REPLICA_URL"]["value"] == "http://$(POD_IP):3000"
+    assert not {"MLOPS_DEPLOYMENT_STATE", "MLOPS__SERVING__STATE_DIR", "MLOPS_FOLLOW_STATE"} & env.keys()

@@ -43,10 +43,11 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         with bentoml.models.create(f"product-classifier:v{version}") as model:
             for item in bundle.iterdir():
                 (Path(model.path) / item.name).write_bytes(item.read_bytes())
-    state = folder / "deployment.json"
-    write_state(state, DeploymentState(stable="1"))
+    write_state(
+        LocalStorage(folder / "store"), DeploymentState(stable="1")
+    )  # in storage, as release writes it
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLOPS_DEPLOYMENT_STATE", str(state))
+        env.setenv("MLOPS__SERVING__STATE_POLL_SECONDS", "0.3")
         env.setenv("MLOPS_API_KEYS", f"{KEY},{PREDICT_KEY}:predict,{FEEDBACK_KEY}:feedback")
         env.delenv("MLOPS_API_KEYS_FILE", raising=False)
         env.delenv("MLOPS_FEEDBACK_SECRET", raising=False)
@@ -57,7 +58,6 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         env.setenv("MLOPS__SERVING__MAX_REQUEST_BYTES", "8000000")
         service = importlib.import_module("bentos.service")
         with TestClient(service.ImageClassifier.to_asgi()) as test_client:
-            test_client.state_file = state
             test_client.store = LocalStorage(folder / "store")
             test_client.service = service
             test_client.env = env
@@ -231,7 +231,7 @@ def test_feedback_is_accepted_once_from_the_key_that_made_the_prediction(client)
 
 
 def test_an_internal_failure_is_a_500_with_an_incident_id_and_no_internals(client, caplog) -> None:
-    write_state(client.state_file, DeploymentState(stable="3", previous="1"))  # the broken model
+    write_state(client.store, DeploymentState(stable="3", previous="1"))  # the broken model
     try:
         deadline = time.monotonic() + 10
         while (
@@ -249,7 +249,7 @@ def test_an_internal_failure_is_a_500_with_an_incident_id_and_no_internals(clien
         assert any(incident in record.getMessage() for record in caplog.records)
         assert any(record.exc_info for record in caplog.records if incident in record.getMessage())
     finally:
-        write_state(client.state_file, DeploymentState(stable="1"))
+        write_state(client.store, DeploymentState(stable="1"))
         deadline = time.monotonic() + 10
         while (
             time.monotonic() < deadline
@@ -277,12 +277,12 @@ def test_the_service_refuses_to_start_open_or_with_a_short_key(client, env: dict
 
 
 def test_a_new_deployment_state_is_picked_up_without_a_restart(client) -> None:
-    write_state(client.state_file, DeploymentState(stable="2", previous="1"))
+    write_state(client.store, DeploymentState(stable="2", previous="1"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and client.get("/version", headers=AUTH).json()["model_version"] != "2":
         time.sleep(0.2)
     assert post_image(client, encode(photo(5), "PNG")).json()["model_version"] == "2"
-    write_state(client.state_file, DeploymentState(stable="1"))
+    write_state(client.store, DeploymentState(stable="1"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and client.get("/version", headers=AUTH).json()["model_version"] != "1":
         time.sleep(0.2)

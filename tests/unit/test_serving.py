@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from ml.serving.bundle import BundleMeta, Outputs, ServingModel, write_bundle
 from ml.serving.lifecycle import listening_hosts, refuse_open_endpoint
 from ml.serving.log import PredictionLog
 from ml.serving.predictor import Predictor, canary_bucket
-from ml.serving.state import DeploymentState, read_state, write_state
+from ml.serving.state import DeploymentState, read_state, update_state, write_state
 from ml.serving.uploads import BadRequest, decode_upload
 from ml.storage import LocalStorage, read_jsonl
 from ml.training.model import SERVING_OUTPUTS, Classifier, Head, ServingGraph, export_onnx
@@ -328,12 +329,17 @@ def test_an_outage_keeps_rows_up_to_the_cap_and_counts_what_it_drops(tmp_path: P
     assert log.close()
 
 
-def predictor(bundles, tmp_path: Path, state: DeploymentState | None) -> Predictor:
-    path = tmp_path / "deployment.json"
+def deploy(tmp_path: Path, state: DeploymentState) -> None:
+    """What release does: the state in storage, where every replica reads it."""
+    write_state(LocalStorage(tmp_path / "store"), state)
+
+
+def predictor(bundles, tmp_path: Path, state: DeploymentState | None, **options) -> Predictor:
+    storage = LocalStorage(tmp_path / "store")
     if state:
-        write_state(path, state)
-    log = PredictionLog(LocalStorage(tmp_path / "store"), flush_rows=1000)
-    found = Predictor(lambda v: bundles[v], LIMITS, state_path=path, prediction_log=log)
+        write_state(storage, state)
+    log = PredictionLog(storage, flush_rows=1000)
+    found = Predictor(lambda v: bundles[v], LIMITS, state_storage=storage, prediction_log=log, **options)
     found.refresh()
     return found
 
@@ -343,7 +349,7 @@ def test_predictor_answers_logs_and_hot_swaps_on_a_new_state(bundles, tmp_path: 
 
     async def scenario() -> list[dict]:
         answers = [await found.predict(png(seed)) for seed in range(4)]
-        write_state(tmp_path / "deployment.json", DeploymentState(stable="2", previous="1"))
+        deploy(tmp_path, DeploymentState(stable="2", previous="1", revision=2))
         assert found.refresh()
         answers.append(await found.predict(png(0)))
         return answers
@@ -359,7 +365,7 @@ def test_predictor_answers_logs_and_hot_swaps_on_a_new_state(bundles, tmp_path: 
 
 def test_predictor_keeps_serving_when_a_new_state_cannot_load(bundles, tmp_path: Path) -> None:
     found = predictor(bundles, tmp_path, DeploymentState(stable="1"))
-    write_state(tmp_path / "deployment.json", DeploymentState(stable="9"))
+    deploy(tmp_path, DeploymentState(stable="9", revision=2))
     assert not found.refresh()
     assert found.stable is not None and found.stable.version == "1" and "KeyError" in found.load_error
     assert asyncio.run(found.predict(png(1)))["model_version"] == "1"
@@ -477,13 +483,17 @@ def test_not_ready_tells_the_client_what_to_do_and_keeps_the_reason_in_the_log(
     assert any(found.load_incident in r.getMessage() and "KeyError" in r.getMessage() for r in caplog.records)
 
 
-def test_deployment_state_round_trips_and_writes_atomically(tmp_path: Path) -> None:
+def test_deployment_state_round_trips_through_storage_and_writes_atomically(tmp_path: Path) -> None:
     state = DeploymentState(stable="3", canary="4", canary_share=0.1, previous="2", updated_by="me")
-    path = tmp_path / "s" / "deployment.json"
-    write_state(path, state)
-    assert read_state(path) == state and json.loads(path.read_text())["canary"] == "4"
-    assert [p.name for p in path.parent.iterdir()] == ["deployment.json"]
-    assert read_state(tmp_path / "missing.json") is None
+    storage = LocalStorage(tmp_path / "s")
+    assert read_state(storage) is None
+    write_state(storage, state)
+    assert (
+        read_state(storage) == state and json.loads(storage.read_bytes("serving/state.json"))["canary"] == "4"
+    )
+    assert [p.name for p in (tmp_path / "s" / "serving").iterdir()] == ["state.json"]
+    before, after = update_state(storage, lambda current: replace(current, canary=None, canary_share=0.0))
+    assert before == state and (after.revision, after.history, after.canary) == (1, ["3"], None)
 
 
 def test_requests_in_flight_during_a_swap_all_complete(bundles, tmp_path: Path) -> None:
@@ -492,7 +502,7 @@ def test_requests_in_flight_during_a_swap_all_complete(bundles, tmp_path: Path) 
     async def scenario() -> list[dict]:
         early = [asyncio.create_task(found.predict(png(i % 5))) for i in range(40)]
         await asyncio.sleep(0.01)  # some are queued at the old model, some decoding
-        write_state(tmp_path / "deployment.json", DeploymentState(stable="2"))
+        deploy(tmp_path, DeploymentState(stable="2", revision=2))
         assert found.refresh()
         late = [asyncio.create_task(found.predict(png(1))) for _ in range(10)]
         return await asyncio.gather(*early, *late)
@@ -520,3 +530,69 @@ def test_concurrent_writers_lose_no_prediction_rows(tmp_path: Path) -> None:
     assert log.close()
     rows = read_jsonl(storage, PREDICTIONS_PREFIX)
     assert len(rows) == 1200 and len({row["request_id"] for row in rows}) == 1200
+
+
+def test_a_replica_reports_what_it_serves_and_release_waits_for_every_live_one(
+    bundles, tmp_path: Path
+) -> None:
+    """Two replicas (workers) follow the state in storage; release waits on their heartbeats."""
+    from ml.config import load_settings
+    from ml.release.deploy import follows, wait_replicas
+    from ml.serving.predictor import ReplicaIdentity
+    from ml.serving.replica import live_heartbeats
+
+    storage = LocalStorage(tmp_path / "store")
+    settings = load_settings(environ={})
+    assert wait_replicas(settings, storage, DeploymentState(stable="1"), timeout=0.5) is None  # none runs
+    first = DeploymentState(stable="1", revision=1)
+    a = predictor(bundles, tmp_path, first, identity=ReplicaIdentity("host-a", 0, "http://a", "bento:1"))
+    b = predictor(bundles, tmp_path, None, identity=ReplicaIdentity("host-b", 0, "http://b", "bento:1"))
+    beats = {beat.replica: beat for beat in live_heartbeats(storage, 15)}
+    assert {name: (beat.stable, beat.revision) for name, beat in beats.items()} == {
+        "host-a": ("1", 1),
+        "host-b": ("1", 1),
+    }
+    assert wait_replicas(settings, storage, first, timeout=1) == []
+    second = DeploymentState(stable="2", canary=None, revision=2)
+    deploy(tmp_path, second)
+    assert a.refresh()  # a follows; b has not polled yet
+    (lagging,) = wait_replicas(settings, storage, second, timeout=0.5)
+    assert lagging.replica == "host-b" and lagging.stable == "1" and not follows(lagging, second)
+    assert b.refresh() and wait_replicas(settings, storage, second, timeout=1) == []
+    b.close()  # a replica that stops cleanly takes its heartbeat with it
+    assert [beat.replica for beat in live_heartbeats(storage, 15)] == ["host-a"]
+    a.close()
+    assert live_heartbeats(storage, 15) == []
+
+
+def test_a_replica_fetches_a_bundle_it_does_not_have_from_storage(bundles, tmp_path: Path) -> None:
+    from ml.serving.bundle import fetch_bundle, publish_bundle
+
+    storage = LocalStorage(tmp_path / "store")
+    assert publish_bundle(storage, "product-classifier:v1-abc", bundles["1"])
+    assert not publish_bundle(storage, "product-classifier:v1-abc", bundles["1"])  # already there
+    folder = fetch_bundle(storage, "product-classifier:v1-abc", tmp_path / "cache")
+    assert folder == tmp_path / "cache" / "v1-abc"
+    assert (folder / "model.onnx").read_bytes() == (bundles["1"] / "model.onnx").read_bytes()
+    assert ServingModel(folder).version == "1"
+    assert fetch_bundle(storage, "product-classifier:v1-abc", tmp_path / "cache") == folder  # cached
+
+
+def test_a_shadow_sees_a_copy_of_traffic_and_its_answers_are_only_logged(bundles, tmp_path: Path) -> None:
+    found = predictor(bundles, tmp_path, DeploymentState(stable="1", shadow="2", revision=1))
+    assert found.shadow is not None and found.shadow.version == "2"
+
+    async def scenario() -> list[dict]:
+        answers = [await found.predict(png(seed)) for seed in range(6)]
+        while found._shadows:
+            await asyncio.sleep(0.01)
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert {a["model_version"] for a in answers} == {"1"}  # clients only ever see the stable model
+    found.close()
+    shadow = read_jsonl(found.prediction_log.storage, "serving/shadow")
+    assert sorted(r["request_id"] for r in shadow) == sorted(a["request_id"] for a in answers)
+    assert {r["model_version"] for r in shadow} == {"2"} and {r["track"] for r in shadow} == {"shadow"}
+    logged = read_jsonl(found.prediction_log.storage, PREDICTIONS_PREFIX)
+    assert {r["model_version"] for r in logged} == {"1"}  # live metrics never count the shadow
