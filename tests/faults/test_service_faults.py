@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
+from ml.config import load_settings
 from ml.http import free_port, wait_ready
 from ml.serving.state import DeploymentState, write_state
-from ml.storage import LocalStorage
+from ml.storage import storage_from_settings
 from tests.hostile import encode, photo
 from tests.unit.test_serving import make_bundle
 
@@ -67,7 +68,7 @@ def start_service(tmp_path: Path, model_tag: str) -> Iterator[Callable[..., Serv
 
     def start(**settings: Any) -> Service:
         root = tmp_path / f"service-{len(started)}"
-        write_state(LocalStorage(root / "store"), DeploymentState(stable="1", models={"1": model_tag}))
+        root.mkdir(parents=True)
         port = free_port()
         env = dict(os.environ) | {
             "MLOPS_API_KEYS": KEY,
@@ -78,6 +79,9 @@ def start_service(tmp_path: Path, model_tag: str) -> Iterator[Callable[..., Serv
             "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.5",
         }
         env |= {f"MLOPS__{name.upper()}": str(value) for name, value in settings.items()}
+        # the deployment state lives in the service's own storage root (S3 in the outage tests)
+        deployed = DeploymentState(stable="1", models={"1": model_tag})
+        write_state(storage_from_settings(load_settings(environ=env)), deployed)
         with (root / "serve.log").open("ab") as out:
             process = subprocess.Popen(
                 [MLOPS, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -241,22 +245,22 @@ def test_a_storage_outage_answers_every_prediction_and_loses_no_logged_row(start
     assert "could not write" in service.log_text()  # the outage was real, and seen by the service
 
 
-def test_a_full_buffer_drops_rows_answers_anyway_and_counts_the_drops(start_service) -> None:
-    """Storage is gone from the start and the buffer holds 10 rows per worker: 40 predictions are all
-    answered, at least 20 rows are dropped, and /metrics says how many."""
+def test_a_full_buffer_drops_rows_answers_anyway_and_counts_the_drops(start_service, moto_s3) -> None:
+    """Storage goes away once the service has read its deployment state, and the buffer holds 10 rows
+    per worker: 40 predictions are all answered, at least 20 rows are dropped, /metrics says how many."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from ml.http import http
 
-    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     service = start_service(
-        storage__root="s3://fault-log/gone",
-        storage__endpoint_url=gone,
+        storage__root="s3://fault-log/full",
+        storage__endpoint_url=moto_s3.url,
         storage__timeout_seconds=1,
         serving__log_max_buffer_rows=10,
         serving__log_images="true",
         serving__log_max_buffer_bytes=1000,  # smaller than one image: every image is dropped
     )
+    moto_s3.take_away()  # every write from here on fails: the buffer fills
     with Stream(service.url, clients=2) as stream:
         while len(stream.answers) < 40:
             time.sleep(0.1)
