@@ -104,6 +104,48 @@ def test_same_distribution_does_not_drift_and_a_shift_does(reference: references
     assert not by_name["contrast"].drifted
 
 
+def test_prediction_drift_corrects_for_both_samples_and_needs_significance() -> None:
+    """Same mix, a 70-row reference, days of 120: the rule fires on well under 1% of days; the demo's
+    class_mix knob at 0.6 (first class 0.59) is caught on most."""
+    rng, alpha = np.random.default_rng(3), MONITORING.column_alpha / 18
+    shifted_mix = np.array([5.8, 1, 1, 1, 1]) / 9.8
+
+    def fires(current: pd.Series, reference: pd.Series) -> bool:
+        kl = drift.prediction_kl(current, reference, CLASSES)
+        return (
+            kl > MONITORING.prediction_drift_kl_threshold
+            and drift.two_sample_chisquare(reference, current) < alpha
+        )
+
+    same = shifted = 0
+    for _ in range(500):
+        reference = pd.Series(rng.choice(CLASSES, 70))
+        same += fires(pd.Series(rng.choice(CLASSES, 120)), reference)
+        shifted += fires(pd.Series(rng.choice(CLASSES, 120, p=shifted_mix)), reference)
+    assert same <= 5 and shifted >= 425
+
+
+def test_the_class_mix_test_holds_its_level_against_a_small_reference() -> None:
+    """~70 held-out reference rows vs a day of 120 from the same mix: the two-sample test rejects about
+    as often as its level says (Evidently's one-sample chisquare, reference taken as exact, ~24%)."""
+    from scipy.stats import chisquare
+
+    rng, mix, alpha = np.random.default_rng(1), [0.3, 0.25, 0.2, 0.15, 0.1], 0.05 / 17
+    two_sample = one_sample = 0
+    for _ in range(1000):
+        reference, current = (
+            pd.Series(rng.choice(CLASSES, 70, p=mix)),
+            pd.Series(rng.choice(CLASSES, 120, p=mix)),
+        )
+        two_sample += drift.two_sample_chisquare(reference, current) < alpha
+        expected = reference.value_counts().reindex(CLASSES, fill_value=0).to_numpy() * 120 / 70
+        observed = current.value_counts().reindex(CLASSES, fill_value=0).to_numpy()
+        one_sample += expected.min() > 0 and chisquare(observed, expected * 120 / expected.sum())[1] < alpha
+    assert two_sample <= 10 and one_sample >= 100  # <= 1% against the 0.3% level; the one-sample >= 10%
+    shifted = pd.Series(rng.choice(CLASSES, 120, p=[0.6, 0.1, 0.1, 0.1, 0.1]))
+    assert drift.two_sample_chisquare(pd.Series(rng.choice(CLASSES, 70, p=mix)), shifted) < alpha
+
+
 def test_large_batches_need_an_effect_not_just_a_p_value() -> None:
     reference = batch(20000, seed=0)
     tiny_shift = batch(20000, seed=1, shift=1.2, ref=reference)  # 0.06 sd: significant, negligible
@@ -123,6 +165,14 @@ def test_decide_reasons_and_severity() -> None:
     assert severe
     one = [dataclass_copy(c, drifted=i == 0) for i, c in enumerate(columns)]
     assert drift.drift_verdict(one, 0.0, MONITORING)[1] is False  # 0.1 is not above the 0.1 threshold
+    mix = drift.ColumnDrift(
+        "predicted_class", "categorical", 0.3, "jensenshannon", 0.2, "chisquare_2sample", False
+    )
+    assert (
+        drift.drift_verdict([*columns, mix], 0.2, MONITORING)[2] is False
+    )  # a large KL that is not significant
+    significant = dataclass_copy(mix, p_value=1e-6)
+    assert drift.drift_verdict([*columns, significant], 0.2, MONITORING)[2] is True
 
 
 def dataclass_copy(column: drift.ColumnDrift, **changes) -> drift.ColumnDrift:
