@@ -32,6 +32,7 @@ def train(
 
     from ml.runs import event_extras, retrain_context
     from ml.training.pipeline import retrain as run_retrain
+    from ml.training.tune import tuned_training
 
     params = params or {}
     context = retrain_context(
@@ -41,15 +42,20 @@ def train(
         note=params.get("note", ""),
     )
     settings = get_settings()
+    storage = dag_storage(settings)
+    form = {key: params.get(key) for key in ("epochs", "learning_rate", "batch_size")}
+    tuned = tuned_training(settings, storage, form)  # the tune DAG's parameters, unless set in the form
     result = run_retrain(
         settings,
-        dag_storage(settings),
-        overrides={key: params.get(key) for key in ("epochs", "learning_rate", "batch_size")},
+        storage,
+        overrides=tuned.overrides,
         context=context,
         force=bool(params.get("force")),
+        tags=tuned.tags,
     )
     print(f"retrain: {result.status}; model version {result.model_version}; gate {result.gate}")
-    return result.to_dict()
+    print(f"tuned parameters: {tuned.shown}")
+    return result.to_dict() | {"tuned": tuned.shown}
 
 
 @task.short_circuit
@@ -86,8 +92,14 @@ def deploy_canary(result: dict, check: dict) -> dict:
 
 @task.branch
 def route(result: dict) -> str:
-    """A human approves the promotion, unless the config auto-approves (demo only)."""
-    return "promote" if get_settings().mlflow.auto_approve else "approve"
+    """A human approves the promotion, unless the config auto-approves (demo only) and nothing the spec
+    reserves for a human changed since the champion (architecture, preprocessing, classes, storage root)."""
+    from ml.training.governance import approval_decision
+
+    changes = (result.get("validation") or {}).get("lineage_changes", [])
+    decision = approval_decision(get_settings().mlflow.auto_approve, changes)
+    print(f"approval route: {decision.route}: {decision.reason}")
+    return decision.route
 
 
 @task(trigger_rule="none_failed_min_one_success")
@@ -165,9 +177,13 @@ def retrain() -> None:
         task_id="approve",
         subject="Promote model version {{ ti.xcom_pull(task_ids='train')['model_version'] }} to champion?",
         body=(
-            "Dataset {{ ti.xcom_pull(task_ids='train')['dataset_version'] }}; "
-            "metrics {{ ti.xcom_pull(task_ids='train')['metrics'] }}; "
-            "gate: {{ ti.xcom_pull(task_ids='train')['gate'] }}"
+            "{% set r = ti.xcom_pull(task_ids='train') %}{% set v = r.get('validation') or {} %}"
+            "Dataset {{ r['dataset_version'] }}; gate {{ 'passed' if r['gate']['passed'] else 'failed' }}.\n"
+            "{% for name, figure in (v.get('headline') or {}).items() %}"
+            "\n- {{ name }}: {{ figure }}{% endfor %}\n\n"
+            "Why a human: {{ (v.get('approval') or {}).get('reason', 'mlflow.auto_approve is off') }}\n\n"
+            "Model card: {{ v.get('model_card', 'none (validation is off)') }}\n\n"
+            "tuned parameters: {{ ti.xcom_pull(task_ids='train')['tuned'] }}"
         ),
         response_timeout=dt.timedelta(days=7),
     )

@@ -68,11 +68,35 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     ).to_dict()
 
 
+def cmd_tune(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.runs import RunContext
+    from ml.storage import storage_from_settings
+    from ml.training.tune import tune_and_train
+
+    return tune_and_train(
+        settings,
+        storage_from_settings(settings),
+        trials=args.trials,
+        timeout=args.timeout,
+        dataset_version=args.dataset_version,
+        worker=args.worker,
+        search_only=args.search_only,
+        context=RunContext(trigger="manual", reason="tuned", note=args.note or ""),
+    ).to_dict()
+
+
 def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     from ml.storage import storage_from_settings
     from ml.training.pipeline import evaluate_version
 
     return evaluate_version(settings, storage_from_settings(settings), args.model_version)
+
+
+def cmd_validate(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from ml.storage import storage_from_settings
+    from ml.training.revalidate import validate_version
+
+    return validate_version(settings, storage_from_settings(settings), args.version)
 
 
 def cmd_promote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
@@ -279,10 +303,23 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     evaluate = add("evaluate", cmd_evaluate, "evaluate a registered model version on the test split")
     evaluate.add_argument("--model-version", required=True)
 
+    validate = add("validate", cmd_validate, "validate a registered version on the current dataset")
+    validate.add_argument("version", nargs="?", help="model version (default: challenger, else champion)")
+
     promote = add("promote", cmd_promote, "approve a version as champion (default: challenger)")
     promote.add_argument("version", nargs="?")
     promote.add_argument("--approved-by", help="who approves (default: the current user)")
     promote.add_argument("--note")
+
+    tune = add("tune", cmd_tune, "search hyperparameters (Optuna), cross-validate the best, train, gate")
+    tune.add_argument("--trials", type=int, help="the study's trial budget (default: tuning.trials)")
+    tune.add_argument("--timeout", type=float, help="start no trial after this many seconds")
+    tune.add_argument("--dataset-version", help="tune on this dataset version id (default: LATEST)")
+    tune.add_argument("--worker", type=int, default=0, help="this worker's slot (seeds its sampler)")
+    tune.add_argument(
+        "--search-only", action="store_true", help="only run trials (a parallel worker): no CV or final model"
+    )
+    tune.add_argument("--note", help="free text recorded with the final MLflow run")
 
 
 def _serving_commands(add: Callable[..., argparse.ArgumentParser]) -> None:

@@ -132,6 +132,10 @@ class AcceptanceConfig(_Strict):
     non_inferiority_margin: float = Field(ge=0, le=1)
     alpha: float = Field(gt=0, lt=1)
     onnx_max_abs_diff: float = Field(gt=0)
+    slice_accuracy_min: float = Field(default=0.70, ge=0, le=1)  # no slice significantly below this
+    slice_gap_max: float = Field(default=0.10, ge=0, le=1)  # ...nor significantly further below the rest
+    robustness_ratio_min: float = Field(default=0.75, ge=0, le=1)  # mean corruption accuracy / clean
+    robustness_margin: float = Field(default=0.05, ge=0, le=1)  # under corruptions, vs the champion
 
 
 class InferenceConfig(_Strict):
@@ -174,6 +178,7 @@ class ServingConfig(_Strict):
     heartbeat_max_age_seconds: float = Field(default=15.0, gt=0)  # an older heartbeat is a replica gone
     bundle_cache_dir: str | None = None  # bundles replicas fetched from storage (None: BentoML home)
     shadow: str | None = None  # a version every deploy stages as the shadow (copy of traffic, logged only)
+    coverage: float = Field(default=0.95, gt=0, lt=1)  # target coverage of the conformal prediction sets
 
     @model_validator(mode="after")
     def _tls_needs_both_files(self) -> ServingConfig:
@@ -235,6 +240,100 @@ class AbConfig(_Strict):
     require_not_worse_to_promote: bool = False
 
 
+# The spec's hyperparameter_tuning search space: a configured space must lie inside it.
+SPEC_LEARNING_RATE = (0.0001, 0.01)
+SPEC_BATCH_SIZES = (16, 32, 64)
+SPEC_DROPOUT_RATE = (0.1, 0.5)
+
+
+def _inside(name: str, bounds: tuple[float, float], spec: tuple[float, float]) -> tuple[float, float]:
+    low, high = bounds
+    if not low < high:
+        raise ValueError(f"{name} range [{low}, {high}] is empty: the low bound must be below the high one")
+    if low < spec[0] or high > spec[1]:
+        raise ValueError(f"{name} range [{low}, {high}] lies outside the spec's [{spec[0]}, {spec[1]}]")
+    return bounds
+
+
+class TuningConfig(_Strict):
+    """Optuna search and cross-validation of the head (``mlops tune``, DAG ``tune``, ml/training/tune.py)."""
+
+    trials: int = Field(default=50, ge=1)
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    learning_rate: tuple[float, float] = SPEC_LEARNING_RATE
+    batch_size: list[int] = Field(default_factory=lambda: list(SPEC_BATCH_SIZES), min_length=1)
+    dropout_rate: tuple[float, float] = SPEC_DROPOUT_RATE
+    epochs: int = Field(default=30, ge=1)
+    patience: int = Field(default=5, ge=1)
+    seed: int = 42
+    startup_trials: int = Field(default=10, ge=1)
+    pruner_startup_trials: int = Field(default=5, ge=0)
+    pruner_warmup_epochs: int = Field(default=2, ge=0)
+    cv_folds: int = Field(default=5, ge=2, le=20)
+    parallel: int = Field(default=1, ge=1, le=32)
+    torch_threads: int = Field(default=1, ge=0)
+    storage_url: str | None = None
+    heartbeat_seconds: int = Field(default=10, ge=1)
+    grace_seconds: int = Field(default=60, ge=2)
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _learning_rate_in_spec(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        return _inside("learning_rate", bounds, SPEC_LEARNING_RATE)
+
+    @field_validator("dropout_rate")
+    @classmethod
+    def _dropout_in_spec(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        return _inside("dropout_rate", bounds, SPEC_DROPOUT_RATE)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_sizes_in_spec(cls, sizes: list[int]) -> list[int]:
+        outside = sorted(set(sizes) - set(SPEC_BATCH_SIZES))
+        if outside or len(set(sizes)) != len(sizes):
+            spec = list(SPEC_BATCH_SIZES)
+            raise ValueError(f"batch_size choices {sizes} must be distinct and among the spec's {spec}")
+        return sizes
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeat(self) -> TuningConfig:
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError("grace_seconds must be longer than heartbeat_seconds")
+        return self
+
+
+CORRUPTIONS = ("gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation", "occlusion")
+Corruption = Literal["gaussian_noise", "blur", "brightness", "contrast", "jpeg", "rotation", "occlusion"]
+
+
+class ValidationConfig(_Strict):
+    """The model-validation stage between evaluation and registration (ml/training/validate.py)."""
+
+    enabled: bool = True
+    seed: int = 0
+    bootstrap: int = Field(default=1000, ge=0)
+    threads: int = Field(default=1, ge=0)  # ONNX Runtime threads of the validation's scoring
+    robustness_sample: int = Field(default=48, ge=1)
+    corruptions: list[Corruption] = Field(default_factory=lambda: list(CORRUPTIONS), min_length=1)
+    adversarial_sample: int = Field(default=8, ge=1)
+    adversarial_eps: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
+    pgd_steps: int = Field(default=3, ge=1)
+    min_slice_support: int = Field(default=20, ge=1)
+    slice_columns: list[str] | None = None
+    explain_per_class: int = Field(default=2, ge=0)
+    explain_confusions: int = Field(default=4, ge=0)
+    deletion_sample: int = Field(default=24, ge=2)
+    deletion_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5], min_length=1)
+    calibration_bins: int = Field(default=10, ge=2)
+
+    @field_validator("deletion_fractions")
+    @classmethod
+    def _shares(cls, fractions: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in fractions) or fractions != sorted(set(fractions)):
+            raise ValueError(f"deletion_fractions must rise strictly within (0, 1], got {fractions}")
+        return fractions
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment_name: str
@@ -288,6 +387,8 @@ class Settings(_Strict):
     monitoring: MonitoringConfig
     serving_monitor: ServingMonitorConfig = ServingMonitorConfig()
     ab: AbConfig = AbConfig()
+    validation: ValidationConfig = ValidationConfig()
+    tuning: TuningConfig = TuningConfig()
     mlflow: MlflowConfig
     alerts: AlertsConfig
 

@@ -54,7 +54,21 @@ CATALOG_COLUMNS = [
     "contrast",
     "blur",
     "phash",
+    "metadata",  # the labels.csv row's other columns (source, camera, ...) as a JSON object
 ]
+
+
+def metadata_json(values: dict[str, Any]) -> str:
+    """A manifest row's extra columns as canonical JSON (missing values left out)."""
+    kept = {str(k): str(v) for k, v in values.items() if v is not None and not pd.isna(v)}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
+
+
+def metadata_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """The ``metadata`` column expanded to one column per key (rows from before it: no values)."""
+    column = rows["metadata"] if "metadata" in rows else pd.Series([None] * len(rows), index=rows.index)
+    parsed = [json.loads(value) if isinstance(value, str) and value else {} for value in column]
+    return pd.DataFrame(parsed, index=rows.index)
 
 
 def to_parquet_bytes(frame: pd.DataFrame) -> bytes:

@@ -433,10 +433,15 @@ def _collapse_duplicates(
     return new
 
 
-def _catalog_row(
-    batch: Batch, name: str, label: str, split: str, inspected: FileInspection
-) -> dict[str, Any]:
+def row_metadata(manifest: pd.DataFrame, line: int) -> str:
+    """The labels.csv row's columns besides filename and label, as the catalog's ``metadata``."""
+    extra = [column for column in manifest.columns if column not in REQUIRED_COLUMNS]
+    return catalog.metadata_json({column: manifest.at[line, column] for column in extra})
+
+
+def _catalog_row(batch: Batch, name: str, line: int, split: str, inspected: FileInspection) -> dict[str, Any]:
     report = inspected.report
+    label = batch.rows[line].label
     return {
         "sha256": report.sha256,
         "label": label,
@@ -453,6 +458,7 @@ def _catalog_row(
         "contrast": report.contrast,
         "blur": report.blur,
         "phash": report.phash,
+        "metadata": row_metadata(batch.manifest, line),
     }
 
 
@@ -475,7 +481,7 @@ def dedupe_and_split(
         settings.ingest.near_duplicate_max_distance,
     )
     return [
-        _catalog_row(batch, name, batch.rows[claimed[name]].label, splits[sha], inspected[name])
+        _catalog_row(batch, name, claimed[name], splits[sha], inspected[name])
         for sha, name in sorted(new.items())
     ]
 

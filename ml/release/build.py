@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,6 +24,7 @@ from ml.layout import CLASS_NAMES_ARTIFACT, ONNX_ARTIFACT, REFERENCE_PCA_ARTIFAC
 from ml.release.errors import DeployError
 from ml.serving.bundle import BundleMeta, publish_bundle, write_bundle
 from ml.storage import Storage
+from ml.training.calibration import CALIBRATION_ARTIFACT
 from ml.training.preprocessing import Preprocessing
 
 BENTOFILE = REPO_ROOT / "bentos" / "bentofile.yaml"
@@ -94,6 +96,7 @@ def _import_to_store(settings: Settings, version: str) -> str:
         pca = Path(client.download_artifacts(model_version.run_id, REFERENCE_PCA_ARTIFACT, folder))
         names = Path(client.download_artifacts(model_version.run_id, CLASS_NAMES_ARTIFACT, folder))
         _require_serving_outputs(onnx, version)
+        calibration = _calibration(client, model_version.run_id, folder)
         meta = BundleMeta(
             model_version=str(version),
             dataset_version=model_version.tags.get("dataset_version", ""),
@@ -102,11 +105,24 @@ def _import_to_store(settings: Settings, version: str) -> str:
             image_size=prep.image_size,
             mean=prep.mean,
             std=prep.std,
+            temperature=calibration.get("temperature"),
+            conformal_threshold=calibration.get("conformal_threshold"),
+            coverage=calibration.get("coverage"),
         )
         labels = {"registered_model": settings.mlflow.registered_model, "model_version": str(version)}
-        with bentoml.models.create(tag, labels=labels, metadata=asdict(meta)) as model:
+        # BentoML refuses None in metadata: an uncalibrated bundle leaves those keys out
+        metadata = {key: value for key, value in asdict(meta).items() if value is not None}
+        with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
             write_bundle(Path(model.path), onnx, pca, meta)
     return tag
+
+
+def _calibration(client: Any, run_id: str, folder: str) -> dict[str, float]:
+    """The temperature and conformal threshold model validation logged (empty for runs before it)."""
+    logged = {item.path for item in client.list_artifacts(run_id, CALIBRATION_ARTIFACT.rsplit("/", 1)[0])}
+    if CALIBRATION_ARTIFACT not in logged:
+        return {}
+    return json.loads(Path(client.download_artifacts(run_id, CALIBRATION_ARTIFACT, folder)).read_text())
 
 
 def _require_serving_outputs(onnx: Path, version: str) -> None:

@@ -60,12 +60,14 @@ def golden_images(settings: Settings, storage: Storage) -> list[tuple[str, bytes
 
 
 def offline_probabilities(bundle: Path, images: list[bytes]) -> np.ndarray:
-    """What the model says offline: the training-side preprocessing and the bundle's ONNX."""
+    """What the model says offline: the training-side preprocessing, the bundle's ONNX and its
+    calibration temperature (the served probabilities are calibrated too)."""
     from ml.training.preprocessing import batch_arrays, decode_rgb
     from ml.training.scoring import onnx_predict_proba
 
-    prep = BundleMeta.read(bundle).preprocessing
-    return onnx_predict_proba(bundle / BUNDLE_ONNX, batch_arrays([decode_rgb(data) for data in images], prep))
+    meta = BundleMeta.read(bundle)
+    arrays = batch_arrays([decode_rgb(data) for data in images], meta.preprocessing)
+    return onnx_predict_proba(bundle / BUNDLE_ONNX, arrays, temperature=meta.temperature)
 
 
 def _probe(

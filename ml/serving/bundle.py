@@ -1,7 +1,9 @@
 """A bundle: one registered model version made servable, and the model that runs it.
 
 A bundle folder holds the version's ONNX export (outputs ``logits`` and ``features``), the PCA of
-its drift reference and a ``meta.json`` (version, dataset, classes, preprocessing). Release puts
+its drift reference and a ``meta.json`` (version, dataset, classes, preprocessing, and from model
+validation the temperature and the conformal threshold; bundles made before carry neither and
+serve uncalibrated probabilities without prediction sets). Release puts
 it in the BentoML model store and publishes it to storage (``serving/bundles/<name>/``), so a
 replica on any host finds a deployed model: from its own store, else fetched from storage into
 a local cache (``fetch_bundle``).
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +74,9 @@ class BundleMeta:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    temperature: float | None = None  # logits are divided by it (temperature scaling)
+    conformal_threshold: float | None = None  # a class is in the prediction set when p >= 1 - this
+    coverage: float | None = None  # the coverage the threshold was fitted for
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -79,7 +85,7 @@ class BundleMeta:
     @classmethod
     def read(cls, folder: Path) -> BundleMeta:
         raw = json.loads((folder / BUNDLE_META).read_text())
-        return cls(**{key: raw[key] for key in cls.__dataclass_fields__})
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__ if key in raw})
 
 
 def write_bundle(folder: Path, onnx_file: Path, pca_file: Path, meta: BundleMeta) -> None:
@@ -123,6 +129,24 @@ class ServingModel:
 
     def infer(self, batch: np.ndarray) -> Outputs:
         logits, features = self.session.run(["logits", "features"], {"image": batch})
+        if self.meta.temperature:
+            logits = logits / np.float32(self.meta.temperature)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         proba = shifted / shifted.sum(axis=1, keepdims=True)
         return Outputs(proba, (features - self.pca_mean) @ self.pca_components.T)
+
+    def abstention(self, proba: np.ndarray) -> dict[str, Any]:
+        """``prediction_set`` (class names) and ``abstain`` (more than one class) for one answer;
+        nothing for a bundle without a conformal threshold."""
+        threshold = self.meta.conformal_threshold
+        if threshold is None:
+            return {}
+        members = conformal_set(proba, threshold)
+        return {"prediction_set": [self.meta.classes[k] for k in members], "abstain": len(members) > 1}
+
+
+def conformal_set(proba: np.ndarray, threshold: float) -> list[int]:
+    """Classes with p >= 1 - threshold, most probable first; always the top class (as training's
+    ``ml.training.calibration.prediction_sets``)."""
+    order = [int(k) for k in np.argsort(-proba, kind="stable")]
+    return [order[0], *(k for k in order[1:] if proba[k] >= 1.0 - threshold)]

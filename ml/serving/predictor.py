@@ -323,6 +323,7 @@ class Predictor:
             "probabilities": {name: float(p) for name, p in zip(classes, proba, strict=True)},
             "model_version": lane.version,
             "request_id": request_id,
+            **lane.model.abstention(proba),  # prediction_set, abstain: bundles with a conformal threshold
         }
         seconds = time.perf_counter() - started
         if self.observe:

@@ -436,10 +436,20 @@ def non_inferiority(
     ``non_inferior`` iff ``p < alpha`` (equivalently ``lower_bound > -margin``). When the differences
     have no spread (se = 0) the decision is the sign of ``difference + margin``.
     """
+    challenger, champion = _paired(challenger_correct, champion_correct)
+    return paired_non_inferiority(challenger.astype(np.float64) - champion.astype(np.float64), margin, alpha)
+
+
+def paired_non_inferiority(
+    differences: np.ndarray, margin: float = 0.02, alpha: float = 0.05
+) -> NonInferiority:
+    """``non_inferiority`` on any paired per-item differences, e.g. each image's accuracy over a set of
+    corruptions (the image, not the image x corruption pair, is the independent unit)."""
     if margin < 0 or not 0 < alpha < 1:
         raise ValueError(f"need margin >= 0 and 0 < alpha < 1, got margin={margin}, alpha={alpha}")
-    challenger, champion = _paired(challenger_correct, champion_correct)
-    d = challenger.astype(np.float64) - champion.astype(np.float64)
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"paired differences must be non-empty and 1-D, got shape {d.shape}")
     diff = float(d.mean())
     se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
     if se == 0.0:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -56,6 +57,13 @@ from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
 from ml.training.reference import build_reference
 from ml.training.scoring import onnx_predict_proba
 from ml.training.train import Hyperparameters, SplitData, TrainResult, split_data, train, training_curves_png
+from ml.training.validate import validate_in_run
+
+# split data, classes, hyperparameters, per-epoch sink -> a fitted head and its test evaluation
+TrainFn = Callable[
+    [dict[str, SplitData], list[str], Hyperparameters, Callable[[dict[str, float], int], None] | None],
+    TrainResult,
+]
 
 
 class RetrainStatus(StrEnum):
@@ -79,6 +87,7 @@ class RetrainResult:
     gate: dict[str, Any] = field(default_factory=dict)
     feature_cache: dict[str, Any] = field(default_factory=dict)
     epochs_run: int = 0
+    validation: dict[str, Any] = field(default_factory=dict)  # ml.training.validate.summary
 
     def to_dict(self) -> dict[str, Any]:
         if self.status == RetrainStatus.NO_DATA:
@@ -101,6 +110,7 @@ class RetrainResult:
             "gate": self.gate,
             "feature_cache": self.feature_cache,
             "epochs_run": self.epochs_run,
+            "validation": self.validation,
         }
 
 
@@ -189,11 +199,15 @@ def retrain(
     dataset_version: str | None = None,
     force: bool = False,
     shuffle_labels: bool = False,
+    fit: TrainFn | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RetrainResult:
     """Train a challenger on a dataset version (an id, a day's, or LATEST), gate it, register it.
 
     The version's partitions are read exactly as it recorded them (sha256 checked): an unknown id
     raises ``UnknownDatasetVersion``, a partition changed since raises ``DatasetIntegrityError``.
+    ``fit`` replaces the default training (``train``: train split, early stopping on val), e.g. the
+    tuned model's fixed epochs on train+val; ``tags`` are set on the MLflow run.
     """
     if dataset_day is not None and dataset_version is not None:
         raise ValueError("give a dataset day or a dataset version, not both")
@@ -211,7 +225,10 @@ def retrain(
         rows = rows.assign(label=np.random.default_rng(hparams.seed).permutation(rows["label"].to_numpy()))
         snap = Snapshot(version, rows, snap.features, snap.backbone, snap.cache_id, snap.stats, snap.seconds)
     data = split_data(rows, snap.features, list(settings.classes))
-    return train_and_register(settings, storage, snap, data, hparams, context or RunContext(), shuffle_labels)
+    context = context or RunContext()
+    return train_and_register(
+        settings, storage, snap, data, hparams, context, shuffle_labels, fit=fit, tags=tags
+    )
 
 
 def train_and_register(
@@ -222,6 +239,9 @@ def train_and_register(
     hparams: Hyperparameters,
     context: RunContext,
     shuffled: bool,
+    *,
+    fit: TrainFn | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RetrainResult:
     """Inside one MLflow run: train, compare with the champion, gate, log, register when it passes."""
     import mlflow
@@ -230,7 +250,8 @@ def train_and_register(
     experiment_id = registry.ensure_experiment(settings)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{snap.version['version']}") as run:
         log_inputs(settings, snap, hparams, context, shuffled)
-        trained = train(
+        mlflow.set_tags(tags or {})
+        trained = (fit or train)(
             data,
             list(settings.classes),
             hparams,
@@ -247,6 +268,7 @@ def train_and_register(
         decision = gate(trained.evaluation, settings.acceptance, champion_correct)
         model = _classifier(snap.backbone, trained.head)
         add_parity_check(decision, _log_model_and_onnx(model, settings, storage, snap.rows), settings)
+        validation = validate_in_run(settings, storage, snap, data, trained, champion, decision)
         log_outcome(settings, trained, decision, champion)
         _log_drift_reference(settings, snap, trained.head)
         mlflow.set_tag("gate", "passed" if decision.passed else "failed")
@@ -263,12 +285,11 @@ def train_and_register(
             champion_version=champion,
             metrics=headline_metrics(trained.evaluation),
             gate={"passed": decision.passed, "reasons": decision.reasons},
-            feature_cache={
-                "hits": snap.stats.hits,
-                "misses": snap.stats.misses,
-                "seconds": round(snap.seconds, 2),
-            },
+            feature_cache=dict(
+                hits=snap.stats.hits, misses=snap.stats.misses, seconds=round(snap.seconds, 2)
+            ),
             epochs_run=len(trained.fit.history),
+            validation=validation,
         )
 
 

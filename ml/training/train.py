@@ -9,7 +9,7 @@ Validation and test use view 0 only.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +178,13 @@ def fit_head(
     data: dict[str, SplitData],
     hparams: Hyperparameters,
     sink: Callable[[dict[str, float], int], None] | None = None,
+    *,
+    callbacks: Sequence[L.Callback] | None = None,
 ) -> FitResult:
-    """Train ``head`` with early stopping on ``hparams.monitor``; return the best epoch's weights."""
+    """Train ``head`` with early stopping on ``hparams.monitor``; return the best epoch's weights.
+
+    ``callbacks`` run after the built-in ones each epoch (a tuning trial's pruning hook).
+    """
     L.seed_everything(hparams.seed, workers=True, verbose=False)
     module = HeadModule(head, hparams)
     metrics = EpochMetrics(sink or (lambda values, step: None))
@@ -190,7 +195,7 @@ def fit_head(
         max_epochs=hparams.epochs,
         accelerator="cpu",
         deterministic=True,
-        callbacks=[metrics, stopper, best],
+        callbacks=[metrics, stopper, best, *(callbacks or ())],
         reload_dataloaders_every_n_epochs=1,
         enable_progress_bar=False,
         enable_model_summary=False,

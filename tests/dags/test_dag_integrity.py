@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-EXPECTED = {"ingest_daily", "drift_monitor", "retrain", "rollback", "monitor_serving"}
+EXPECTED = {"ingest_daily", "drift_monitor", "retrain", "rollback", "monitor_serving", "tune"}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,17 @@ def test_retrain_shape(dagbag) -> None:
     assert "retrain_requested" in str(dag.timetable)  # the drift Asset triggers it, besides the cron
     assert {"epochs", "learning_rate", "batch_size", "force", "note"} <= set(dag.params)
     assert type(dag.get_task("approve")).__name__ == "ApprovalOperator"
+
+
+def test_tune_maps_workers_over_one_study_then_finishes_once(dagbag) -> None:
+    dag = dagbag.dags["tune"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # manual trigger only
+    assert {"trials", "parallel", "timeout", "dataset_version", "note"} <= set(dag.params)
+    assert [t.task_id for t in dag.topological_sort()] == ["prepare", "worker_slots", "search", "finish"]
+    search = dag.get_task("search")
+    assert type(search).__name__.endswith("MappedOperator")  # one task instance per worker slot
+    assert dag.get_task("finish").upstream_task_ids == {"prepare", "search"}
+    assert "tuned parameters" in dagbag.dags["retrain"].get_task("approve").body
 
 
 def test_rollback_is_manual_with_a_version_and_a_reason_in_its_form(dagbag) -> None:

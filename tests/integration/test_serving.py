@@ -47,6 +47,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, Any,
         root,
         training__epochs=15,
         training__early_stopping__patience=4,
+        # v2 only has to be a second servable model here; the gate's own tests are in test_retrain/validate
+        acceptance__non_inferiority_margin=0.1,
+        acceptance__robustness_margin=0.15,
         serving__log_flush_seconds=0.5,
         serving__max_request_bytes=6000000,
     ) | {"MLOPS_API_KEYS": f"{KEY},{PREDICT_KEY}:predict,{FEEDBACK_KEY}:feedback"}
@@ -682,8 +685,9 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
             "non_inferiority_margin": 1,
         }
     )
+    unchecked = settings.validation.model_copy(update={"enabled": False})  # no slice/robustness checks either
     bad = retrain(
-        settings.model_copy(update={"acceptance": loose}),
+        settings.model_copy(update={"acceptance": loose, "validation": unchecked}),
         storage,
         force=True,
         shuffle_labels=True,

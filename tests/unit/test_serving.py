@@ -596,3 +596,55 @@ def test_a_shadow_sees_a_copy_of_traffic_and_its_answers_are_only_logged(bundles
     assert {r["model_version"] for r in shadow} == {"2"} and {r["track"] for r in shadow} == {"shadow"}
     logged = read_jsonl(found.prediction_log.storage, PREDICTIONS_PREFIX)
     assert {r["model_version"] for r in logged} == {"1"}  # live metrics never count the shadow
+
+
+def calibrated_copy(source: Path, target: Path, **calibration: float) -> Path:
+    """The bundle at ``source`` with model validation's temperature and conformal threshold in its meta."""
+    import shutil
+
+    shutil.copytree(source, target)
+    meta = replace(BundleMeta.read(source), **calibration)
+    (target / "meta.json").write_text(json.dumps(meta.__dict__))
+    return target
+
+
+def test_a_calibrated_bundle_divides_the_logits_by_its_temperature(bundles, tmp_path: Path) -> None:
+    folder = calibrated_copy(bundles["1"], tmp_path / "v1", temperature=3.0, conformal_threshold=0.5)
+    batch = np.stack([decode_upload(png(seed), LIMITS, PREP).array for seed in range(4)])
+    plain, calibrated = ServingModel(bundles["1"]).infer(batch).proba, ServingModel(folder).infer(batch).proba
+    scaled = np.exp(np.log(plain) / 3.0)
+    assert np.allclose(calibrated, scaled / scaled.sum(axis=1, keepdims=True), atol=1e-5)
+    assert (calibrated.max(axis=1) < plain.max(axis=1)).all()  # less sure...
+    assert (calibrated.argmax(axis=1) == plain.argmax(axis=1)).all()  # ...of the same answer
+
+
+@pytest.mark.parametrize(("threshold", "abstains"), [(0.0, False), (0.95, True)])
+def test_a_bundle_with_a_conformal_threshold_answers_its_prediction_set(
+    bundles, tmp_path: Path, threshold: float, abstains: bool
+) -> None:
+    folder = calibrated_copy(bundles["1"], tmp_path / "v1", temperature=1.5, conformal_threshold=threshold)
+    found = predictor({"1": folder}, tmp_path, DeploymentState(stable="1"))
+    answer = asyncio.run(found.predict(png(3)))
+    found.close()
+    members = [name for name, p in answer["probabilities"].items() if p >= 1 - threshold]
+    assert answer["prediction_set"][0] == answer["predicted_class"]
+    assert sorted(answer["prediction_set"]) == sorted(set(members) | {answer["predicted_class"]})
+    assert answer["abstain"] is abstains and answer["abstain"] == (len(answer["prediction_set"]) > 1)
+
+
+def test_a_bundle_from_before_validation_serves_as_before(bundles, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(bundles["1"], folder)
+    raw = json.loads((folder / "meta.json").read_text())
+    for key in ("temperature", "conformal_threshold", "coverage"):
+        raw.pop(key, None)
+    (folder / "meta.json").write_text(json.dumps(raw))
+    assert BundleMeta.read(folder).temperature is None
+    found = predictor({"1": folder}, tmp_path, DeploymentState(stable="1"))
+    answer = asyncio.run(found.predict(png(3)))
+    found.close()
+    assert set(answer) == {"predicted_class", "confidence", "probabilities", "model_version", "request_id"}
+    reference = ServingModel(bundles["1"]).infer(decode_upload(png(3), LIMITS, PREP).array[None]).proba[0]
+    assert np.allclose(list(answer["probabilities"].values()), reference, atol=1e-6)
