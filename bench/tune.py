@@ -5,14 +5,16 @@ One process run on generated demo images (landed and ingested as one day), featu
 - warm retrain: ``retrain()`` with the default parameters on the fully cached features (train,
   evaluate with CIs, gate, log to MLflow, ONNX export, register), the wall time of one retrain;
 - tuning: ``--trials`` trials of one study (``tuning`` config: TPE, MedianPruner, early stopping),
-  every trial on the same in-memory cached features; goal: at most 5x the warm retrain;
+  every trial on the same in-memory cached features, by ``--parallel`` local worker processes
+  sharing the study (as ``mlops tune --parallel``; one per core by default); goal: at most 5x the
+  warm retrain;
 - naive: ``--trials`` full retrains through the plain loop of ``bench/train.py`` (decode, augment
   and the eager-torch backbone every epoch), EXTRAPOLATED from one plain-loop retrain of
   ``--plain-epochs`` epochs: seconds per epoch x the epochs the study's trials ran in all;
 - then ``finish``: stratified 5-fold CV of the best parameters and the tuned model (train+val, the
   CV's median best epoch), gated on the same untouched test split as the default-parameter model.
 
-Usage: python bench/tune.py [--images 5000] [--trials 50] [--plain-epochs 1]
+Usage: python bench/tune.py [--images 5000] [--trials 50] [--parallel 2] [--plain-epochs 1]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ from ml.training.model import build_backbone
 from ml.training.pipeline import retrain
 from ml.training.preprocessing import Preprocessing
 from ml.training.train import Hyperparameters
-from ml.training.tune import configure_process, finish, open_session, search
+from ml.training.tune import configure_process, finish, open_session, search, start_helpers, summarise
 
 DAY = dt.date(2026, 9, 1)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,6 +78,7 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--parallel", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--plain-epochs", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlops-bench-tune-") as tmp:
@@ -90,7 +94,19 @@ def main() -> None:
         torch.set_num_threads(DEFAULT_THREADS)  # a retrain and the plain loop run as they do elsewhere
         default, retrain_s = timed("warm retrain, default parameters", retrain, settings, storage, force=True)
         configure_process(settings)  # tuning.torch_threads, as the tune DAG's workers run
-        summary, tune_s = timed(f"{args.trials} trials", search, session, args.trials)
+        os.environ.update(env)  # the helper processes read the same storage and MLflow store
+
+        def parallel_search():
+            helpers = start_helpers(session, args.parallel - 1, args.trials, None)
+            found = search(session, args.trials)
+            codes = [helper.wait() for helper in helpers]
+            study = session.study  # every worker's trials, counted once all have stopped
+            return summarise(
+                study, session.url, session.dataset_version, args.trials, found.ran_here, 0.0
+            ), codes
+
+        (summary, codes), tune_s = timed(f"{args.trials} trials, {args.parallel} workers", parallel_search)
+        assert not any(codes), f"a tuning helper failed: {codes}"
         tuned, finish_s = timed("5-fold CV + tuned model", finish, session, budget=args.trials)
         torch.set_num_threads(DEFAULT_THREADS)
         per_epoch = plain_seconds_per_epoch(storage, settings, args.plain_epochs)
@@ -102,6 +118,8 @@ def main() -> None:
         "torch_threads": {"tuning": settings.tuning.torch_threads, "retrain_and_plain": DEFAULT_THREADS},
         "feature_cache_cold_s": round(cache_s, 1),
         "warm_retrain_s": round(retrain_s, 1),
+        "warm_retrain_validation_s": default.validation.get("seconds"),
+        "parallel_workers": args.parallel,
         "tuning_s": round(tune_s, 1),
         "tuning_vs_warm_retrain": round(tune_s / retrain_s, 2),
         "trials_epochs_total": epochs,

@@ -81,6 +81,7 @@ def cmd_tune(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         dataset_version=args.dataset_version,
         worker=args.worker,
         search_only=args.search_only,
+        parallel=1 if args.search_only else (args.parallel or settings.tuning.parallel),
         context=RunContext(trigger="manual", reason="tuned", note=args.note or ""),
     ).to_dict()
 
@@ -318,6 +319,9 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     tune.add_argument("--worker", type=int, default=0, help="this worker's slot (seeds its sampler)")
     tune.add_argument(
         "--search-only", action="store_true", help="only run trials (a parallel worker): no CV or final model"
+    )
+    tune.add_argument(
+        "--parallel", type=int, help="local worker processes sharing the study (default: tuning.parallel)"
     )
     tune.add_argument("--note", help="free text recorded with the final MLflow run")
 

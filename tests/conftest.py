@@ -52,9 +52,22 @@ def setting_overrides(**settings: Any) -> dict[str, str]:
     }
 
 
+# Every retrain validates its model; tests that are not about validation run it on smaller samples
+# (the same code and checks, a third of the time). tests/integration/test_validate.py sets its own.
+QUICK_VALIDATION = {
+    "validation__robustness_sample": 16,
+    "validation__adversarial_sample": 2,
+    "validation__deletion_sample": 12,
+    "validation__explain_per_class": 1,
+    "validation__explain_confusions": 2,
+    "validation__bootstrap": 200,
+}
+
+
 def world_env(root: Path, **settings: Any) -> dict[str, str]:
     """The settings environment of a test world under ``root``: its own storage, MLflow store,
-    deployment state and service port, then ``section__key=value`` overrides on top."""
+    deployment state and service port, smaller validation samples, then ``section__key=value``
+    overrides on top."""
     from ml.http import free_port
 
     return {
@@ -62,7 +75,7 @@ def world_env(root: Path, **settings: Any) -> dict[str, str]:
         "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "MLOPS__SERVING__STATE_DIR": str(root / "serving"),
         "MLOPS__SERVING__PORT": str(free_port()),
-        **setting_overrides(**settings),
+        **setting_overrides(**(QUICK_VALIDATION | settings)),
     }
 
 

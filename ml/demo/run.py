@@ -39,7 +39,7 @@ DEMO_DAYS = 10
 FIRST_TRAINING_AFTER = 3  # days ingested before the first model is trained
 DRIFT_FROM = 6  # 0-based index of the first drifted day
 DRIFT = "brightness:0.7"
-PER_DAY = 120
+PER_DAY = 200  # the first model trains on 3 days: ~18 test images per class for the per-class gate
 LIVE_PER_DAY = 100  # live requests per day once the service runs, each labelled through /feedback
 SEED = 7
 ROW = (
@@ -178,6 +178,13 @@ def ingest_cells(storage: Storage, day: dt.date) -> dict[str, str]:
     }
 
 
+def champion_version() -> str | None:
+    from ml import registry
+    from ml.config import get_settings
+
+    return registry.version_for_alias(get_settings(), registry.CHAMPION)
+
+
 def run_day(api: Any, storage: Storage, day: dt.date, train_after: bool) -> tuple[str, bool]:
     """Ingest ``day`` through the scheduler and follow what it sets off; returns (retrain note, ok)."""
     from ml.monitoring.drift import retrain_requests
@@ -196,6 +203,8 @@ def run_day(api: Any, storage: Storage, day: dt.date, train_after: bool) -> tupl
         return f"drift -> retrain {state}", state == "success"
     if train_after:
         state = api.wait("retrain", api.trigger("retrain", {"note": "demo: first model"}))
+        if state == "success" and not champion_version():
+            return "first model not promoted", False  # the run ended well, but the gate refused the model
         return f"first training {state}", state == "success"
     summary_key = drift_summary_key(day)
     if storage.exists(summary_key) and json.loads(storage.read_bytes(summary_key))["drift_detected"]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
-DAG_IDS = ("ingest_daily", "drift_monitor", "retrain", "rollback", "monitor_serving")
+DAG_IDS = ("ingest_daily", "drift_monitor", "retrain", "rollback", "monitor_serving", "tune")
 
 
 def api_url() -> str:
@@ -59,7 +59,7 @@ def local_secret(name: str) -> str:
     return path.read_text().strip()
 
 
-def _running_pid(name: str = "standalone") -> int | None:
+def running_pid(name: str = "standalone") -> int | None:
     try:
         pid = int(_pidfile(name).read_text())
     except (FileNotFoundError, ValueError):
@@ -76,7 +76,7 @@ def _running_pid(name: str = "standalone") -> int | None:
 
 
 def service_running() -> bool:
-    return _running_pid("service") is not None
+    return running_pid("service") is not None
 
 
 def healthy(timeout: float = 2.0) -> bool:
@@ -89,7 +89,7 @@ def healthy(timeout: float = 2.0) -> bool:
         return False
 
 
-def _unpause(dag_id: str, deadline: float) -> bool:
+def unpause(dag_id: str, deadline: float) -> bool:
     """Unpause once the DAG processor has registered the DAG (new DAGs start paused)."""
     while time.monotonic() < deadline:
         if airflow_cli("dags", "unpause", dag_id).returncode == 0:
@@ -98,7 +98,7 @@ def _unpause(dag_id: str, deadline: float) -> bool:
     return False
 
 
-def _spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group, output to ``$AIRFLOW_HOME/<name>.log``, pid in a file."""
     home = airflow_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -133,31 +133,42 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def _stop(name: str, sig: int = signal.SIGTERM, wait_seconds: float = 30.0) -> bool:
-    """Signal the process group in ``<name>.pid``, wait until none of it lives; True when it was running."""
-    pid = _running_pid(name)
-    if pid is None:
-        _pidfile(name).unlink(missing_ok=True)
-        return False
+def _signal_and_wait(name: str, pid: int, sig: int, wait_seconds: float) -> bool:
+    """Signal the group ``pid``; True once none of it lives, False when ``wait_seconds`` ran out."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
     deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline and (_running_pid(name) or group_members(pid)):
+    while running_pid(name) or group_members(pid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.5)
-    if _running_pid(name) or group_members(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)  # children that outlived their leader go too
-        time.sleep(0.5)
-        _running_pid(name)  # reap it
+    return True
+
+
+def stop_group(name: str, sig: int = signal.SIGTERM, wait_seconds: float = 30.0) -> bool:
+    """Signal the process group in ``<name>.pid``, wait until none of it lives; True when it was running.
+
+    A group still alive after ``wait_seconds`` gets SIGTERM (children that ignore the first signal,
+    e.g. airflow standalone's log servers after SIGINT), then SIGKILL."""
+    pid = running_pid(name)
+    if pid is None:
+        _pidfile(name).unlink(missing_ok=True)
+        return False
+    gone = _signal_and_wait(name, pid, sig, wait_seconds)
+    if not gone and sig != signal.SIGTERM:
+        gone = _signal_and_wait(name, pid, signal.SIGTERM, 10.0)
+    if not gone:
+        _signal_and_wait(name, pid, signal.SIGKILL, 5.0)  # children that outlived their leader go too
+    running_pid(name)  # reap it
     _pidfile(name).unlink(missing_ok=True)
     return True
 
 
 def _launch(name: str, argv: list[str], ready_url: str, wait_seconds: float, shown: str) -> int:
     """Start ``argv`` as ``name`` unless it runs; 0 once ``ready_url`` answers 200, else 1."""
-    if _running_pid(name):
+    if running_pid(name):
         return 0
-    if not _ready(ready_url, _spawn(name, argv), wait_seconds):
+    if not _ready(ready_url, spawn(name, argv), wait_seconds):
         print(f"{name} did not become ready; see {airflow_home() / f'{name}.log'}")
         return 1
     print(shown)
@@ -182,7 +193,7 @@ def start_service(wait_seconds: float = 120.0) -> int:
     from ml.config import load_settings
 
     settings = load_settings()
-    if not _running_pid("service") and registry.version_for_alias(settings, registry.CHAMPION) is None:
+    if not running_pid("service") and registry.version_for_alias(settings, registry.CHAMPION) is None:
         print("service:     not started (no champion model yet; `make up` again after the first retrain)")
         return 0
     url = settings.serving.live_url
@@ -200,8 +211,8 @@ def up(wait_seconds: float = 240.0) -> int:
 def start_airflow(wait_seconds: float = 240.0) -> int:
     home = airflow_home()
     home.mkdir(parents=True, exist_ok=True)
-    if _running_pid():
-        print(f"Airflow:     already running (pid {_running_pid()}): {api_url()}")
+    if running_pid():
+        print(f"Airflow:     already running (pid {running_pid()}): {api_url()}")
         return 0
     env = dict(os.environ)  # standalone starts its components as `airflow ...` from PATH
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -209,7 +220,7 @@ def start_airflow(wait_seconds: float = 240.0) -> int:
     env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", local_secret("jwt_secret"))
     env.setdefault("AIRFLOW__API__SECRET_KEY", local_secret("api_secret_key"))
     env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"{api_url()}/execution/")
-    process = _spawn("standalone", [str(Path(sys.executable).parent / "airflow"), "standalone"], env)
+    process = spawn("standalone", [str(Path(sys.executable).parent / "airflow"), "standalone"], env)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline and not healthy():
         if process.poll() is not None:
@@ -219,7 +230,7 @@ def start_airflow(wait_seconds: float = 240.0) -> int:
     if not healthy():
         print(f"airflow did not become healthy in {wait_seconds:.0f} s; see {home / 'standalone.log'}")
         return 1
-    unpaused = [dag_id for dag_id in DAG_IDS if _unpause(dag_id, deadline=time.monotonic() + 90)]
+    unpaused = [dag_id for dag_id in DAG_IDS if unpause(dag_id, deadline=time.monotonic() + 90)]
     if len(unpaused) != len(DAG_IDS):
         print(f"could not unpause {sorted(set(DAG_IDS) - set(unpaused))}; see {home / 'standalone.log'}")
         return 1
@@ -288,10 +299,10 @@ class Api:
         return None
 
 
-def down(wait_seconds: float = 60.0) -> int:
+def down(wait_seconds: float = 20.0) -> int:
     """Stop the service, the MLflow UI and Airflow (whatever of them runs)."""
-    stopped = [name for name in ("service", "mlflow") if _stop(name)]
-    if _stop("standalone", signal.SIGINT, wait_seconds):
+    stopped = [name for name in ("service", "mlflow") if stop_group(name)]
+    if stop_group("standalone", signal.SIGINT, wait_seconds):
         stopped.append("airflow")
     print(f"stopped {', '.join(stopped)}" if stopped else "not running")
     return 0

@@ -251,6 +251,7 @@ def train_and_register(
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{snap.version['version']}") as run:
         log_inputs(settings, snap, hparams, context, shuffled)
         mlflow.set_tags(tags or {})
+        fit_started = time.perf_counter()
         trained = (fit or train)(
             data,
             list(settings.classes),
@@ -262,6 +263,7 @@ def train_and_register(
                 **trained.evaluation.flat_metrics(),
                 "best_epoch": trained.fit.best_epoch,
                 "epochs_run": len(trained.fit.history),
+                "train_seconds": time.perf_counter() - fit_started,  # fit + test evaluation, features cached
             }
         )
         champion, champion_correct = champion_correctness(settings, storage, snap.rows, data["test"].labels)
@@ -317,8 +319,9 @@ def add_parity_check(decision: GateDecision, parity: float, settings: Settings) 
     import mlflow
 
     limit = settings.acceptance.onnx_max_abs_diff
-    detail = f"ONNX export differs from PyTorch by {parity:.2e} > {limit}"
-    decision.add_check("onnx_parity", parity, limit, parity <= limit, detail)
+    passed = parity <= limit
+    detail = f"ONNX export differs from PyTorch by {parity:.2e} {'<=' if passed else '>'} {limit}"
+    decision.add_check("onnx_parity", parity, limit, passed, detail)
     mlflow.log_metric("onnx_max_abs_diff", parity)
 
 

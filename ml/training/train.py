@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ml.config import Settings
 from ml.training.evaluate import Evaluation, evaluate
@@ -107,15 +107,34 @@ class HeadModule(L.LightningModule):
         self.log(f"{prefix}accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self._sums = torch.zeros(3)  # loss x rows, correct rows, rows
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "")
+        """The epoch's loss and accuracy are summed here and logged once, at its last batch: Lightning's
+        per-call logging cost more than a step of the head itself."""
+        features, labels = batch
+        logits = self(features)
+        loss = self.loss(logits, labels)
+        with torch.no_grad():
+            correct = (logits.argmax(dim=1) == labels).sum()
+            self._sums += torch.stack(
+                [loss.detach() * len(labels), correct.float(), torch.tensor(len(labels))]
+            )
+        if batch_idx == self.trainer.num_training_batches - 1:
+            loss_sum, correct_sum, rows = self._sums
+            self.log("loss", loss_sum / rows, on_step=False, on_epoch=True, batch_size=1)
+            self.log("accuracy", correct_sum / rows, on_step=False, on_epoch=True, batch_size=1)
+        return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val_")
 
     def configure_optimizers(self) -> Any:
         optimizers = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
-        optimizer = optimizers[self.hp.optimizer](self.head.parameters(), lr=self.hp.learning_rate)
+        # foreach: one kernel per step for all parameters instead of one per tensor (torch's CPU default)
+        foreach = {} if self.hp.optimizer == "SGD" else {"foreach": True}
+        optimizer = optimizers[self.hp.optimizer](self.head.parameters(), lr=self.hp.learning_rate, **foreach)
         if self.hp.scheduler == "none":
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=3, factor=0.5)
@@ -134,13 +153,34 @@ class ViewSamplingData(L.LightningDataModule):
         rng = np.random.default_rng([self.hp.seed, epoch])
         views = rng.integers(0, self.train.features.shape[1], size=len(self.train))
         chosen = self.train.features[np.arange(len(self.train)), views]
-        dataset = TensorDataset(torch.from_numpy(chosen), torch.from_numpy(self.train.labels))
         generator = torch.Generator().manual_seed(self.hp.seed + epoch)
-        return DataLoader(dataset, batch_size=self.hp.batch_size, shuffle=True, generator=generator)
+        order = torch.randperm(len(self.train), generator=generator)  # the order shuffle=True would draw
+        dataset = Batches(
+            torch.from_numpy(chosen), torch.from_numpy(self.train.labels), self.hp.batch_size, order
+        )
+        return DataLoader(dataset, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = TensorDataset(torch.from_numpy(self.val.features[:, 0]), torch.from_numpy(self.val.labels))
-        return DataLoader(dataset, batch_size=max(self.hp.batch_size, 256))
+        features, labels = torch.from_numpy(self.val.features[:, 0]), torch.from_numpy(self.val.labels)
+        return DataLoader(Batches(features, labels, max(self.hp.batch_size, 256)), batch_size=None)
+
+
+class Batches(Dataset):
+    """Whole batches sliced from in-memory tensors (one index per batch, not per row: the head trains on
+    cached features, where a per-row dataset and the collate step cost more than the head's own step)."""
+
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, order: torch.Tensor | None = None
+    ) -> None:
+        self.features, self.labels, self.batch_size = features, labels, batch_size
+        self.order = order if order is not None else torch.arange(len(labels))
+
+    def __len__(self) -> int:
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.features[rows], self.labels[rows]
 
 
 class EpochMetrics(L.Callback):

@@ -742,6 +742,22 @@ def tuned_training(settings: Settings, storage: Storage, form: dict[str, Any]) -
     return TunedTraining(overrides, {"tuned_from_study": str(tuned["study"])}, shown)
 
 
+def start_helpers(session: Session, count: int, trials: int, timeout: float | None) -> list[Any]:
+    """``count`` more local worker processes on the same study (``mlops tune --search-only``), each with
+    its own slot; they load the cached features and share the budget through the study's storage."""
+    import os
+    import subprocess
+    import sys
+
+    helpers = []
+    for slot in range(session.worker + 1, session.worker + 1 + count):
+        argv = [sys.executable, "-m", "ml", "tune", "--search-only", "--worker", str(slot)]
+        argv += ["--dataset-version", session.dataset_version, "--trials", str(trials)]
+        argv += ["--timeout", str(timeout)] if timeout is not None else []
+        helpers.append(subprocess.Popen(argv, env=dict(os.environ), stdout=subprocess.DEVNULL))  # noqa: S603
+    return helpers
+
+
 def tune_and_train(
     settings: Settings,
     storage: Storage,
@@ -751,11 +767,23 @@ def tune_and_train(
     dataset_version: str | None = None,
     worker: int = 0,
     search_only: bool = False,
+    parallel: int = 1,
     context: RunContext | None = None,
 ) -> TuneResult:
-    """Search (this process's share of the study), then CV and the final tuned model (unless search only)."""
+    """Search (this process's share of the study, beside ``parallel - 1`` local helper processes), then
+    CV and the final tuned model (unless search only)."""
     session = open_session(settings, storage, dataset_version, worker)
-    summary = search(session, trials, timeout)
+    budget = trials or settings.tuning.trials
+    helpers = start_helpers(session, parallel - 1, budget, timeout) if parallel > 1 else []
+    try:
+        summary = search(session, budget, timeout)
+    finally:
+        failed = [helper.args for helper in helpers if helper.wait() != 0]
+    if failed:
+        log.warning("tuning helpers exited with an error: %s", failed)
+    summary = summarise(
+        session.study, session.url, session.dataset_version, budget, summary.ran_here, summary.seconds
+    )
     if search_only:
         return TuneResult(summary, summary.best_params)
     finished = finish(session, context, budget=summary.budget)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ml.http import free_port
+from tests.conftest import QUICK_VALIDATION, setting_overrides
 
 
 @contextlib.contextmanager
@@ -27,7 +28,7 @@ def standalone(root: Path, **extra_env: str) -> Iterator[Path]:
         env.setenv("MLOPS__SERVING__STATE_DIR", str(root / "serving"))
         env.setenv("MLOPS__SERVING__PORT", str(free_port()))
         env.setenv("MLOPS_MLFLOW_UI_PORT", str(free_port()))
-        for key, value in extra_env.items():
+        for key, value in {**setting_overrides(**QUICK_VALIDATION), **extra_env}.items():
             env.setenv(key, value)
         assert stack.start_airflow(wait_seconds=240) == 0, (home / "standalone.log").read_text()[-3000:]
         try:

@@ -172,10 +172,10 @@ def test_up_adds_the_mlflow_ui_and_the_service_and_down_stops_everything(stack: 
     service = f"http://127.0.0.1:{settings.serving.port}"
     assert http("GET", f"{stacks.mlflow_ui_url()}/health")[0] == 200
     assert json.loads(http("GET", f"{service}/version")[1])["model_version"] == champion
-    pids = {name: stacks._running_pid(name) for name in ("standalone", "mlflow", "service")}
+    pids = {name: stacks.running_pid(name) for name in ("standalone", "mlflow", "service")}
     assert all(pids.values()), pids
     assert stacks.down() == 0
     for name, pid in pids.items():
-        assert stacks._running_pid(name) is None and not stacks.group_members(pid), name
+        assert stacks.running_pid(name) is None and not stacks.group_members(pid), name
     with pytest.raises(OSError):
         http("GET", f"{service}/readyz", timeout=2)
