@@ -85,6 +85,7 @@ class IngestConfig(_Strict):
     min_contrast: float = Field(ge=0)
     near_duplicate_max_distance: int = Field(ge=0, le=32)
     workers: int = Field(ge=0)
+    shards: int = Field(default=1, ge=1, le=256)  # >1: the DAG validates a day in this many mapped tasks
     sensor_poke_seconds: int = Field(ge=1)
     sensor_timeout_seconds: int = Field(ge=1)
     spool_dir: str | None = None  # local folder for the day's downloads; None = the system temp dir
@@ -334,6 +335,40 @@ class ValidationConfig(_Strict):
         return fractions
 
 
+class CeleryWorkerConfig(_Strict):
+    """One Celery worker of the production profile; ``name`` is the hostname its tasks record."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    queues: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+    concurrency: int = Field(default=1, ge=1)
+
+
+class ProductionConfig(_Strict):
+    """The production profile's components (``make up PROFILE=production``, ml/ops/production.py).
+
+    ML settings of the profile (storage on S3, the MLflow server, the Optuna database) live in
+    their own sections of the same overlay; this section holds what only the stack needs."""
+
+    airflow_home: str = ".airflow-production"  # relative to the working directory unless absolute
+    database_url: str  # Airflow's metadata database (PostgreSQL), created when missing
+    broker_url: str  # Celery broker (Redis)
+    api_port: int = Field(default=8180, ge=1, le=65535)
+    workers: list[CeleryWorkerConfig] = Field(min_length=1)
+    mlflow_backend_store: str  # the MLflow server's store (PostgreSQL), created when missing
+    mlflow_artifacts: str  # the MLflow server's artifact destination (s3://...)
+    start_s3_endpoint: bool = False  # start a local S3 API (moto_server) on storage.endpoint_url's port
+    buckets: list[str] = Field(default_factory=list)  # created on the endpoint when missing
+    replica_ports: list[int] = Field(default_factory=lambda: [3101, 3102], min_length=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _distinct_names(cls, workers: list[CeleryWorkerConfig]) -> list[CeleryWorkerConfig]:
+        names = [worker.name for worker in workers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker names must be distinct, got {names}")
+        return workers
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment_name: str
@@ -389,6 +424,7 @@ class Settings(_Strict):
     ab: AbConfig = AbConfig()
     validation: ValidationConfig = ValidationConfig()
     tuning: TuningConfig = TuningConfig()
+    production: ProductionConfig | None = None  # only in the production profile's overlay
     mlflow: MlflowConfig
     alerts: AlertsConfig
 

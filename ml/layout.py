@@ -15,6 +15,7 @@ LANDING_PREFIX = "landing"
 LABELS_FILE = "labels.csv"
 CURATED_IMAGES_PREFIX = "curated/images"
 QUARANTINE_PREFIX = "quarantine"
+INGEST_STAGING_PREFIX = "staging/ingest"  # sharded ingests in progress
 QUARANTINE_REASONS_FILE = "_reasons.csv"
 QUARANTINE_UNSAFE_FOLDER = "unsafe_keys"  # copies of objects whose landed key is not a safe path
 
@@ -64,6 +65,21 @@ class DayLayout:
     @property
     def data_docs(self) -> str:
         return f"{DATA_DOCS_PREFIX}/{self.day.isoformat()}"
+
+    @property
+    def staging(self) -> str:
+        """A sharded ingest in progress (plan, shard results, curated bytes); removed once published."""
+        return f"{INGEST_STAGING_PREFIX}/{self.day.isoformat()}"
+
+    @property
+    def shard_plan(self) -> str:
+        return f"{self.staging}/plan.json"
+
+    def shard_result(self, shard: int) -> str:
+        return f"{self.staging}/shard-{shard:03d}.json"
+
+    def staged_curated(self, sha256: str, ext: str) -> str:
+        return f"{self.staging}/curated/{sha256}.{ext}"
 
 
 def curated_key(sha256: str, ext: str) -> str:

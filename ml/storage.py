@@ -84,6 +84,7 @@ class Storage(Protocol):
     def read_tagged(self, key: str) -> tuple[bytes, str] | None: ...
     def write_if(self, key: str, data: bytes, tag: str | None) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def copy(self, source: str, target: str) -> None: ...
     def url(self, key: str) -> str: ...
 
 
@@ -115,6 +116,21 @@ class LocalStorage:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def copy(self, source: str, target: str) -> None:
+        """``source`` to ``target`` (atomically, as a write), without holding the object in memory."""
+        origin, destination = self._path(source), self._path(target)
+        if not origin.is_file():
+            raise StorageError(f"not found: {self.url(source)}")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=destination.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(origin, tmp)
+            os.replace(tmp, destination)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -202,6 +218,16 @@ class S3Storage:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data, **self.encryption)
+
+    def copy(self, source: str, target: str) -> None:
+        """A server-side copy (multipart for large objects): the bytes never pass through this host."""
+        origin = {"Bucket": self.bucket, "Key": self._object_key(source)}
+        try:
+            self.client.copy(origin, self.bucket, self._object_key(target), ExtraArgs=self.encryption or None)
+        except self.client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(f"not found: {self.url(source)}") from None
+            raise
 
     def read_unchecked(self, key: str) -> bytes:
         """An object whose listed key is not a safe path (kept only to quarantine it)."""

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -221,6 +221,8 @@ class Batch:
     file_entries: dict[str, LedgerEntry] = field(default_factory=dict)
     suites: dict[str, SuiteOutcome] = field(default_factory=dict)
     gate_reasons: list[str] = field(default_factory=list)
+    # landed keys not spooled here whose originals are copied within storage when quarantined (sharded)
+    copied_originals: set[str] = field(default_factory=set)
 
     @property
     def files(self) -> dict[str, str]:
@@ -229,6 +231,20 @@ class Batch:
     @property
     def stray(self) -> list[str]:
         return self.landing.stray
+
+
+class InspectionResults(Protocol):
+    """Where the images' inspections come from: worker processes here, or a sharded ingest's shards."""
+
+    def results(self, names: Iterable[str]) -> dict[str, FileInspection]: ...
+
+
+@dataclass(frozen=True)
+class StagedDay:
+    """A sharded ingest's merge input: the listing its plan took and its shards' inspections."""
+
+    listing: list[ObjectInfo]
+    inspection: InspectionResults
 
 
 def read_manifest(data: bytes) -> tuple[pd.DataFrame, str | None]:
@@ -360,9 +376,18 @@ def quarantine_from_listing(batch: Batch, max_file_bytes: int) -> None:
             _quarantine(entry, "file_too_large", detail)
 
 
-def fetch_landed(storage: Storage, batch: Batch, spool: Spool, max_file_bytes: int) -> None:
-    """Stream every object ingestion reads into the spool: none over the limit, unsafe keys read as listed."""
+def fetch_landed(
+    storage: Storage, batch: Batch, spool: Spool, max_file_bytes: int, *, images: bool = True
+) -> None:
+    """Stream every object ingestion reads into the spool: none over the limit, unsafe keys read as listed.
+
+    ``images=False`` (a sharded ingest's merge: the shards inspected the images) leaves the images
+    where they landed; a quarantined one is copied within storage."""
     readable = [info for info in batch.landing.objects if info.size <= max_file_bytes]
+    if not images:
+        landed_images = set(batch.files.values())
+        batch.copied_originals = {info.key for info in readable if info.key in landed_images}
+        readable = [info for info in readable if info.key not in batch.copied_originals]
     batch.spooled = spool.fetch(storage, [i.key for i in readable if i.key not in batch.landing.unsafe])
     for info in readable:
         if info.key in batch.landing.unsafe:
@@ -381,7 +406,11 @@ def _set_file_and_row(batch: Batch, name: str, line: int, reason: str, detail: s
 
 
 def check_images(
-    batch: Batch, claimed: dict[str, int], inspection: Inspection, quality: QualityRunner, settings: Settings
+    batch: Batch,
+    claimed: dict[str, int],
+    inspection: InspectionResults,
+    quality: QualityRunner,
+    settings: Settings,
 ) -> dict[str, FileInspection]:
     """Safety checks in Python (already running in ``inspection``), quality checks in the properties suite."""
     inspected = inspection.results(claimed)
@@ -611,9 +640,14 @@ def _write_quarantine(storage: Storage, batch: Batch) -> None:
     entries = ledger(batch)
     keep = {batch.layout.quarantine_reasons}
     for entry in entries:
-        if entry.kind == "file" and entry.outcome == "quarantined" and entry.ref in batch.spooled:
-            target = quarantine_target(batch, entry.ref)
+        if entry.kind != "file" or entry.outcome != "quarantined":
+            continue
+        target = quarantine_target(batch, entry.ref)
+        if entry.ref in batch.spooled:
             storage.write_bytes(target, batch.spooled[entry.ref].read_bytes())
+            keep.add(target)
+        elif entry.ref in batch.copied_originals:
+            storage.copy(entry.ref, target)
             keep.add(target)
     quarantined = [entry for entry in entries if entry.outcome == "quarantined"]
     storage.write_bytes(batch.layout.quarantine_reasons, ledger_csv(quarantined))
@@ -622,48 +656,62 @@ def _write_quarantine(storage: Storage, batch: Batch) -> None:
             storage.delete(info.key)
 
 
-def _curated_file(inspected: FileInspection) -> Path:
-    if inspected.curated_path is None:
+def _write_curated(storage: Storage, key: str, inspected: FileInspection) -> None:
+    """The curated bytes to ``key``: from the local spool, or copied from where a shard staged them."""
+    if inspected.curated_path is not None:
+        storage.write_bytes(key, inspected.curated_path.read_bytes())
+    elif inspected.curated_key is not None:
+        storage.copy(inspected.curated_key, key)
+    else:
         raise RuntimeError(f"no curated bytes for {inspected.report.source_sha256}")
-    return inspected.curated_path
 
 
 def publish(
     storage: Storage, batch: Batch, new_rows: list[dict[str, Any]], inspected: dict[str, FileInspection]
 ) -> dict[str, Any]:
-    """Write curated images and quarantined originals from the spool, then the catalog (last)."""
+    """Write curated images and quarantined originals (from the spool or the staging area), then the
+    catalog (last)."""
     for row in new_rows:
         if not storage.exists(row["curated_key"]):
             name = row["source_key"].removeprefix(batch.layout.images + "/")
-            storage.write_bytes(row["curated_key"], _curated_file(inspected[name]).read_bytes())
+            _write_curated(storage, row["curated_key"], inspected[name])
     _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
     storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))
     return catalog.write_version(storage, batch.layout.day)
 
 
-def load_batch(storage: Storage, day: dt.date) -> tuple[Batch, str | None]:
+def load_batch(
+    storage: Storage, day: dt.date, listing: list[ObjectInfo] | None = None
+) -> tuple[Batch, str | None]:
+    """The day's manifest and listing (``listing``: one taken earlier, e.g. by a sharded ingest's plan)."""
     layout = DayLayout(day)
     if not storage.exists(layout.labels):
         raise NothingLanded(f"nothing landed for {day}: {storage.url(layout.labels)} does not exist")
     manifest, parse_error = read_manifest(storage.read_bytes(layout.labels))
-    landing = sort_listing(storage.list_objects(layout.landing), layout)
+    landing = sort_listing(storage.list_objects(layout.landing) if listing is None else listing, layout)
     return Batch(layout, manifest, landing), parse_error
 
 
+def local_inspection(
+    settings: Settings, batch: Batch, spool: Spool, inspect: InspectFile = inspect_file
+) -> Inspection:
+    """The spooled images inspected by worker processes on this host (they start at once)."""
+    images = {name: batch.spooled[key] for name, key in sorted(batch.files.items()) if key in batch.spooled}
+    limits = ImageLimits.from_settings(settings.ingest)
+    return Inspection(
+        images, limits, resolve_workers(settings.ingest.workers), spool.curated, inspect=inspect
+    )
+
+
 def validate_batch(
-    settings: Settings, storage: Storage, batch: Batch, spool: Spool, inspect: InspectFile = inspect_file
+    settings: Settings, storage: Storage, batch: Batch, inspection: InspectionResults
 ) -> tuple[IngestResult, list[dict[str, Any]], dict[str, FileInspection]]:
-    """Run every check on a spooled batch: (result, new catalog rows, inspection of each image)."""
+    """Run every check on a batch whose images ``inspection`` inspects: (result, new catalog rows,
+    inspection of each image)."""
     day = batch.layout.day
     run_time = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-    limits = ImageLimits.from_settings(settings.ingest)
-    images = {name: batch.spooled[key] for name, key in sorted(batch.files.items()) if key in batch.spooled}
-    workers = resolve_workers(settings.ingest.workers)
-    with (
-        Inspection(images, limits, workers, spool.curated, inspect=inspect) as inspection,
-        QualityRunner(f"ingest-{day.isoformat()}", run_time) as quality,
-    ):
+    with QualityRunner(f"ingest-{day.isoformat()}", run_time) as quality:
         check_manifest(batch, quality, settings)
         claimed = pair_rows_and_files(batch)
         inspected = check_images(batch, claimed, inspection, quality, settings)
@@ -684,20 +732,32 @@ def spool_parent(settings: Settings) -> Path | None:
 
 
 def ingest_day(
-    settings: Settings, storage: Storage, day: dt.date, *, inspect: InspectFile = inspect_file
+    settings: Settings,
+    storage: Storage,
+    day: dt.date,
+    *,
+    inspect: InspectFile = inspect_file,
+    staged: StagedDay | None = None,
 ) -> IngestResult:
     """Validate, curate or quarantine, and version one landing day; return the run's result.
 
     ``inspect`` checks one spooled file in a worker process (module-level, so it can be pickled).
+    ``staged``: a sharded ingest's merge (``ml.data.shards``): the plan's listing, and the images as
+    its shards inspected and staged them, instead of downloading and inspecting them here.
     """
-    batch, parse_error = load_batch(storage, day)
+    batch, parse_error = load_batch(storage, day, staged.listing if staged else None)
     if parse_error:
         batch.gate_reasons.append(parse_error)
     max_bytes = settings.ingest.max_file_bytes
     with Spool(spool_parent(settings)) as spool:
         quarantine_from_listing(batch, max_bytes)
-        fetch_landed(storage, batch, spool, max_bytes)
-        result, new_rows, inspected = validate_batch(settings, storage, batch, spool, inspect)
+        fetch_landed(storage, batch, spool, max_bytes, images=staged is None)
+        inspection = staged.inspection if staged else local_inspection(settings, batch, spool, inspect)
+        try:
+            result, new_rows, inspected = validate_batch(settings, storage, batch, inspection)
+        finally:
+            if isinstance(inspection, Inspection):
+                inspection.close()
         storage.write_bytes(batch.layout.ledger, ledger_csv(ledger(batch)))
         if result.gate.passed:
             version = publish(storage, batch, new_rows, inspected)

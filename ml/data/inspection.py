@@ -30,10 +30,12 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 @dataclass(frozen=True)
 class FileInspection:
-    """One inspected file: the report, and where its curated bytes are (None when rejected)."""
+    """One inspected file: the report, and where its curated bytes are (None when rejected): a local
+    file, or an object in storage (a shard of a sharded ingest staged them there)."""
 
     report: ImageReport
     curated_path: Path | None = None
+    curated_key: str | None = None
 
 
 InspectFile = Callable[[Path, ImageLimits, Path], FileInspection]

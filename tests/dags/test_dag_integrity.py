@@ -53,6 +53,19 @@ def test_ingest_daily_shape(dagbag) -> None:
     assert "date" in dag.params
 
 
+def test_ingest_daily_fans_out_over_shards_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("MLOPS__INGEST__SHARDS", "3")
+    dag = DagBag(dag_folder=str(REPO / "dags" / "ingest_daily.py")).dags["ingest_daily"]
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order == ["wait_for_labels", "plan", "inspect_shard", "ingest"]
+    assert type(dag.get_task("inspect_shard")).__name__.endswith("MappedOperator")  # one task per shard
+    assert dag.get_task("inspect_shard").retries >= 1  # a shard whose worker died runs again
+    assert dag.get_task("ingest").upstream_task_ids == {"wait_for_labels", "inspect_shard"}
+    assert dag.params["shards"] == 3  # the form can split a day differently
+
+
 def test_retrain_shape(dagbag) -> None:
     dag = dagbag.dags["retrain"]
     order = [t.task_id for t in dag.topological_sort()]

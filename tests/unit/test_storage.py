@@ -9,6 +9,7 @@ import pytest
 
 from ml.storage import (
     LocalStorage,
+    S3Storage,
     StorageError,
     UnsafeKeyError,
     WriteConflict,
@@ -161,3 +162,27 @@ def test_s3_conditional_writes_raw_keys_and_encryption(s3_endpoint: str, s3_buck
     assert listed["d/images/"].is_folder_marker and listed["d/images//twice.jpg"].size == 3
     assert storage.read_unchecked("d/images//twice.jpg") == b"abc"
     assert storage.download("state.json", Path(tempfile.mkdtemp()) / "s") == 1
+
+
+def test_copy_moves_no_bytes_through_memory_and_keeps_encryption(
+    tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    """Local copies are atomic files; S3 copies are server-side (CopyObject) and carry the SSE setting."""
+    import boto3
+
+    local = LocalStorage(tmp_path)
+    local.write_bytes("a/one.bin", b"x" * 3000)
+    local.copy("a/one.bin", "b/two.bin")
+    assert local.read_bytes("b/two.bin") == b"x" * 3000 and local.exists("a/one.bin")
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(StorageError):
+        local.copy("a/missing.bin", "b/three.bin")
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3 = S3Storage(client, s3_bucket, "root", encryption={"ServerSideEncryption": "AES256"})
+    s3.write_bytes("a/one.bin", b"y" * 3000)
+    s3.copy("a/one.bin", "b/two.bin")
+    assert s3.read_bytes("b/two.bin") == b"y" * 3000
+    head = client.head_object(Bucket=s3_bucket, Key="root/b/two.bin")
+    assert head["ServerSideEncryption"] == "AES256"
+    with pytest.raises(StorageError):
+        s3.copy("a/missing.bin", "b/three.bin")
