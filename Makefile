@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-digits lock clean
+.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-digits lock clean
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ browser:
 	  fi; \
 	fi
 
+# PostgreSQL and Redis for the production profile (this machine kind has them; started when down).
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || { \
+	  echo "starting PostgreSQL"; pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start || true; }
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
+	  echo "starting Redis"; redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true; }
+
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
@@ -59,11 +66,16 @@ test-fast: install
 demo: install
 	$(BIN)/python -m ml.demo
 
+# PROFILE=production: Airflow on PostgreSQL + CeleryExecutor (Redis) with two workers, an MLflow
+# server, S3 and two service replicas (profiles/production.yaml); default: the embedded stack.
+PROFILE ?= embedded
+STACK := $(if $(filter production,$(PROFILE)),ml.ops.production,ml.ops.stack)
+
 up: install
-	$(BIN)/python -m ml.ops.stack up
+	$(BIN)/python -m $(STACK) up
 
 down: install
-	$(BIN)/python -m ml.ops.stack down
+	$(BIN)/python -m $(STACK) down
 
 serve: install
 	$(BIN)/mlops serve

@@ -340,7 +340,10 @@ class CeleryWorkerConfig(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     queues: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
-    concurrency: int = Field(default=1, ge=1)
+    # One task at a time, in the worker's main process (Celery's solo pool): Airflow's task supervisor
+    # needs the main thread (no threads pool) and ingestion's decoder processes need a parent that may
+    # have children (prefork's daemonic pool processes may not). More parallelism: more workers.
+    concurrency: int = Field(default=1, ge=1, le=1)
 
 
 class ProductionConfig(_Strict):

@@ -1,0 +1,81 @@
+"""The production profile's overlay and what its components are started with (no servers here; the
+profile runs for real in tests/e2e/test_production.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ml.config import load_settings
+from tests.conftest import REPO, setting_overrides
+
+PROFILE = str(REPO / "profiles" / "production.yaml")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    return load_settings(
+        environ={"MLOPS_CONFIG": PROFILE, **setting_overrides(production__airflow_home=str(tmp_path))}
+    )
+
+
+def test_the_overlay_names_every_distributed_component(settings) -> None:
+    config = settings.production
+    assert settings.storage.root.startswith("s3://") and settings.mlflow.tracking_uri.startswith("http://")
+    assert config.database_url.startswith("postgresql") and config.mlflow_backend_store.startswith(
+        "postgresql"
+    )
+    assert config.broker_url.startswith("redis://") and config.mlflow_artifacts.startswith("s3://")
+    assert [w.name for w in config.workers] == ["worker-1", "worker-2"]
+    assert all(set(w.queues) >= {"default", w.name} for w in config.workers)  # shared queue + its own
+    assert len(config.replica_ports) == 2 and settings.ingest.shards == 2
+    assert settings.mlflow.auto_approve is False
+
+
+def test_components_start_with_celery_on_postgres_and_their_own_hostnames(settings) -> None:
+    from ml.ops import production
+
+    env = production.profile_env(settings)
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == settings.production.database_url
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+" + settings.production.database_url
+    # each worker's main process runs its task: the supervisor's signals, ingestion's decoder processes
+    assert env["AIRFLOW__CELERY__POOL"] == "solo"
+    assert env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "mlops_airflow.hosts.worker_hostname"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == settings.storage.endpoint_url
+    assert production.profile_env(settings)["AIRFLOW__CORE__FERNET_KEY"] == env["AIRFLOW__CORE__FERNET_KEY"]
+    workers = [c for c in production.airflow_components(settings) if c.name.startswith("worker-")]
+    assert [c.env for c in workers] == [{"MLOPS_WORKER_NAME": "worker-1"}, {"MLOPS_WORKER_NAME": "worker-2"}]
+    assert "--queues" in workers[0].argv and "default,worker-1" in workers[0].argv
+    names = production.component_names(settings)
+    assert names[:2] == ["s3", "mlflow-server"] and names[-2:] == ["replica-3101", "replica-3102"]
+
+
+def test_a_task_records_the_worker_that_ran_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import sys
+
+    sys.path.insert(0, str(REPO / "plugins"))
+    from mlops_airflow.hosts import worker_hostname
+
+    monkeypatch.setenv("MLOPS_WORKER_NAME", "worker-2")
+    assert worker_hostname() == "worker-2"
+    monkeypatch.delenv("MLOPS_WORKER_NAME")
+    assert worker_hostname() == socket.getfqdn()
+
+
+def test_a_missing_backing_service_is_named(settings) -> None:
+    from ml.http import free_port
+    from ml.ops import production
+
+    port = free_port()
+    broken = settings.model_copy(
+        update={
+            "production": settings.production.model_copy(
+                update={"database_url": f"postgresql+psycopg2://postgres@127.0.0.1:{port}/x"}
+            )
+        }
+    )
+    assert production.backing_services_problem(broken) == f"PostgreSQL does not answer at 127.0.0.1:{port}"
