@@ -123,6 +123,10 @@ class TrainingConfig(_Strict):
     early_stopping: EarlyStopping
     seed: int
     augmented_views: int = Field(ge=0, le=16)
+    accelerator: Literal["cpu", "gpu", "auto"] = "cpu"  # auto: a GPU when there is one
+    devices: int = Field(default=1, ge=1, le=64)  # >1: data-parallel (DDP) over this many processes or GPUs
+    strategy: Literal["auto", "ddp", "ddp_fork", "ddp_spawn"] = "auto"  # with devices > 1 on CPU: ddp_fork
+    backbone_lr_factor: float = Field(default=0.1, gt=0, le=1)  # fine-tuning: backbone lr factor
 
 
 class AcceptanceConfig(_Strict):

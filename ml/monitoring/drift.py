@@ -45,6 +45,7 @@ from ml.layout import (
     DRIFT_REPORTS_PREFIX,
     HEAD_META_ARTIFACT,
     HEAD_WEIGHTS_ARTIFACT,
+    ONNX_ARTIFACT,
     REFERENCE_ARTIFACTS,
     RETRAIN_REQUESTS_KEY,
     drift_summary_key,
@@ -241,24 +242,60 @@ def champion_reference(settings: Settings) -> tuple[str, Reference, Any] | None:
     return version, load_reference(settings, version), load_champion_head(settings, version)
 
 
-def load_champion_head(settings: Settings, version: str) -> Any:
-    """The head of model ``version`` from its state dict (``weights_only``: never a pickled model)."""
+@dataclass(frozen=True)
+class ChampionModel:
+    """The champion as the monitor runs it: its head on the configured backbone's cached embeddings,
+    or, when its backbone was fine-tuned (those embeddings are not its input), its ONNX export on the
+    day's images."""
+
+    head: Any
+    onnx: bytes | None = None  # the fine-tuned model's export
+
+    def predict_proba(
+        self, settings: Settings, storage: Storage, rows: pd.DataFrame, embeddings: np.ndarray
+    ) -> np.ndarray:
+        from ml.training.model import predict_proba
+
+        if self.onnx is None:
+            return predict_proba(self.head, embeddings)
+        from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
+        from ml.training.scoring import onnx_predict_proba
+
+        prep = Preprocessing.from_settings(settings.preprocessing)
+        images = [decode_rgb(storage.read_bytes(key)) for key in rows["curated_key"]]
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(self.onnx)
+            return onnx_predict_proba(path, batch_arrays(images, prep))
+
+
+def load_champion_head(settings: Settings, version: str) -> ChampionModel:
+    """Model ``version``: its head from the state dict (``weights_only``: never a pickled model) and,
+    when it fine-tuned its backbone, its ONNX export."""
     from ml.training.model import load_head
 
     client = registry.client(settings)
     model_version = client.get_model_version(settings.mlflow.registered_model, str(version))
+    fine_tuned = client.get_run(model_version.run_id).data.params.get("frozen_backbone") == "False"
     with tempfile.TemporaryDirectory() as folder:
         weights = client.download_artifacts(model_version.run_id, HEAD_WEIGHTS_ARTIFACT, folder)
         spec = client.download_artifacts(model_version.run_id, HEAD_META_ARTIFACT, folder)
-        return load_head(Path(weights), Path(spec))
+        head = load_head(Path(weights), Path(spec))
+        onnx = (
+            Path(client.download_artifacts(model_version.run_id, ONNX_ARTIFACT, folder)).read_bytes()
+            if fine_tuned
+            else None
+        )
+    return ChampionModel(head, onnx)
 
 
 def current_frame(
-    settings: Settings, storage: Storage, rows: pd.DataFrame, reference: Reference, head: Any
+    settings: Settings, storage: Storage, rows: pd.DataFrame, reference: Reference, model: Any
 ) -> pd.DataFrame:
-    """The batch's drift columns: cached embeddings (computed and cached when missing), projected."""
+    """The batch's drift columns: cached embeddings (computed and cached when missing), projected, and
+    the champion's predictions (``model``: a ChampionModel, or a head on those embeddings)."""
     from ml.training.features import feature_cache
-    from ml.training.model import backbone_from_settings, predict_proba
+    from ml.training.model import backbone_from_settings
     from ml.training.preprocessing import Preprocessing
 
     prep = Preprocessing.from_settings(settings.preprocessing)
@@ -270,9 +307,9 @@ def current_frame(
         )
     features, _ = cache.features_for(rows)
     embeddings = features[:, 0]
-    return batch_frame(
-        rows, reference.project(embeddings), predict_proba(head, embeddings), reference.classes
-    )
+    champion = model if isinstance(model, ChampionModel) else ChampionModel(model)
+    proba = champion.predict_proba(settings, storage, rows, embeddings)
+    return batch_frame(rows, reference.project(embeddings), proba, reference.classes)
 
 
 def write_report(

@@ -198,12 +198,12 @@ def fit_epochs(
 ) -> FitResult:
     """Exactly ``hparams.epochs`` epochs, keeping the last; ``watch`` only feeds the logged val curves."""
     L.seed_everything(hparams.seed, workers=True, verbose=False)
-    metrics = EpochMetrics(sink or (lambda values, step: None))
+    module = HeadModule(head, hparams)
     trainer = L.Trainer(
         max_epochs=hparams.epochs,
         accelerator="cpu",
         deterministic=True,
-        callbacks=[metrics],
+        callbacks=[EpochMetrics(sink)],
         reload_dataloaders_every_n_epochs=1,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -211,9 +211,10 @@ def fit_epochs(
         logger=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(HeadModule(head, hparams), datamodule=ViewSamplingData(train, watch, hparams))
-    last = metrics.history[-1]["val_accuracy"] if metrics.history else float("nan")
-    return FitResult(head, metrics.history, hparams.epochs - 1, last, False)
+    trainer.fit(module, datamodule=ViewSamplingData(train, watch, hparams))
+    history = module.record["history"]
+    last = history[-1]["val_accuracy"] if history else float("nan")
+    return FitResult(head, history, hparams.epochs - 1, last, False)
 
 
 def train_on_train_and_val(

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from ml.training.evaluate import (
     gate,
 )
 from ml.training.features import CacheStats, feature_cache
+from ml.training.finetune import fine_tune_fn
 from ml.training.model import (
     SERVING_OUTPUTS,
     Backbone,
@@ -225,6 +226,8 @@ def retrain(
         rows = rows.assign(label=np.random.default_rng(hparams.seed).permutation(rows["label"].to_numpy()))
         snap = Snapshot(version, rows, snap.features, snap.backbone, snap.cache_id, snap.stats, snap.seconds)
     data = split_data(rows, snap.features, list(settings.classes))
+    if fit is None and not settings.model.freeze_backbone:
+        fit = fine_tune_fn(settings, storage, rows)
     context = context or RunContext()
     return train_and_register(
         settings, storage, snap, data, hparams, context, shuffle_labels, fit=fit, tags=tags
@@ -256,7 +259,7 @@ def train_and_register(
             data,
             list(settings.classes),
             hparams,
-            sink=lambda values, step: mlflow.log_metrics(values, step=step),
+            sink=lambda values, step: mlflow.log_metrics(epoch_metrics(values), step=step),
         )
         mlflow.log_metrics(
             {
@@ -266,13 +269,18 @@ def train_and_register(
                 "train_seconds": time.perf_counter() - fit_started,  # fit + test evaluation, features cached
             }
         )
+        pretrained = snap
+        if trained.backbone is not None:  # fine-tuned: every step from here sees the new backbone
+            snap = replace(snap, backbone=trained.backbone, features=trained.features)
+            data = split_data(snap.rows, snap.features, list(settings.classes))
+            mlflow.log_param("fine_tuned_backbone_weights", trained.backbone.weights_id)
         champion, champion_correct = champion_correctness(settings, storage, snap.rows, data["test"].labels)
         decision = gate(trained.evaluation, settings.acceptance, champion_correct)
         model = _classifier(snap.backbone, trained.head)
         add_parity_check(decision, _log_model_and_onnx(model, settings, storage, snap.rows), settings)
         validation = validate_in_run(settings, storage, snap, data, trained, champion, decision)
         log_outcome(settings, trained, decision, champion)
-        _log_drift_reference(settings, snap, trained.head)
+        _log_drift_reference(settings, pretrained, predict_proba(trained.head, snap.features[:, 0]))
         mlflow.set_tag("gate", "passed" if decision.passed else "failed")
         model_version = (
             register(settings, run.info.run_id, snap.version["version"], trained.evaluation, decision)
@@ -293,6 +301,12 @@ def train_and_register(
             epochs_run=len(trained.fit.history),
             validation=validation,
         )
+
+
+def epoch_metrics(values: dict[str, float]) -> dict[str, float]:
+    """An epoch's metrics as MLflow names them: the training split's loss and accuracy as ``train_*``,
+    so ``accuracy`` (and ``loss``) in a run always mean the test evaluation, never the last epoch."""
+    return {f"train_{k}" if k in ("loss", "accuracy") else k: v for k, v in values.items()}
 
 
 def headline_metrics(evaluation: Evaluation) -> dict[str, float]:
@@ -391,8 +405,9 @@ def _classifier(backbone: Backbone, head: Any) -> Classifier:
     return Classifier(backbone.module, head).eval()
 
 
-def _log_drift_reference(settings: Settings, snap: Snapshot, head: Any) -> None:
-    """The held-out rows' properties, embeddings and model outputs: what drift compares against."""
+def _log_drift_reference(settings: Settings, snap: Snapshot, proba: np.ndarray) -> None:
+    """The held-out rows' properties, embeddings (the configured backbone's, fine-tuned or not: a fixed
+    space the monitor can compute for any day) and the model's outputs: what drift compares against."""
     import mlflow
 
     rows, embeddings = snap.rows, snap.features[:, 0]
@@ -400,7 +415,7 @@ def _log_drift_reference(settings: Settings, snap: Snapshot, head: Any) -> None:
     reference = build_reference(
         rows[held_out].reset_index(drop=True),
         embeddings[held_out],
-        predict_proba(head, embeddings[held_out]),
+        proba[held_out],
         list(settings.classes),
         cache_id=snap.cache_id,
         dataset_version=snap.version["version"],

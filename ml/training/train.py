@@ -38,6 +38,17 @@ class Hyperparameters:
     monitor: str
     seed: int
     dropout: float
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"
+
+    @property
+    def trainer_strategy(self) -> str:
+        """Lightning's strategy: with several devices, "auto" means ddp_fork, which (unlike "ddp", which
+        relaunches the script) works inside an Airflow task, a notebook or a test."""
+        if self.devices > 1 and self.strategy == "auto":
+            return "ddp_fork"
+        return self.strategy
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> Hyperparameters:
@@ -52,6 +63,9 @@ class Hyperparameters:
             "monitor": training.early_stopping.monitor,
             "seed": training.seed,
             "dropout": settings.model.dropout_rate,
+            "accelerator": training.accelerator,
+            "devices": training.devices,
+            "strategy": training.strategy,
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -87,13 +101,24 @@ def split_data(rows: pd.DataFrame, features: np.ndarray, classes: list[str]) -> 
 
 
 class HeadModule(L.LightningModule):
-    """Cross-entropy training of the head; logs loss/accuracy and val_loss/val_accuracy per epoch."""
+    """Cross-entropy training of ``head``; logs loss/accuracy and val_loss/val_accuracy per epoch.
+
+    ``record`` (the epoch history, the best epoch) is the module's extra state, so under DDP it travels
+    back from rank 0 with the weights to the process that called ``fit``.
+    """
 
     def __init__(self, head: nn.Module, hparams: Hyperparameters) -> None:
         super().__init__()
         self.head = head
         self.hp = hparams
         self.loss = nn.CrossEntropyLoss()
+        self.record: dict[str, Any] = {"history": [], "best_epoch": 0, "best_value": 0.0, "stopped": False}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.record
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.record = state
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
@@ -103,8 +128,16 @@ class HeadModule(L.LightningModule):
         logits = self(features)
         loss = self.loss(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        self.log(f"{prefix}loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
-        self.log(f"{prefix}accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        # sync_dist: under DDP every rank sees the same epoch metric (early stopping, best weights)
+        self.log(f"{prefix}loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        self.log(
+            f"{prefix}accuracy",
+            accuracy,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -123,18 +156,25 @@ class HeadModule(L.LightningModule):
             )
         if batch_idx == self.trainer.num_training_batches - 1:
             loss_sum, correct_sum, rows = self._sums
-            self.log("loss", loss_sum / rows, on_step=False, on_epoch=True, batch_size=1)
-            self.log("accuracy", correct_sum / rows, on_step=False, on_epoch=True, batch_size=1)
+            self.log("loss", loss_sum / rows, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+            self.log(
+                "accuracy", correct_sum / rows, on_step=False, on_epoch=True, batch_size=1, sync_dist=True
+            )
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val_")
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.head.parameters()), "lr": self.hp.learning_rate}]
+
     def configure_optimizers(self) -> Any:
         optimizers = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
         # foreach: one kernel per step for all parameters instead of one per tensor (torch's CPU default)
         foreach = {} if self.hp.optimizer == "SGD" else {"foreach": True}
-        optimizer = optimizers[self.hp.optimizer](self.head.parameters(), lr=self.hp.learning_rate, **foreach)
+        optimizer = optimizers[self.hp.optimizer](
+            self.parameter_groups(), lr=self.hp.learning_rate, **foreach
+        )
         if self.hp.scheduler == "none":
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", patience=3, factor=0.5)
@@ -156,13 +196,20 @@ class ViewSamplingData(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.hp.seed + epoch)
         order = torch.randperm(len(self.train), generator=generator)  # the order shuffle=True would draw
         dataset = Batches(
-            torch.from_numpy(chosen), torch.from_numpy(self.train.labels), self.hp.batch_size, order
+            torch.from_numpy(chosen), torch.from_numpy(self.train.labels), rank_batch_size(self), order
         )
         return DataLoader(dataset, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         features, labels = torch.from_numpy(self.val.features[:, 0]), torch.from_numpy(self.val.labels)
         return DataLoader(Batches(features, labels, max(self.hp.batch_size, 256)), batch_size=None)
+
+
+def rank_batch_size(data: L.LightningDataModule) -> int:
+    """Each process's share of ``batch_size``: under DDP the ranks' batches together make one batch of
+    the configured size, so the same hyperparameters take the same steps on 1 process or N."""
+    world = data.trainer.world_size if data.trainer else 1
+    return max(1, data.hp.batch_size // world)
 
 
 class Batches(Dataset):
@@ -184,11 +231,12 @@ class Batches(Dataset):
 
 
 class EpochMetrics(L.Callback):
-    """Hands each finished epoch's metrics to ``sink`` (MLflow in production, a list in tests)."""
+    """Records each finished epoch's metrics in the module and hands them to ``sink`` (MLflow in
+    production, a list in tests); under DDP the caller replays them after the fit instead, so no forked
+    process writes to the tracking store."""
 
-    def __init__(self, sink: Callable[[dict[str, float], int], None]) -> None:
+    def __init__(self, sink: Callable[[dict[str, float], int], None] | None) -> None:
         self.sink = sink
-        self.history: list[dict[str, float]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -197,8 +245,9 @@ class EpochMetrics(L.Callback):
         if "loss" not in metrics:  # the first validation pass runs before any training epoch ends
             return
         metrics["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self.history.append({"epoch": trainer.current_epoch, **metrics})
-        self.sink(metrics, trainer.current_epoch)
+        module.record["history"].append({"epoch": trainer.current_epoch, **metrics})
+        if self.sink is not None and trainer.world_size == 1:
+            self.sink(metrics, trainer.current_epoch)
 
 
 _EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -221,21 +270,34 @@ def fit_head(
     *,
     callbacks: Sequence[L.Callback] | None = None,
 ) -> FitResult:
-    """Train ``head`` with early stopping on ``hparams.monitor``; return the best epoch's weights.
+    """Train ``head`` on cached features with early stopping; return the best epoch's weights.
 
     ``callbacks`` run after the built-in ones each epoch (a tuning trial's pruning hook).
     """
+    data_module = ViewSamplingData(data["train"], data["val"], hparams)
+    return fit_module(HeadModule(head, hparams), data_module, hparams, sink, callbacks=callbacks)
+
+
+def fit_module(
+    module: HeadModule,
+    data_module: L.LightningDataModule,
+    hparams: Hyperparameters,
+    sink: Callable[[dict[str, float], int], None] | None = None,
+    *,
+    callbacks: Sequence[L.Callback] | None = None,
+) -> FitResult:
+    """Fit ``module`` with early stopping on ``hparams.monitor`` on ``hparams.devices`` (DDP when more
+    than one); ``module.head`` ends with the best epoch's weights, here and under DDP alike."""
     L.seed_everything(hparams.seed, workers=True, verbose=False)
-    module = HeadModule(head, hparams)
-    metrics = EpochMetrics(sink or (lambda values, step: None))
     mode = "max" if "accuracy" in hparams.monitor else "min"
     stopper = L.pytorch.callbacks.EarlyStopping(monitor=hparams.monitor, mode=mode, patience=hparams.patience)
-    best = _BestWeights(hparams.monitor, mode)
     trainer = L.Trainer(
         max_epochs=hparams.epochs,
-        accelerator="cpu",
+        accelerator=hparams.accelerator,
+        devices=hparams.devices,
+        strategy=hparams.trainer_strategy,
         deterministic=True,
-        callbacks=[metrics, stopper, best, *(callbacks or ())],
+        callbacks=[EpochMetrics(sink), stopper, _BestWeights(hparams.monitor, mode), *(callbacks or ())],
         reload_dataloaders_every_n_epochs=1,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -243,13 +305,20 @@ def fit_head(
         logger=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, datamodule=ViewSamplingData(data["train"], data["val"], hparams))
-    head.load_state_dict(best.state)
-    return FitResult(head, metrics.history, best.epoch, best.value, stopper.stopped_epoch > 0)
+    trainer.fit(module, datamodule=data_module)
+    record = module.record
+    if sink is not None and trainer.world_size > 1:
+        for entry in record["history"]:
+            sink({k: v for k, v in entry.items() if k != "epoch"}, int(entry["epoch"]))
+    module.head.cpu()
+    return FitResult(
+        module.head, record["history"], record["best_epoch"], record["best_value"], record["stopped"]
+    )
 
 
 class _BestWeights(L.Callback):
-    """Keeps the head's weights from the best epoch in memory (no checkpoint files)."""
+    """Keeps the head's weights from the best epoch in memory (no checkpoint files) and puts them back
+    into the head when the fit ends."""
 
     def __init__(self, monitor: str, mode: str) -> None:
         self.monitor, self.mode = monitor, mode
@@ -266,6 +335,16 @@ class _BestWeights(L.Callback):
             self.value, self.epoch = value, trainer.current_epoch
             self.state = {k: v.detach().clone() for k, v in module.head.state_dict().items()}
 
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.state:
+            module.head.load_state_dict(self.state)
+        stopper = trainer.early_stopping_callback
+        module.record.update(
+            best_epoch=self.epoch,
+            best_value=float(self.value) if self.state else 0.0,
+            stopped=bool(stopper is not None and stopper.stopped_epoch > 0),
+        )
+
 
 @dataclass
 class TrainResult:
@@ -275,6 +354,8 @@ class TrainResult:
     fit: FitResult
     evaluation: Evaluation
     test_proba: np.ndarray
+    backbone: Any = None  # a fine-tuned Backbone (None: the snapshot's frozen one)...
+    features: np.ndarray | None = None  # ...and every row's clean-view features under it, (N, 1, D)
 
 
 def train(

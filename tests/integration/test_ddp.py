@@ -1,0 +1,56 @@
+"""Data-parallel training for real: Lightning's DDP over 2 CPU processes (gloo), against 1 process,
+on the same data (scikit-learn's 8x8 digits, pixels as features), the same seed and hyperparameters."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from ml.config import load_settings
+from ml.training.model import Head, predict_proba
+from ml.training.train import Hyperparameters, SplitData, fit_head
+
+pytestmark = pytest.mark.slow
+
+
+def digits() -> dict[str, SplitData]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)[:, None, :]
+    rest_x, test_x, rest_y, test_y = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    train_x, val_x, train_y, val_y = train_test_split(
+        rest_x, rest_y, test_size=0.2, stratify=rest_y, random_state=0
+    )
+
+    def split(features: np.ndarray, labels: np.ndarray) -> SplitData:
+        return SplitData(features, labels.astype(np.int64), [f"{i:064x}" for i in range(len(labels))])
+
+    return {"train": split(train_x, train_y), "val": split(val_x, val_y), "test": split(test_x, test_y)}
+
+
+def test_two_ddp_processes_match_one_process_within_a_point() -> None:
+    data = digits()
+    settings = load_settings(environ={})
+    results = {}
+    for devices in (1, 2):
+        hparams = Hyperparameters.from_settings(settings, epochs=25, patience=8, devices=devices)
+        logged: list[int] = []
+        started = time.perf_counter()
+        fit = fit_head(
+            Head(64, 10, 0.2), data, hparams, sink=lambda metrics, step, into=logged: into.append(step)
+        )
+        seconds = time.perf_counter() - started
+        accuracy = float(
+            (predict_proba(fit.head, data["test"].features[:, 0]).argmax(1) == data["test"].labels).mean()
+        )
+        results[devices] = accuracy
+        print(f"devices={devices}: test accuracy {accuracy:.4f}, {len(fit.history)} epochs, {seconds:.1f} s")
+        # what ran in the forked ranks came back: the epoch history, the best epoch's weights, the sink
+        assert len(fit.history) >= 2 and logged == [int(h["epoch"]) for h in fit.history]
+        assert fit.best_val_accuracy == max(h["val_accuracy"] for h in fit.history)
+        assert accuracy > 0.9  # the head learned, in both layouts
+    assert abs(results[2] - results[1]) <= 0.01, results
