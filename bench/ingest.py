@@ -12,6 +12,13 @@ deterministically with the demo generator), reading from the same local storage:
   curated writes, catalog version).
 
 Usage: python bench/ingest.py [--images 2000] [--side 500]
+
+With ``--workers 1,2`` it measures the production profile instead (``make up PROFILE=production``
+first): landed days of the same size and kind (fresh dates, each its own images: a repeated image would
+be deduplicated, not curated), each ingested by the ``ingest_daily`` DAG with its objects
+split into 1, then 2 shards, each shard a mapped task on its own Celery worker; wall time of the run,
+of the fan-out (first shard start to last shard end) and which worker ran what. The DAGs that react
+to an ingest are paused meanwhile, so nothing else competes for the workers.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ DAY = dt.date(2026, 3, 1)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def land_jpegs(storage: LocalStorage, count: int, side: int, classes: list[str]) -> dict[str, bytes]:
-    rng = np.random.default_rng(2026)
+def land_jpegs(
+    storage: LocalStorage, count: int, side: int, classes: list[str], seed: int = 2026
+) -> dict[str, bytes]:
+    rng = np.random.default_rng(seed)
     blobs: dict[str, bytes] = {}
     rows = []
     for index in range(count):
@@ -105,7 +114,11 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--side", type=int, default=500)
+    parser.add_argument("--workers", help="e.g. 1,2: shards over the production profile's workers")
     args = parser.parse_args()
+    if args.workers:
+        production_bench([int(n) for n in args.workers.split(",")], args.images, args.side)
+        return
     cores = len(os.sched_getaffinity(0))
     settings = load_settings(environ={"MLOPS__INGEST__WORKERS": str(cores)})
     limits = ImageLimits.from_settings(settings.ingest)
@@ -164,6 +177,98 @@ def write_report(rows: list[dict], header: dict[str, object]) -> None:
     print("\n| contender | seconds | images/s | vs plain |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['contender']} | {row['seconds']} | {row['images_per_s']} | {row['vs_plain']}x |")
+
+
+REACTING_DAGS = ("drift_monitor", "retrain", "monitor_serving", "tune")
+
+
+def production_bench(workers: list[int], images: int, side: int) -> None:
+    """The same day ingested by the production profile's DAG over ``n`` shards for each ``n``."""
+    from ml.ops import production, stack
+    from ml.storage import storage_from_settings
+
+    settings = production.use_profile()
+    storage = storage_from_settings(settings)
+    try:
+        api = stack.Api.as_admin()
+    except OSError as exc:
+        raise SystemExit(f"the production profile is not up ({exc}): make up PROFILE=production") from exc
+    landed = sorted({key.split("/")[1] for key in storage.list("landing") if key.count("/") >= 2})
+    first = max([dt.date.fromisoformat(day) for day in landed] + [dt.date(2030, 1, 1)])
+    days = [first + dt.timedelta(days=1 + index) for index in range(len(workers))]
+    for day in days:  # days of one kind, each its own images (dedupe would skip repeated ones)
+        blobs = generated_day(images, side, settings.classes, seed=day.toordinal())
+        for name, (data, _) in blobs.items():
+            storage.write_bytes(f"landing/{day}/images/{name}", data)
+        labels = "filename,label\n" + "".join(f"{name},{label}\n" for name, (_, label) in blobs.items())
+        storage.write_bytes(f"landing/{day}/labels.csv", labels.encode())
+    print(f"landed {images} JPEGs ({side} px) on {', '.join(map(str, days))} in {settings.storage.root}")
+    paused = {dag: api.call(f"/api/v2/dags/{dag}")["is_paused"] for dag in REACTING_DAGS}
+    for dag in REACTING_DAGS:
+        api.call(f"/api/v2/dags/{dag}", {"is_paused": True}, method="PATCH")
+    rows = []
+    try:
+        for shards, day in zip(workers, days, strict=True):
+            run_id = api.trigger("ingest_daily", {"date": str(day), "shards": shards})
+            state = api.wait("ingest_daily", run_id)
+            if state != "success":
+                raise SystemExit(f"ingest_daily {run_id} ended {state}")
+            rows.append(run_row(api, run_id, shards, images))
+    finally:
+        for dag, was_paused in paused.items():
+            api.call(f"/api/v2/dags/{dag}", {"is_paused": was_paused}, method="PATCH")
+    base = rows[0]
+    for row in rows:
+        row["speedup_run"] = round(base["run_seconds"] / row["run_seconds"], 2)
+        row["speedup_fan_out"] = round(base["fan_out_seconds"] / row["fan_out_seconds"], 2)
+    RESULTS.mkdir(exist_ok=True)
+    report = {"images": images, "side_px": side, "cores": len(os.sched_getaffinity(0)), "rows": rows}
+    (RESULTS / "ingest_workers.json").write_text(json.dumps(report, indent=2))
+    print(
+        "\n| shards (workers) | run s | run img/s | speed-up | fan-out s | fan-out img/s | speed-up | "
+        "merge s | workers used |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
+    for row in rows:
+        print(
+            f"| {row['shards']} | {row['run_seconds']} | {row['run_images_per_s']} | {row['speedup_run']}x | "
+            f"{row['fan_out_seconds']} | {row['fan_out_images_per_s']} | {row['speedup_fan_out']}x | "
+            f"{row['merge_seconds']} | {', '.join(row['hosts'])} |"
+        )
+
+
+def generated_day(images: int, side: int, classes: list[str], seed: int) -> dict[str, tuple[bytes, str]]:
+    with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
+        storage = LocalStorage(Path(tmp))
+        blobs = land_jpegs(storage, images, side, classes, seed)
+    return {
+        name: (data, classes[index % len(classes)])
+        for index, (name, data) in enumerate(sorted(blobs.items()))
+    }
+
+
+def run_row(api: object, run_id: str, shards: int, images: int) -> dict[str, object]:
+    """Wall time of the run and of its fan-out, from the task instances' own start and end times."""
+    run = api.call(f"/api/v2/dags/ingest_daily/dagRuns/{run_id}")
+    tis = api.call(f"/api/v2/dags/ingest_daily/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
+    when = dt.datetime.fromisoformat
+    shard_tis = [ti for ti in tis if ti["task_id"] == "inspect_shard"]
+    merge = [ti for ti in tis if ti["task_id"] == "ingest"]
+    run_seconds = (when(run["end_date"]) - when(run["start_date"])).total_seconds()
+    fan_out = (
+        max(when(ti["end_date"]) for ti in shard_tis) - min(when(ti["start_date"]) for ti in shard_tis)
+    ).total_seconds()
+    print(f"  {shards} shard(s): run {run_seconds:.1f} s, fan-out {fan_out:.1f} s", flush=True)
+    return {
+        "shards": shards,
+        "run_id": run_id,
+        "run_seconds": round(run_seconds, 1),
+        "run_images_per_s": round(images / run_seconds, 1),
+        "fan_out_seconds": round(fan_out, 1),
+        "fan_out_images_per_s": round(images / fan_out, 1),
+        "merge_seconds": round(sum(ti["duration"] or 0 for ti in merge), 1),
+        "hosts": sorted({ti["hostname"] for ti in shard_tis}),
+        "shard_seconds": [round(ti["duration"] or 0, 1) for ti in shard_tis],
+    }
 
 
 if __name__ == "__main__":

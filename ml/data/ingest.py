@@ -21,6 +21,7 @@ import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -40,6 +41,7 @@ from ml.storage import ObjectInfo, Storage, UnsafeKeyError, join_key, safe_key
 __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
 
 REQUIRED_COLUMNS = ("filename", "label")
+PUBLISH_THREADS = 8  # curated writes in flight (below botocore's default pool of 10 connections)
 
 
 class NothingLanded(FileNotFoundError):
@@ -670,11 +672,17 @@ def publish(
     storage: Storage, batch: Batch, new_rows: list[dict[str, Any]], inspected: dict[str, FileInspection]
 ) -> dict[str, Any]:
     """Write curated images and quarantined originals (from the spool or the staging area), then the
-    catalog (last)."""
-    for row in new_rows:
+    catalog (last). The curated writes go ``PUBLISH_THREADS`` at a time: each is one or two S3
+    requests that wait on the network, and one after another they were most of a large day's publish."""
+
+    def put(row: dict[str, Any]) -> None:
         if not storage.exists(row["curated_key"]):
             name = row["source_key"].removeprefix(batch.layout.images + "/")
             _write_curated(storage, row["curated_key"], inspected[name])
+
+    with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish") as pool:
+        for _ in pool.map(put, new_rows):  # re-raises the first failure; the catalog is not written
+            pass
     _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
     storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))

@@ -258,3 +258,57 @@ def test_sigkilled_ingest_then_rerun_loses_nothing(tmp_path: Path) -> None:
     run_ingest(env)
     assert json.loads(storage.read_bytes(f"reports/ingest/{DAY}/result.json")) == first
     assert published(storage) == before
+
+
+# -- a sharded ingest: a shard's worker is SIGKILLed --------------------------------------------------
+
+
+def shard_command(shard: int) -> list[str]:
+    """What the ``inspect_shard`` task runs, as a process of its own (a Celery worker's task)."""
+    code = (
+        "import datetime as dt; from ml.config import load_settings; from ml.data import shards; "
+        "from ml.storage import storage_from_settings; settings = load_settings(); "
+        "shards.inspect_shard(settings, storage_from_settings(settings), "
+        f"dt.date.fromisoformat('{DAY}'), {shard})"
+    )
+    return [sys.executable, "-c", code]
+
+
+def test_a_shard_whose_worker_is_killed_is_retried_and_nothing_is_published_twice_or_lost(
+    tmp_path: Path,
+) -> None:
+    from ml.data import shards
+    from ml.layout import DayLayout
+
+    storage = LocalStorage(tmp_path / "store")
+    rows = land_day(storage, DAY)
+    env = os.environ | {"MLOPS__STORAGE__ROOT": storage.root.as_uri(), "MLOPS__INGEST__WORKERS": "1"}
+    settings = load_settings(environ={"MLOPS__STORAGE__ROOT": storage.root.as_uri()})
+    shards.plan_day(settings, storage, DAY, 2)
+    subprocess.run(shard_command(0), env=env, check=True, timeout=600)
+
+    # shard 1's worker dies (SIGKILL) while its decoder process works: no result, nothing published
+    process = subprocess.Popen(
+        shard_command(1), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    decoders: list[psutil.Process] = []
+
+    def decoding() -> bool:
+        decoders[:] = psutil.Process(process.pid).children()
+        return len(decoders) >= 1
+
+    kill_when(process, decoding, "its decoder process")
+    psutil.wait_procs(decoders, timeout=10)
+    assert not storage.exists(DayLayout(DAY).shard_result(1))
+    with pytest.raises(shards.ShardMissing):
+        shards.merge_day(settings, storage, DAY)
+    assert_nothing_published(storage, DAY)
+
+    # the retry (Airflow's, here by hand) completes the shard; the merge publishes every object once
+    subprocess.run(shard_command(1), env=env, check=True, timeout=600)
+    result = shards.merge_day(settings, storage, DAY)
+    assert result.reconciled
+    first = assert_all_accounted_for(storage, DAY, rows)
+    curated = storage.list("curated")
+    assert len(curated) == len(set(curated)) == first["curated"]["files"]
+    assert not storage.list(DayLayout(DAY).staging)  # the staging area went with the publish
