@@ -109,55 +109,6 @@ def test_a_human_approves_the_promotion_through_the_rest_api(stack: Stack) -> No
     assert read_state(storage).stable == version and tags["bento_tag"]  # checked, deployed
 
 
-def test_drift_after_an_ingest_starts_retrain_through_the_assets(stack: Stack) -> None:
-    """ingest_daily -> curated_images -> drift_monitor -> retrain_requested -> retrain, all scheduled."""
-    from ml import registry
-    from ml.config import load_settings
-    from ml.demo.drawing import Drift
-    from ml.demo.landing import land_day
-    from ml.training.pipeline import retrain
-
-    settings = load_settings()
-    storage = LocalStorage(stack.root / "store")
-    if registry.version_for_alias(settings, registry.CHAMPION) is None:  # this test run alone
-        start = DAY + dt.timedelta(days=1)
-        land_days(storage, start, 3, CLASSES, count=120, seed=11)
-        for offset in range(3):
-            ingest_day(settings, storage, start + dt.timedelta(days=offset))
-        registry.promote(settings, storage, retrain(settings, storage).model_version, "e2e")
-    day = DAY + dt.timedelta(days=10)
-    land_day(storage, day, CLASSES, count=120, seed=5, drift=Drift("brightness", 0.7))
-    before = {run["dag_run_id"] for run in stack.get("dags/retrain/dagRuns")["dag_runs"]}
-    stack.send("dags/ingest_daily/dagRuns", {"logical_date": None, "conf": {"date": str(day)}})
-
-    deadline = time.monotonic() + 420
-    triggered: list[dict] = []
-    while time.monotonic() < deadline and not triggered:
-        time.sleep(5)
-        runs = stack.get("dags/retrain/dagRuns")["dag_runs"]
-        triggered = [r for r in runs if r["dag_run_id"] not in before and r["run_type"] == "asset_triggered"]
-    assert triggered, f"no asset-triggered retrain; see {stack.home / 'standalone.log'}"
-    monitor: dict = {}
-    while time.monotonic() < deadline and monitor.get("state") not in ("success", "failed"):
-        (monitor,) = stack.get("dags/drift_monitor/dagRuns")["dag_runs"][-1:]  # its task emits before it ends
-        time.sleep(1)
-    assert monitor["state"] == "success" and monitor["run_type"] == "asset_triggered"
-
-    run_id = triggered[0]["dag_run_id"]
-    train = f"dags/retrain/dagRuns/{run_id}/taskInstances/train"
-    state = ""
-    while time.monotonic() < deadline and state not in ("success", "failed", "upstream_failed"):
-        time.sleep(5)
-        state = stack.get(train)["state"]
-    assert state == "success", f"train ended {state}; see {stack.home / 'standalone.log'}"
-    client = registry.client(settings)
-    experiment = client.get_experiment_by_name(settings.mlflow.experiment_name)
-    (mlflow_run,) = client.search_runs([experiment.experiment_id], "tags.trigger = 'drift'")
-    tags = mlflow_run.data.tags
-    assert f"drift on {day}" in tags["reason"] and tags["report"].endswith(f"reports/drift/{day}/report.html")
-    assert mlflow_run.data.params["airflow_run_id"] == run_id
-
-
 def test_up_adds_the_mlflow_ui_and_the_service_and_down_stops_everything(stack: Stack) -> None:
     """`make up` beside a running Airflow: the MLflow UI and the champion's service; `make down` ends all."""
     from ml import registry
