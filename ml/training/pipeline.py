@@ -254,26 +254,9 @@ def train_and_register(
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"retrain-{snap.version['version']}") as run:
         log_inputs(settings, snap, hparams, context, shuffled)
         mlflow.set_tags(tags or {})
-        fit_started = time.perf_counter()
-        trained = (fit or train)(
-            data,
-            list(settings.classes),
-            hparams,
-            sink=lambda values, step: mlflow.log_metrics(epoch_metrics(values), step=step),
-        )
-        mlflow.log_metrics(
-            {
-                **trained.evaluation.flat_metrics(),
-                "best_epoch": trained.fit.best_epoch,
-                "epochs_run": len(trained.fit.history),
-                "train_seconds": time.perf_counter() - fit_started,  # fit + test evaluation, features cached
-            }
-        )
+        trained = fit_in_run(fit or train, data, list(settings.classes), hparams)
         pretrained = snap
-        if trained.backbone is not None:  # fine-tuned: every step from here sees the new backbone
-            snap = replace(snap, backbone=trained.backbone, features=trained.features)
-            data = split_data(snap.rows, snap.features, list(settings.classes))
-            mlflow.log_param("fine_tuned_backbone_weights", trained.backbone.weights_id)
+        snap, data = with_trained_backbone(snap, data, trained, list(settings.classes))
         champion, champion_correct = champion_correctness(settings, storage, snap.rows, data["test"].labels)
         decision = gate(trained.evaluation, settings.acceptance, champion_correct)
         model = _classifier(snap.backbone, trained.head)
@@ -301,6 +284,40 @@ def train_and_register(
             epochs_run=len(trained.fit.history),
             validation=validation,
         )
+
+
+def fit_in_run(
+    fit: TrainFn, data: dict[str, SplitData], classes: list[str], hparams: Hyperparameters
+) -> TrainResult:
+    """Train (every epoch's metrics to the active MLflow run), then log the test evaluation."""
+    import mlflow
+
+    started = time.perf_counter()
+    trained = fit(
+        data, classes, hparams, sink=lambda values, step: mlflow.log_metrics(epoch_metrics(values), step=step)
+    )
+    mlflow.log_metrics(
+        {
+            **trained.evaluation.flat_metrics(),
+            "best_epoch": trained.fit.best_epoch,
+            "epochs_run": len(trained.fit.history),
+            "train_seconds": time.perf_counter() - started,  # fit + test evaluation, features cached
+        }
+    )
+    return trained
+
+
+def with_trained_backbone(
+    snap: Snapshot, data: dict[str, SplitData], trained: TrainResult, classes: list[str]
+) -> tuple[Snapshot, dict[str, SplitData]]:
+    """A fine-tuned model's snapshot and splits (its backbone, its features); otherwise unchanged."""
+    if trained.backbone is None:
+        return snap, data
+    import mlflow
+
+    mlflow.log_param("fine_tuned_backbone_weights", trained.backbone.weights_id)
+    tuned = replace(snap, backbone=trained.backbone, features=trained.features)
+    return tuned, split_data(tuned.rows, tuned.features, classes)
 
 
 def epoch_metrics(values: dict[str, float]) -> dict[str, float]:

@@ -260,7 +260,7 @@ def test_the_loop_runs_on_the_production_profile(profile: Profile) -> None:
     report: dict[str, Any] = {"started": profile.log[0]}
 
     # the first champion, in-process against the profile's MLflow server and S3
-    land_days(storage, START, 3, settings.classes, count=120, seed=11)
+    land_days(storage, START, 3, settings.classes, count=100, seed=11)
     for offset in range(3):
         ingest_day(settings, storage, START + dt.timedelta(days=offset))
     first = retrain(settings, storage)
@@ -344,6 +344,14 @@ def test_the_loop_runs_on_the_production_profile(profile: Profile) -> None:
     assert traffic.failed == 0 and traffic.sent > 20, traffic.errors[:5]
     assert all(versions >= {"1", "2"} for versions in traffic.versions.values())  # both replicas switched
     print(json.dumps(assert_tracked_in_postgres_and_s3(profile), indent=2))
+    # the retrain says why it ran: the drift, its report and the Airflow run, in its MLflow run
+    mlflow_client = registry.client(settings)
+    experiment = mlflow_client.get_experiment_by_name(settings.mlflow.experiment_name)
+    (drift_run,) = mlflow_client.search_runs([experiment.experiment_id], "tags.trigger = 'drift'")
+    tags = drift_run.data.tags
+    assert f"drift on {DRIFT_DAY}" in tags["reason"], tags
+    assert tags["report"].endswith(f"reports/drift/{DRIFT_DAY}/report.html"), tags
+    assert drift_run.data.params["airflow_run_id"] == retrain_run
 
 
 def assert_tracked_in_postgres_and_s3(profile: Profile) -> dict[str, Any]:
