@@ -74,10 +74,6 @@ def api_key_file() -> Path:
     return path
 
 
-def admin_key() -> str:
-    return api_key_file().read_text().split()[0]
-
-
 def profile_env(settings: Settings) -> dict[str, str]:
     """What every component of the profile is started with (added to the caller's environment)."""
     config = profile(settings)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -148,11 +149,7 @@ def fine_tune(
     model: Classifier = module.head
     model.eval().requires_grad_(False)
     tuned = Backbone(pretrained.name, model.backbone, pretrained.dim, weights_id_of_module(model.backbone))
-    return (
-        tuned,
-        model.head,
-        FitResult(model.head, fit.history, fit.best_epoch, fit.best_val_accuracy, fit.stopped_early),
-    )
+    return tuned, model.head, replace(fit, head=model.head)  # the head alone, as a frozen fit's
 
 
 def weights_id_of_module(module: nn.Module) -> str:

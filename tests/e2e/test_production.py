@@ -254,6 +254,7 @@ def test_the_loop_runs_on_the_production_profile(profile: Profile) -> None:
     from ml.demo.drawing import Drift
     from ml.demo.landing import labelled_images, land_day, land_days
     from ml.release.deploy import release
+    from ml.serving.auth import admin_key
     from ml.training.pipeline import retrain
 
     settings, storage = profile.settings, profile.storage
@@ -271,9 +272,7 @@ def test_the_loop_runs_on_the_production_profile(profile: Profile) -> None:
     assert started.returncode == 0 and started.stdout.count("replica:") == 2, started.stdout + started.stderr
     wait_replicas(profile, "1", None)
     urls = [f"http://127.0.0.1:{port}" for port in settings.production.replica_ports]
-    key = (
-        (profile.home / "api_keys").read_text().split()[0]
-    )  # the profile's admin key (production.api_key_file)
+    key = admin_key(environ={}, keys_file=str(profile.home / "api_keys"))  # the replicas' keys file
     traffic = Traffic(urls, [data for data, _ in labelled_images(settings.classes, 8, seed=5)], key)
 
     with client(profile) as api:
