@@ -50,6 +50,7 @@ class ObjectInfo:
 
 
 CHUNK_BYTES = 1 << 20  # streamed downloads move this much at a time
+DELETE_BATCH = 1000  # keys per DeleteObjects request (the S3 API's limit)
 
 
 class UnsafeKeyError(ValueError):
@@ -84,6 +85,7 @@ class Storage(Protocol):
     def read_tagged(self, key: str) -> tuple[bytes, str] | None: ...
     def write_if(self, key: str, data: bytes, tag: str | None) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: Sequence[str]) -> None: ...
     def copy(self, source: str, target: str) -> None: ...
     def url(self, key: str) -> str: ...
 
@@ -186,6 +188,10 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
     def url(self, key: str) -> str:
         return (self.root / key).as_uri() if key else self.root_url
 
@@ -222,12 +228,18 @@ class S3Storage:
     def copy(self, source: str, target: str) -> None:
         """A server-side copy (multipart for large objects): the bytes never pass through this host."""
         origin = {"Bucket": self.bucket, "Key": self._object_key(source)}
+        target_key = self._object_key(target)
         try:
-            self.client.copy(origin, self.bucket, self._object_key(target), ExtraArgs=self.encryption or None)
+            # One CopyObject request; the managed copy (a HEAD first, multipart) only past its 5 GB limit.
+            self.client.copy_object(CopySource=origin, Bucket=self.bucket, Key=target_key, **self.encryption)
         except self.client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            error = exc.response.get("Error", {})
+            if error.get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise StorageError(f"not found: {self.url(source)}") from None
-            raise
+            too_large = "copy source is larger" in error.get("Message", "")
+            if error.get("Code") != "InvalidRequest" or not too_large:
+                raise
+            self.client.copy(origin, self.bucket, target_key, ExtraArgs=self.encryption or None)
 
     def read_unchecked(self, key: str) -> bytes:
         """An object whose listed key is not a safe path (kept only to quarantine it)."""
@@ -291,6 +303,18 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete in batches of ``DELETE_BATCH`` keys per request (S3's DeleteObjects limit)."""
+        names = [self._object_key(key) for key in keys]
+        for start in range(0, len(names), DELETE_BATCH):
+            batch = [{"Key": name} for name in names[start : start + DELETE_BATCH]]
+            reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if reply.get("Errors"):
+                first, count = reply["Errors"][0], len(reply["Errors"])
+                raise StorageError(
+                    f"{count} object(s) not deleted, e.g. {first.get('Key')}: {first.get('Message')}"
+                )
 
     def url(self, key: str) -> str:
         return f"{self.root_url}/{key}" if key else self.root_url
@@ -398,3 +422,4 @@ def storage_from_settings(settings: Settings) -> Storage:
         encryption=encryption_args(settings),
         timeout_seconds=settings.storage.timeout_seconds,
     )
+

@@ -672,13 +672,13 @@ def publish(
     storage: Storage, batch: Batch, new_rows: list[dict[str, Any]], inspected: dict[str, FileInspection]
 ) -> dict[str, Any]:
     """Write curated images and quarantined originals (from the spool or the staging area), then the
-    catalog (last). The curated writes go ``PUBLISH_THREADS`` at a time: each is one or two S3
-    requests that wait on the network, and one after another they were most of a large day's publish."""
+    catalog (last). The curated writes go ``PUBLISH_THREADS`` at a time: each is one S3 request (a PUT,
+    or a server-side COPY from a shard's staging) that waits on the network. Curated keys are named by
+    their content, so a re-run rewrites the same bytes and nothing is checked before a write."""
 
     def put(row: dict[str, Any]) -> None:
-        if not storage.exists(row["curated_key"]):
-            name = row["source_key"].removeprefix(batch.layout.images + "/")
-            _write_curated(storage, row["curated_key"], inspected[name])
+        name = row["source_key"].removeprefix(batch.layout.images + "/")
+        _write_curated(storage, row["curated_key"], inspected[name])
 
     with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish") as pool:
         for _ in pool.map(put, new_rows):  # re-raises the first failure; the catalog is not written

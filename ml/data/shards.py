@@ -167,8 +167,7 @@ def staged_day(storage: Storage, day: dt.date) -> StagedDay:
 def clear_staging(storage: Storage, day: dt.date) -> int:
     """Remove the day's staging area (after it was published); returns how many objects went."""
     keys = storage.list(DayLayout(day).staging)
-    for key in keys:
-        storage.delete(key)
+    storage.delete_many(keys)
     return len(keys)
 
 

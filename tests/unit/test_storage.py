@@ -186,3 +186,27 @@ def test_copy_moves_no_bytes_through_memory_and_keeps_encryption(
     assert head["ServerSideEncryption"] == "AES256"
     with pytest.raises(StorageError):
         s3.copy("a/missing.bin", "b/three.bin")
+
+
+def test_s3_copies_take_one_request_and_deletes_go_a_thousand_keys_per_request(
+    tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    """What a large day's publish and staging cleanup cost in requests (counted as they are sent)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3 = S3Storage(client, s3_bucket, "root")
+    keys = [f"staging/{i:04d}.bin" for i in range(1203)]
+    for key in keys[:3]:
+        s3.write_bytes(key, key.encode())
+    sent: list[str] = []
+    client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+    s3.copy(keys[0], "curated/a.bin")
+    assert sent == ["PUT"] and s3.read_bytes("curated/a.bin") == keys[0].encode()  # no HEAD before it
+    sent.clear()
+    s3.delete_many(keys)  # three written, 1200 never were: S3 deletes are idempotent
+    assert sent == ["POST", "POST"] and s3.list("staging") == []
+    local = LocalStorage(tmp_path)
+    local.write_bytes("s/1", b"1")
+    local.delete_many(["s/1", "s/2"])
+    assert local.list("s") == []
