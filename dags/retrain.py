@@ -30,6 +30,7 @@ def train(
     """Train, evaluate and gate a challenger; register it when the gate passes."""
     from mlops_airflow.storage import dag_storage
 
+    from ml.release.links import approval_links
     from ml.runs import event_extras, retrain_context
     from ml.training.pipeline import retrain as run_retrain
     from ml.training.tune import tuned_training
@@ -55,7 +56,9 @@ def train(
     )
     print(f"retrain: {result.status}; model version {result.model_version}; gate {result.gate}")
     print(f"tuned parameters: {tuned.shown}")
-    return result.to_dict() | {"tuned": tuned.shown}
+    done = result.to_dict()
+    links = approval_links(settings, storage, done, context.report) if result.model_version else {}
+    return done | {"tuned": tuned.shown, "links": links}
 
 
 @task.short_circuit
@@ -183,6 +186,8 @@ def retrain() -> None:
             "\n- {{ name }}: {{ figure }}{% endfor %}\n\n"
             "Why a human: {{ (v.get('approval') or {}).get('reason', 'mlflow.auto_approve is off') }}\n\n"
             "Model card: {{ v.get('model_card', 'none (validation is off)') }}\n\n"
+            "{% for name, url in (r.get('links') or {}).items() %}"
+            "[Open the {{ name }}]({{ url }})\n\n{% endfor %}"
             "tuned parameters: {{ ti.xcom_pull(task_ids='train')['tuned'] }}"
         ),
         response_timeout=dt.timedelta(days=7),

@@ -28,7 +28,7 @@ SEND_TIMEOUT_SECONDS = 10
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert: what happened, where, and where to look."""
+    """One alert: what happened, where, and where to look (links a person can open)."""
 
     title: str
     severity: str  # "warning" | "critical"
@@ -36,42 +36,51 @@ class Alert:
     dag_id: str = ""
     task_id: str = ""
     date: str = ""
-    link: str = ""
+    link: str = ""  # the report (``ml.storage.browsable_url``: presigned or the stack's report server)
     details: dict[str, Any] = field(default_factory=dict)
     action: str = "trigger"  # "resolve" closes the incident opened under the same dedup key
     key: str = ""  # dedup key; default: DAG/task/date/title
+    log_url: str = ""  # the Airflow task's log page
+    run_url: str = ""  # the MLflow run page
 
     @property
     def dedup_key(self) -> str:
         return self.key or f"{self.dag_id}/{self.task_id}/{self.date}/{self.title}"
 
-    def text(self) -> str:
+    def headline(self) -> str:
         if self.action == "resolve":
-            lines = [f":white_check_mark: [RESOLVED] {self.title}"]
-        else:
-            icon = ":rotating_light:" if self.severity == "critical" else ":warning:"
-            lines = [f"{icon} [{self.severity.upper()}] {self.title}"]
-        where = ", ".join(
-            part
-            for part in (
-                f"DAG {self.dag_id}" if self.dag_id else "",
-                f"task {self.task_id}" if self.task_id else "",
-                f"date {self.date}" if self.date else "",
+            return f":white_check_mark: [RESOLVED] {self.title}"
+        icon = ":rotating_light:" if self.severity == "critical" else ":warning:"
+        return f"{icon} [{self.severity.upper()}] {self.title}"
+
+    def where(self) -> list[tuple[str, str]]:
+        """(label, value) of the DAG, task and date that are set."""
+        parts = (("DAG", self.dag_id), ("Task", self.task_id), ("Date", self.date))
+        return [(label, value) for label, value in parts if value]
+
+    def links(self) -> list[tuple[str, str]]:
+        """(label, URL) of the report, the Airflow log and the MLflow run that are set."""
+        parts = (("Report", self.link), ("Airflow log", self.log_url), ("MLflow run", self.run_url))
+        return [(label, url) for label, url in parts if url]
+
+    def text(self) -> str:
+        """The plain-text message (Slack's notification fallback, logs)."""
+        lines = [self.headline()]
+        if self.where():
+            lines.append(
+                ", ".join(f"{label if label == 'DAG' else label.lower()} {v}" for label, v in self.where())
             )
-            if part
-        )
-        if where:
-            lines.append(where)
         lines.append(f"Reason: {self.reason}")
-        if self.link:
-            lines.append(f"Report: {self.link}")
+        lines += [f"{label}: {url}" for label, url in self.links()]
         return "\n".join(lines)
 
+    def slack_message(self) -> dict[str, Any]:
+        """A Block Kit message with ``text`` as the fallback for notifications and old clients."""
+        return {"text": self.text(), "blocks": slack_blocks(self)}
+
     def pagerduty_event(self, routing_key: str) -> dict[str, Any]:
-        """The Events API v2 body for this alert."""
-        links = (
-            [{"href": self.link, "text": "report"}] if self.link.startswith(("http://", "https://")) else []
-        )
+        """The Events API v2 body for this alert; openable links go in ``links``."""
+        links = [{"href": url, "text": label} for label, url in self.links() if is_openable(url)]
         event: dict[str, Any] = {
             "routing_key": routing_key,
             "event_action": self.action,
@@ -85,6 +94,8 @@ class Alert:
                     "reason": self.reason,
                     "date": self.date,
                     "link": self.link,
+                    "log_url": self.log_url,
+                    "run_url": self.run_url,
                     **self.details,
                 },
             },
@@ -92,6 +103,75 @@ class Alert:
         if links:
             event["links"] = links
         return event
+
+
+SLACK_URL_MAX = 3000  # Block Kit's limit on a button URL
+SLACK_TEXT_MAX = 3000  # ... on a section's or a context element's text
+
+
+def is_openable(url: str) -> bool:
+    """Whether a browser (and a Slack button) can open ``url``."""
+    return url.startswith(("http://", "https://")) and len(url) <= SLACK_URL_MAX
+
+
+def slack_escape(text: str) -> str:
+    """Text for mrkdwn: ``&``, ``<`` and ``>`` escaped, so a reason cannot forge links or mentions."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def mrkdwn(text: str) -> dict[str, str]:
+    return {"type": "mrkdwn", "text": text}
+
+
+def slack_blocks(alert: Alert) -> list[dict[str, Any]]:
+    """Header, the reason with DAG/task/date fields, a button per openable link, context."""
+    reason = f"*Reason*\n{slack_escape(alert.reason)}"
+    section: dict[str, Any] = {"type": "section", "text": mrkdwn(reason[:SLACK_TEXT_MAX])}
+    if alert.where():
+        section["fields"] = [mrkdwn(f"*{label}*\n{slack_escape(value)}") for label, value in alert.where()]
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": alert.headline()[:150], "emoji": True}},
+        section,
+    ]
+    buttons = [
+        {
+            "type": "button",
+            "text": {"type": "plain_text", "text": label},
+            "url": url,
+            "action_id": f"open-{label.lower().replace(' ', '-')}",
+        }
+        for label, url in alert.links()
+        if is_openable(url)
+    ]
+    if buttons:
+        blocks.append({"type": "actions", "elements": buttons})
+    shown = [f"{label}: `{slack_escape(url)}`" for label, url in alert.links() if not is_openable(url)]
+    blocks.append(
+        {
+            "type": "context",
+            "elements": [mrkdwn(line[:SLACK_TEXT_MAX]) for line in [*shown, f"dedup `{alert.dedup_key}`"]],
+        }
+    )
+    return blocks
+
+
+def mlflow_ui_url(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The MLflow UI people open: ``mlflow.ui_url``, an http(s) tracking URI, else the stack's UI."""
+    if settings.mlflow.ui_url:
+        return settings.mlflow.ui_url.rstrip("/")
+    uri = settings.mlflow.tracking_uri or ""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    env = os.environ if environ is None else environ
+    return f"http://127.0.0.1:{env.get('MLOPS_MLFLOW_UI_PORT', '5000')}"  # as ml.ops.stack starts it
+
+
+def mlflow_run_url(settings: Settings, run_id: str, experiment_id: str = "") -> str:
+    """The run's page in the MLflow UI ("" without a run); without the experiment, the UI's run redirect."""
+    if not run_id:
+        return ""
+    path = f"experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"runs/{run_id}"
+    return f"{mlflow_ui_url(settings)}/#/{path}"
 
 
 Sender = Callable[[Alert], None]  # delivers one alert; raises when it could not
@@ -179,11 +259,11 @@ def _post_json(url: str, body: dict[str, Any]) -> None:
 
 
 def slack_webhook_sender(connection: Connection) -> Sender:
-    """Posts the alert text to the webhook URL (the connection's password, or https://host)."""
+    """Posts the alert as Block Kit to the webhook URL (the connection's password, or https://host)."""
     url = connection.password or (f"https://{connection.host}" if connection.host else "")
     if not url.startswith(("http://", "https://")):
         raise ValueError("the Slack webhook connection holds no webhook URL (put it in the password)")
-    return lambda alert: _post_json(url, {"text": alert.text()})
+    return lambda alert: _post_json(url, alert.slack_message())
 
 
 def pagerduty_sender(connection: Connection) -> Sender:
@@ -239,7 +319,9 @@ class Notice:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def notice_alert(notice: Notice, dag_id: str = "monitor_serving", task_id: str = "check") -> Alert:
+def notice_alert(
+    notice: Notice, dag_id: str = "monitor_serving", task_id: str = "check", link: str = ""
+) -> Alert:
     """A rule notice as an Alert; one dedup key per rule, so PagerDuty resolves what it opened."""
     return Alert(
         title=notice.rule,
@@ -247,6 +329,7 @@ def notice_alert(notice: Notice, dag_id: str = "monitor_serving", task_id: str =
         reason=notice.reason,
         dag_id=dag_id,
         task_id=task_id,
+        link=link,
         details=notice.details,
         action=notice.action,
         key=f"{dag_id}/{notice.rule}",

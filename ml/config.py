@@ -62,6 +62,8 @@ class StorageConfig(_Strict):
     server_side_encryption: Literal["AES256", "aws:kms"] | None = None
     kms_key_id: str | None = None
     timeout_seconds: float = Field(default=30.0, gt=0)
+    # presigned links in alerts and the approval form live this long (SigV4 allows 7 days at most)
+    link_expiry_seconds: int = Field(default=604_800, ge=1, le=604_800)
 
     @model_validator(mode="after")
     def _kms_needs_its_mode(self) -> StorageConfig:
@@ -89,6 +91,7 @@ class IngestConfig(_Strict):
     sensor_poke_seconds: int = Field(ge=1)
     sensor_timeout_seconds: int = Field(ge=1)
     spool_dir: str | None = None  # local folder for the day's downloads; None = the system temp dir
+    feedback_lookback_days: int = Field(default=2, ge=1)  # labelled served images landed with each day
 
 
 class PreprocessingConfig(_Strict):
@@ -203,6 +206,13 @@ class ServingConfig(_Strict):
         """What local clients verify the service's certificate with (None when TLS is off)."""
         name = self.tls_ca or self.tls_cert
         return str((REPO_ROOT / name).resolve()) if name else None
+
+
+class ReportsConfig(_Strict):
+    """The stack's report server: a local storage root's ``reports/`` over HTTP on 127.0.0.1."""
+
+    port: int = Field(default=8090, ge=1, le=65535)
+    url: str | None = None  # the base URL people open reports at (null: http://127.0.0.1:PORT)
 
 
 class MonitoringConfig(_Strict):
@@ -381,6 +391,7 @@ class MlflowConfig(_Strict):
     experiment_name: str
     registered_model: str
     auto_approve: bool = False
+    ui_url: str | None = None  # the MLflow UI people open (null: an http tracking URI, else the stack's UI)
 
 
 Severity = Literal["warning", "critical"]
@@ -426,6 +437,7 @@ class Settings(_Strict):
     acceptance: AcceptanceConfig
     inference: InferenceConfig
     serving: ServingConfig = ServingConfig()
+    reports: ReportsConfig = ReportsConfig()
     monitoring: MonitoringConfig
     serving_monitor: ServingMonitorConfig = ServingMonitorConfig()
     ab: AbConfig = AbConfig()
@@ -434,6 +446,7 @@ class Settings(_Strict):
     production: ProductionConfig | None = None  # only in the production profile's overlay
     mlflow: MlflowConfig
     alerts: AlertsConfig
+    progress_every: int = Field(default=100, ge=0)  # long steps log a progress line every N items (0: none)
 
     @property
     def classes(self) -> list[str]:

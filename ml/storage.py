@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -23,9 +24,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from ml.config import REPO_ROOT, Settings
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -423,3 +426,58 @@ def storage_from_settings(settings: Settings) -> Storage:
         timeout_seconds=settings.storage.timeout_seconds,
     )
 
+
+# -- links a person can open (alerts, the approval form); ``url()`` stays the machine address ------
+
+REPORTS_PREFIX = "reports"  # the only folder of a local root the stack's report server shows
+
+
+def reports_base_url(settings: Settings) -> str:
+    """Where people open a local root's reports: ``reports.url``, else the stack's report server."""
+    return (settings.reports.url or f"http://127.0.0.1:{settings.reports.port}").rstrip("/")
+
+
+def _presign_with_sigv4(signature_version: str, **_: Any) -> str | None:
+    """botocore ``choose-signer`` hook: presign with SigV4, not botocore's default SigV2 (retired by S3)."""
+    return "s3v4-query" if signature_version == "v4-query" else None
+
+
+def presigned_url(storage: S3Storage, key: str, expires_seconds: int) -> str:
+    """A time-limited GET link to one object: the SigV4 signature in the query is the permission."""
+    storage.client.meta.events.register_first(
+        "choose-signer.s3.GetObject", _presign_with_sigv4, unique_id="ml.storage.presign-sigv4"
+    )
+    params = {"Bucket": storage.bucket, "Key": storage._object_key(key)}
+    return str(storage.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_seconds))
+
+
+def browsable_url(storage: Storage, key: str, settings: Settings) -> str:
+    """A link to ``key`` that Slack and a browser can open.
+
+    S3: a presigned URL valid ``storage.link_expiry_seconds``; a local root: the report server's
+    URL for keys under ``reports/``. Anything else (or a presign that fails) keeps ``url(key)``.
+    """
+    key = safe_key(key)
+    if isinstance(storage, S3Storage):
+        try:
+            return presigned_url(storage, key, settings.storage.link_expiry_seconds)
+        except Exception as exc:  # noqa: BLE001 - a link is a courtesy: no credentials must not fail a step
+            log.warning("could not presign %s: %s", storage.url(key), exc)
+            return storage.url(key)
+    if key.startswith(f"{REPORTS_PREFIX}/"):
+        return f"{reports_base_url(settings)}/{quote(key)}"
+    return storage.url(key)
+
+
+def browsable_link(storage: Storage, url: str, settings: Settings) -> str:
+    """``url`` (a storage URL, e.g. named in an error message) as a link a person can open.
+
+    URLs outside this storage root are returned unchanged."""
+    prefix = storage.root_url + "/"
+    if not url.startswith(prefix):
+        return url
+    key = url[len(prefix) :]
+    try:
+        return browsable_url(storage, unquote(key) if isinstance(storage, LocalStorage) else key, settings)
+    except UnsafeKeyError:
+        return url

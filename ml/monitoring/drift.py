@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ml import registry
-from ml.alerts import Alert, Notify
+from ml.alerts import Alert, Notify, mlflow_run_url
 from ml.config import MonitoringConfig, Settings
 from ml.layout import (
     DRIFT_REPORTS_PREFIX,
@@ -50,7 +50,7 @@ from ml.layout import (
     RETRAIN_REQUESTS_KEY,
     drift_summary_key,
 )
-from ml.storage import Storage, append_jsonl
+from ml.storage import Storage, append_jsonl, browsable_link
 from ml.training.reference import Reference, batch_frame
 
 log = logging.getLogger(__name__)
@@ -410,8 +410,9 @@ def measure_day(settings: Settings, storage: Storage, day: dt.date) -> DriftResu
     return result
 
 
-def drift_alert(summary: dict[str, Any]) -> Alert:
-    """The Slack warning for a drifted day, with the reasons, the retrain decision and the report."""
+def drift_alert(summary: dict[str, Any], report_link: str = "", run_url: str = "") -> Alert:
+    """The Slack warning for a drifted day, with the reasons, the retrain decision, the report (a link
+    a person can open; default: the storage URL) and the MLflow run."""
     return Alert(
         title="data_drift_detected",
         severity="warning",
@@ -419,8 +420,9 @@ def drift_alert(summary: dict[str, Any]) -> Alert:
         dag_id="drift_monitor",
         task_id="measure",
         date=summary["day"],
-        link=summary.get("report", ""),
+        link=report_link or summary.get("report", ""),
         details={"drift_score": summary["drift_score"], "prediction_kl": summary["prediction_kl"]},
+        run_url=run_url,
     )
 
 
@@ -445,7 +447,9 @@ def monitor_days(settings: Settings, storage: Storage, days: list[dt.date], noti
             summary.get("report", "-"),
         )
         if summary["drift_detected"]:
-            summary["alert"] = notify(drift_alert(summary))
+            report = browsable_link(storage, summary.get("report", ""), settings)
+            run_url = mlflow_run_url(settings, summary.get("mlflow_run_id", ""))
+            summary["alert"] = notify(drift_alert(summary, report, run_url))
         summaries.append(summary)
     requests = [summary for summary in summaries if summary["retrain"]["request"]]
     chosen = requests[-1] if requests else summaries[-1]  # one retrain covers every day it sees

@@ -3,8 +3,9 @@
 ``up`` starts, each in its own process group with a pid file under ``$AIRFLOW_HOME``:
 ``airflow standalone`` (API server and UI on 127.0.0.1:8080, scheduler, DAG processor,
 triggerer; the project's DAGs unpaused so schedules and Asset triggers run), the MLflow UI
-(127.0.0.1:5000, ``MLOPS_MLFLOW_UI_PORT``) on the configured tracking store, and the prediction
-service (``mlops serve``, 127.0.0.1:3000) once a champion exists. ``down`` stops them: SIGINT
+(127.0.0.1:5000, ``MLOPS_MLFLOW_UI_PORT``) on the configured tracking store, the report server
+(a local storage root's ``reports/`` on 127.0.0.1:``reports.port``, what alert links open) and the
+prediction service (``mlops serve``, 127.0.0.1:3000) once a champion exists. ``down`` stops them: SIGINT
 for ``airflow standalone`` (the signal it shuts its children down on), SIGTERM for the others.
 """
 
@@ -187,6 +188,19 @@ def start_mlflow_ui(wait_seconds: float = 90.0) -> int:
     return _launch("mlflow", argv, f"{mlflow_ui_url()}/health", wait_seconds, shown)
 
 
+def start_reports(wait_seconds: float = 30.0) -> int:
+    """The report server alert links point at (``ml.ops.reports``); none for S3 roots (presigned links)."""
+    from ml.config import load_settings
+
+    settings = load_settings()
+    if settings.storage.root.startswith("s3://"):
+        print("reports:     presigned S3 links (no local server)")
+        return 0
+    url = f"http://127.0.0.1:{settings.reports.port}"
+    argv = [sys.executable, "-m", "ml.ops.reports"]
+    return _launch("reports", argv, f"{url}/healthz", wait_seconds, f"reports:     {url}/reports/")
+
+
 def start_service(wait_seconds: float = 120.0) -> int:
     """``mlops serve``: the live endpoint for the deployed model (none before the first champion)."""
     from ml import registry
@@ -203,9 +217,9 @@ def start_service(wait_seconds: float = 120.0) -> int:
 
 
 def up(wait_seconds: float = 240.0) -> int:
-    """Airflow standalone, then the MLflow UI and the service."""
+    """Airflow standalone, then the MLflow UI, the report server and the service."""
     code = start_airflow(wait_seconds)
-    return code or start_mlflow_ui() or start_service()
+    return code or start_mlflow_ui() or start_reports() or start_service()
 
 
 def start_airflow(wait_seconds: float = 240.0) -> int:
@@ -300,8 +314,8 @@ class Api:
 
 
 def down(wait_seconds: float = 20.0) -> int:
-    """Stop the service, the MLflow UI and Airflow (whatever of them runs)."""
-    stopped = [name for name in ("service", "mlflow") if stop_group(name)]
+    """Stop the service, the report server, the MLflow UI and Airflow (whatever of them runs)."""
+    stopped = [name for name in ("service", "reports", "mlflow") if stop_group(name)]
     if stop_group("standalone", signal.SIGINT, wait_seconds):
         stopped.append("airflow")
     print(f"stopped {', '.join(stopped)}" if stopped else "not running")

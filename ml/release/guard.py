@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ml.alerts import Alert, Notice, Notify, notice_alert
+from ml.alerts import Alert, Notice, Notify, link_in, notice_alert
 from ml.config import Settings
 from ml.monitoring.live import LiveDeployment, check_endpoint
 from ml.release.audit import deployed_at
@@ -17,7 +17,7 @@ from ml.release.deploy import rollback, withdraw_canary
 from ml.serving.auth import admin_key
 from ml.serving.replica import live_heartbeats
 from ml.serving.state import read_state
-from ml.storage import Storage
+from ml.storage import Storage, browsable_link
 
 
 def live_deployment(settings: Settings, storage: Storage) -> LiveDeployment:
@@ -58,7 +58,11 @@ def check_live(
         return withdraw_canary(settings, storage, version, by=f"{by} (automatic)")
 
     def send(notice: Notice) -> dict[str, str]:
-        return notify(notice_alert(notice, dag_id=origin)) if notify else {"log": "no channels"}
+        if not notify:
+            return {"log": "no channels"}
+        named = link_in(notice.reason)  # e.g. the served-drift report a drift_score notice names
+        report = browsable_link(storage, named, settings) if named.startswith(storage.root_url + "/") else ""
+        return notify(notice_alert(notice, dag_id=origin, link=report))
 
     try:
         return check_endpoint(

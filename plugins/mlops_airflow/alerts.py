@@ -10,6 +10,7 @@ never raised: alerting never fails a DAG.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from ml.alerts import (
     route,
 )
 from ml.config import Settings, get_settings
+from ml.storage import browsable_link
 
 __all__ = ["Alert", "failure_callback", "landing_timeout_callback", "notice_alert", "send_alert"]
 
@@ -43,9 +45,13 @@ def slack_sender(conn_id: str) -> Sender:
     def send(alert: Alert) -> None:
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
-        # .notify() sends the text as given (no Jinja rendering of user-supplied reasons).
+        # .notify() sends text and blocks as given (no Jinja rendering of user-supplied reasons).
+        message = alert.slack_message()
         notifier = SlackWebhookNotifier(
-            slack_webhook_conn_id=conn_id, text=alert.text(), timeout=SEND_TIMEOUT_SECONDS
+            slack_webhook_conn_id=conn_id,
+            text=message["text"],
+            blocks=message["blocks"],
+            timeout=SEND_TIMEOUT_SECONDS,
         )
         notifier.notify({})
 
@@ -97,12 +103,40 @@ def send_alert(alert: Alert, settings: Settings | None = None) -> dict[str, str]
     return route(alert, settings, airflow_senders(settings))
 
 
+def task_log_url(ti: Any) -> str:
+    """The task instance's log page in the Airflow UI ("" when there is none to name)."""
+    try:
+        return str(getattr(ti, "log_url", "") or "")
+    except Exception:  # noqa: BLE001 - a half-built task instance must not cost the alert
+        return ""
+
+
+def current_log_url() -> str:
+    """The log page of the task running now ("" outside a task)."""
+    from airflow.sdk import get_current_context
+
+    try:
+        return task_log_url(get_current_context().get("ti"))
+    except Exception:  # noqa: BLE001 - outside a task there is no context
+        return ""
+
+
 def notifier(settings: Settings) -> Any:
-    """``send_alert`` bound to ``settings``: what ``ml`` steps take as ``notify``."""
-    return lambda alert: send_alert(alert, settings)
+    """``send_alert`` bound to ``settings``: what ``ml`` steps take as ``notify``.
+
+    Alerts sent from inside a task carry that task's Airflow log link."""
+    log_url = current_log_url()
+
+    def notify(alert: Alert) -> dict[str, str]:
+        return send_alert(alert if alert.log_url else dataclasses.replace(alert, log_url=log_url), settings)
+
+    return notify
 
 
-def alert_from_context(context: Any, title: str, severity: str, reason: str, link: str = "") -> Alert:
+def alert_from_context(
+    context: Any, title: str, severity: str, reason: str, link: str = "", run_url: str = ""
+) -> Alert:
+    """An alert about the task in ``context``, with its Airflow log link."""
     ti = context.get("ti") or context.get("task_instance")
     dag_run = context.get("dag_run")
     params = context.get("params") or {}
@@ -116,7 +150,22 @@ def alert_from_context(context: Any, title: str, severity: str, reason: str, lin
         date=str(date),
         link=link,
         details={"run_id": getattr(dag_run, "run_id", "") or ""},
+        log_url=task_log_url(ti),
+        run_url=run_url,
     )
+
+
+def openable(url: str, settings: Settings) -> str:
+    """A storage URL named in an error, as a link a person can open (unchanged when it cannot be)."""
+    if not url:
+        return url
+    try:
+        from mlops_airflow.storage import dag_storage
+
+        return browsable_link(dag_storage(settings), url, settings)
+    except Exception:  # the alert matters more than the link (log.exception keeps the trace)
+        log.exception("could not make %s openable", url)
+        return url
 
 
 def failure_callback(context: Any) -> None:
@@ -125,7 +174,7 @@ def failure_callback(context: Any) -> None:
         settings = get_settings()
         exception = context.get("exception")
         reason = f"{type(exception).__name__}: {exception}" if exception else "task failed"
-        link = link_in(str(exception or ""))
+        link = openable(link_in(str(exception or "")), settings)
         alert = alert_from_context(context, "Task failed", settings.alerts.failure_severity, reason, link)
         send_alert(alert, settings)
     except Exception:
@@ -148,9 +197,8 @@ def landing_timeout_callback(context: Any) -> None:
             f"{settings.ingest.sensor_timeout_seconds} s ({type(exception).__name__}). "
             "Images land first and labels.csv last; check the upload job."
         )
-        send_alert(
-            alert_from_context(context, "No data landed", settings.alerts.failure_severity, reason, url)
-        )
+        # no link: the object never arrived, so there is nothing to open; the log link says more
+        send_alert(alert_from_context(context, "No data landed", settings.alerts.failure_severity, reason))
     except Exception:  # the callback itself must never raise; log.exception keeps the trace
         log.exception("landing timeout callback could not send its alert")
         failure_callback(context)
