@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import signal
 import tempfile
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ml.data.images import ImageLimits, ImageReport, inspect_image
+from ml.progress import Progress
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -128,8 +132,10 @@ class Inspection:
         *,
         chunk: int = 16,
         inspect: InspectFile = inspect_file,
+        progress_every: int = 0,
     ) -> None:
         self._files, self._limits, self._out, self._inspect = files, limits, out_dir, inspect
+        self._progress_every = progress_every  # a log line every this many images inspected (0: none)
         self._futures: list[tuple[list[str], Future[list[Any]]]] = []
         self._done: dict[str, FileInspection] | None = None
         names = list(files)
@@ -157,15 +163,18 @@ class Inspection:
     def _collect(self) -> dict[str, FileInspection]:
         done: dict[str, FileInspection] = {}
         broken: list[list[str]] = []
-        for part, future in self._futures:
-            try:
-                done.update(zip(part, future.result(), strict=True))
-            except BrokenProcessPool:
-                broken.append(part)
-        if broken:
-            self.close()
-        for part in broken:
-            done.update(self._recover(part))
+        with Progress("ingest inspection", len(self._files), self._progress_every, logger=log) as progress:
+            for part, future in self._futures:
+                try:
+                    done.update(zip(part, future.result(), strict=True))
+                    progress.advance(len(part))
+                except BrokenProcessPool:
+                    broken.append(part)
+            if broken:
+                self.close()
+            for part in broken:
+                done.update(self._recover(part))
+                progress.advance(len(part))
         return done
 
     def _recover(self, part: list[str]) -> dict[str, FileInspection]:

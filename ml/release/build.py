@@ -14,17 +14,15 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from ml import registry
 from ml.config import REPO_ROOT, Settings
-from ml.layout import CLASS_NAMES_ARTIFACT, ONNX_ARTIFACT, REFERENCE_PCA_ARTIFACT
 from ml.release.errors import DeployError
-from ml.serving.bundle import BundleMeta, publish_bundle, write_bundle
+from ml.serving.bundle import BUNDLE_ONNX, BUNDLE_PCA, publish_bundle, write_bundle
+from ml.serving.local import BundleError, write_version_bundle
 from ml.storage import Storage
-from ml.training.calibration import CALIBRATION_ARTIFACT
 from ml.training.preprocessing import Preprocessing
 
 BENTOFILE = REPO_ROOT / "bentos" / "bentofile.yaml"
@@ -40,6 +38,7 @@ SERVING_CODE = (  # what a bento carries: the service and the parts of ml it imp
     "ml/training/__init__.py",
     "ml/training/preprocessing.py",
     "ml/serving/*.py",
+    "ml/serving/*.html",
     "params.yaml",
 )
 
@@ -84,53 +83,19 @@ def _import_to_store(settings: Settings, version: str) -> str:
         return tag
     except bentoml.exceptions.NotFound:
         pass
-    run = client.get_run(model_version.run_id)
     prep = Preprocessing.from_settings(settings.preprocessing)
-    trained_with = run.data.params.get("preprocessing", prep.version)
-    if trained_with != prep.version:
-        raise DeployError(
-            f"v{version} was trained with preprocessing {trained_with}, the config has {prep.version}"
-        )
     with tempfile.TemporaryDirectory() as folder:
-        onnx = Path(client.download_artifacts(model_version.run_id, ONNX_ARTIFACT, folder))
-        pca = Path(client.download_artifacts(model_version.run_id, REFERENCE_PCA_ARTIFACT, folder))
-        names = Path(client.download_artifacts(model_version.run_id, CLASS_NAMES_ARTIFACT, folder))
-        _require_serving_outputs(onnx, version)
-        calibration = _calibration(client, model_version.run_id, folder)
-        meta = BundleMeta(
-            model_version=str(version),
-            dataset_version=model_version.tags.get("dataset_version", ""),
-            run_id=model_version.run_id,
-            classes=list(json.loads(names.read_text())["classes"]),
-            image_size=prep.image_size,
-            mean=prep.mean,
-            std=prep.std,
-            temperature=calibration.get("temperature"),
-            conformal_threshold=calibration.get("conformal_threshold"),
-            coverage=calibration.get("coverage"),
-        )
+        bundle = Path(folder) / "bundle"
+        try:
+            meta = write_version_bundle(client, model_version, prep, bundle)
+        except BundleError as exc:
+            raise DeployError(str(exc)) from None
         labels = {"registered_model": settings.mlflow.registered_model, "model_version": str(version)}
         # BentoML refuses None in metadata: an uncalibrated bundle leaves those keys out
         metadata = {key: value for key, value in asdict(meta).items() if value is not None}
         with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
-            write_bundle(Path(model.path), onnx, pca, meta)
+            write_bundle(Path(model.path), bundle / BUNDLE_ONNX, bundle / BUNDLE_PCA, meta)
     return tag
-
-
-def _calibration(client: Any, run_id: str, folder: str) -> dict[str, float]:
-    """The temperature and conformal threshold model validation logged (empty for runs before it)."""
-    logged = {item.path for item in client.list_artifacts(run_id, CALIBRATION_ARTIFACT.rsplit("/", 1)[0])}
-    if CALIBRATION_ARTIFACT not in logged:
-        return {}
-    return json.loads(Path(client.download_artifacts(run_id, CALIBRATION_ARTIFACT, folder)).read_text())
-
-
-def _require_serving_outputs(onnx: Path, version: str) -> None:
-    import onnx as onnx_lib
-
-    outputs = {out.name for out in onnx_lib.load(str(onnx), load_external_data=False).graph.output}
-    if not {"logits", "features"} <= outputs:
-        raise DeployError(f"v{version}'s ONNX export has outputs {sorted(outputs)}; retrain it to serve it")
 
 
 def serving_files() -> list[Path]:

@@ -135,6 +135,18 @@ class ServingModel:
         proba = shifted / shifted.sum(axis=1, keepdims=True)
         return Outputs(proba, (features - self.pca_mean) @ self.pca_components.T)
 
+    def answer(self, proba: np.ndarray) -> dict[str, Any]:
+        """The service's answer for one image's probabilities (without its ``request_id``)."""
+        classes = self.meta.classes
+        best = int(np.argmax(proba))
+        return {
+            "predicted_class": classes[best],
+            "confidence": float(proba[best]),
+            "probabilities": {name: float(p) for name, p in zip(classes, proba, strict=True)},
+            "model_version": self.version,
+            **self.abstention(proba),  # prediction_set, abstain: bundles with a conformal threshold
+        }
+
     def abstention(self, proba: np.ndarray) -> dict[str, Any]:
         """``prediction_set`` (class names) and ``abstain`` (more than one class) for one answer;
         nothing for a bundle without a conformal threshold."""

@@ -35,6 +35,7 @@ from PIL import Image
 
 from ml.config import Settings
 from ml.layout import feature_shard_key
+from ml.progress import Progress
 from ml.storage import Storage
 from ml.training.model import Backbone, FeatureRunner, onnx_runner, torch_runner
 from ml.training.preprocessing import Preprocessing, augmented_view, batch_arrays, decode_rgb
@@ -120,6 +121,7 @@ class FeatureCache:
         augmentations: Sequence[str],
         batch_size: int = 32,
         runner: FeatureRunner | None = None,
+        progress_every: int = 0,
     ) -> None:
         if views < 1:
             raise ValueError(f"views must be at least 1, got {views}")
@@ -132,6 +134,7 @@ class FeatureCache:
         self.augmentations = tuple(augmentations)
         self.batch_size = batch_size
         self.runner = runner or torch_runner(backbone)
+        self.progress_every = progress_every  # a log line every this many images computed (0: none)
         self.id = cache_id(backbone, prep, views, self.augmentations)
 
     def shard_key(self, day: str) -> str:
@@ -176,15 +179,17 @@ class FeatureCache:
         """Features (V, D) float16 for each sha256, reading images from their curated keys."""
         computed: dict[str, np.ndarray] = {}
         items = list(keys.items())
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            images: list[Image.Image] = []
-            for sha, key in chunk:
-                image = decode_rgb(self.storage.read_bytes(key))
-                images += image_views(image, sha, self.views, self.augmentations)
-            features = extract(self.backbone, images, self.prep, self.batch_size, self.runner)
-            features = features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
-            computed.update((sha, feature) for (sha, _), feature in zip(chunk, features, strict=True))
+        with Progress("feature extraction", len(items), self.progress_every, logger=log) as progress:
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                images: list[Image.Image] = []
+                for sha, key in chunk:
+                    image = decode_rgb(self.storage.read_bytes(key))
+                    images += image_views(image, sha, self.views, self.augmentations)
+                features = extract(self.backbone, images, self.prep, self.batch_size, self.runner)
+                features = features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
+                computed.update((sha, feature) for (sha, _), feature in zip(chunk, features, strict=True))
+                progress.advance(len(chunk))
         return computed
 
     def _merge(self, shard: _Shard, gained: list[str], computed: dict[str, np.ndarray]) -> _Shard:
@@ -222,4 +227,13 @@ def feature_cache(
         if settings.model.feature_runtime == "onnxruntime"
         else torch_runner(backbone)
     )
-    return FeatureCache(storage, backbone, prep, views, kinds, batch_size=16, runner=runner)
+    return FeatureCache(
+        storage,
+        backbone,
+        prep,
+        views,
+        kinds,
+        batch_size=16,
+        runner=runner,
+        progress_every=settings.progress_every,
+    )

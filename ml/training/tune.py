@@ -43,6 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ml import registry
 from ml.config import Settings, TuningConfig
 from ml.data.catalog import dataset_rows
+from ml.progress import Progress
 from ml.runs import RunContext
 from ml.storage import LocalStorage, Storage, StorageError
 from ml.training.crossval import (
@@ -272,19 +273,22 @@ def work(
 
     When the remaining slots are held by running trials (other workers', or a dead process's not yet
     marked stale) the worker waits for them instead of starting more, so the budget is never exceeded.
+    Progress is the study's counted trials (every worker's), one log line per trial.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
-    while deadline is None or time.monotonic() < deadline:
-        fail_stale(study)
-        state = budget_state(study.get_trials(deepcopy=False))
-        if state.counted >= budget:
-            break
-        if state.counted + state.running >= budget:
-            time.sleep(poll_seconds)
-            continue
-        study.optimize(guarded(objective, budget, worker), n_trials=1, catch=(Exception,))
-        ran += 1
+    with Progress("tuning trials", budget, 1, unit="trials", logger=log) as progress:
+        while deadline is None or time.monotonic() < deadline:
+            fail_stale(study)
+            state = budget_state(study.get_trials(deepcopy=False))
+            progress.reach(state.counted)
+            if state.counted >= budget:
+                break
+            if state.counted + state.running >= budget:
+                time.sleep(poll_seconds)
+                continue
+            study.optimize(guarded(objective, budget, worker), n_trials=1, catch=(Exception,))
+            ran += 1
     return ran
 
 

@@ -10,6 +10,7 @@ model card are logged, the temperature and conformal threshold are logged for th
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import time
@@ -28,6 +29,7 @@ from ml import registry
 from ml.config import Settings
 from ml.data.catalog import split_rows
 from ml.layout import HEAD_META_ARTIFACT, HEAD_WEIGHTS_ARTIFACT, ONNX_ARTIFACT
+from ml.progress import Progress
 from ml.storage import Storage
 from ml.training.calibration import (
     CALIBRATION_ARTIFACT,
@@ -39,6 +41,7 @@ from ml.training.calibration import (
 )
 from ml.training.card import MODEL_CARD_JSON, MODEL_CARD_MD, card_markdown, class_support, known_limits
 from ml.training.checks import Check, ci_text
+from ml.training.corruptions import SEVERITIES
 from ml.training.evaluate import Evaluation, GateDecision, Metric
 from ml.training.explain import (
     DeletionResult,
@@ -66,8 +69,11 @@ from ml.training.robustness import (
 from ml.training.slices import SliceResult, build_slices, evaluate_slices, slice_checks, worst_slice
 from ml.training.train import SplitData, TrainResult
 
+log = logging.getLogger(__name__)
+
 Scorer = Callable[[np.ndarray], np.ndarray]
 SCORE_BATCH = 32
+VALIDATION_PARTS = 5  # corruptions, attacks, slices, calibration, explanations
 
 
 @dataclass(frozen=True)
@@ -180,14 +186,30 @@ def both_models(candidate: Candidate, champion: Champion | None) -> Callable[[np
     return score
 
 
+def counted(
+    score: Callable[[np.ndarray], list[np.ndarray]], progress: Progress
+) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``score`` that counts the images it scored in ``progress``."""
+
+    def run(arrays: np.ndarray) -> list[np.ndarray]:
+        answers = score(arrays)
+        progress.advance(len(arrays))
+        return answers
+
+    return run
+
+
 def _corruptions(
     settings: Settings, candidate: Candidate, champion: Champion | None, images: list[Image.Image]
 ) -> CorruptionSuite:
     config, acceptance = settings.validation, settings.acceptance
     labels = candidate.test[1][: len(images)]
-    conditions, clean, correct = corruption_correctness(
-        images, labels, candidate.prep, both_models(candidate, champion), config.corruptions, config.seed
-    )
+    total = len(images) * (1 + len(config.corruptions) * len(SEVERITIES))  # clean, then every condition
+    with Progress("validation corruptions", total, settings.progress_every, logger=log) as progress:
+        score = counted(both_models(candidate, champion), progress)
+        conditions, clean, correct = corruption_correctness(
+            images, labels, candidate.prep, score, config.corruptions, config.seed
+        )
     return summarise_corruptions(
         conditions,
         clean[0],
@@ -353,12 +375,14 @@ class ValidationReport:
         }
 
 
-def _timed(seconds: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
+def _timed(seconds: dict[str, float], name: str, step: Callable[[], Any], parts: Progress) -> Any:
     started = time.perf_counter()
     try:
-        return step()
+        done = step()
     finally:
         seconds[name] = time.perf_counter() - started
+    parts.advance()
+    return done
 
 
 def validate_model(
@@ -367,11 +391,18 @@ def validate_model(
     """Every validation part on ``candidate`` (paired with ``champion`` under corruptions) and the checks."""
     seconds: dict[str, float] = {}
     images = candidate.load(range(min(settings.validation.robustness_sample, len(candidate.test_rows))))
-    suite = _timed(seconds, "corruptions", lambda: _corruptions(settings, candidate, champion, images))
-    attacks = _timed(seconds, "attacks", lambda: _attacks(settings, candidate, images))
-    slices = _timed(seconds, "slices", lambda: _slices(settings, candidate))
-    calibration, reliability = _timed(seconds, "calibration", lambda: _calibration(settings, candidate))
-    deletion, grid, explained = _timed(seconds, "explanations", lambda: _explanations(settings, candidate))
+    with Progress("validation", VALIDATION_PARTS, 1, unit="parts", logger=log) as parts:
+        suite = _timed(
+            seconds, "corruptions", lambda: _corruptions(settings, candidate, champion, images), parts
+        )
+        attacks = _timed(seconds, "attacks", lambda: _attacks(settings, candidate, images), parts)
+        slices = _timed(seconds, "slices", lambda: _slices(settings, candidate), parts)
+        calibration, reliability = _timed(
+            seconds, "calibration", lambda: _calibration(settings, candidate), parts
+        )
+        deletion, grid, explained = _timed(
+            seconds, "explanations", lambda: _explanations(settings, candidate), parts
+        )
     checks = [
         *robustness_checks(suite, settings.acceptance.robustness_ratio_min),
         *slice_checks(slices, settings.acceptance.slice_accuracy_min),
