@@ -259,6 +259,50 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return status(settings, storage_from_settings(settings))
 
 
+class PartlyFailed(Exception):
+    """A command that did only part of its work: its result is printed and the exit status is non-zero."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(f"{result.get('failed')} item(s) failed")
+        self.result = result
+
+
+def cmd_predict(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Classify image files with the champion here, or with the live service at ``--url``."""
+    import os
+    from pathlib import Path
+
+    from ml.serving.local import API_KEY_ENV, predict_local, predict_remote
+
+    files = [Path(name) for name in args.files]
+    if args.url:
+        key = args.key or os.environ.get(API_KEY_ENV)
+        result = predict_remote(args.url, files, key, settings.serving.tls_ca)
+    else:
+        result = predict_local(settings, files, args.version)
+    if result.failed:
+        raise PartlyFailed(result.to_dict())
+    return result.to_dict()
+
+
+def cmd_lineage(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Trace a request id, a model version (vN) or an image sha256 through serving, registry and catalog."""
+    from ml.ops.lineage import lineage
+    from ml.storage import storage_from_settings
+
+    traced = lineage(settings, storage_from_settings(settings), args.id, day=args.day)
+    return traced.to_dict() if args.json else traced.summary()
+
+
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Erase one image from curated storage, landing, the catalog and the feature cache."""
+    from ml.ops.erasure import forget
+    from ml.storage import storage_from_settings
+
+    storage = storage_from_settings(settings)
+    return forget(settings, storage, args.sha256, reason=args.reason, by=_who(args.by)).to_dict()
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
@@ -350,6 +394,14 @@ def _serving_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     add("status", cmd_status, "what is deployed and what every replica serves")
 
+    predict = add(
+        "predict", cmd_predict, "classify image files: the champion here, or the live service (--url)"
+    )
+    predict.add_argument("files", nargs="+", metavar="FILE", help="image files")
+    predict.add_argument("--url", help="the live service (POST URL/predict) instead of the champion here")
+    predict.add_argument("--key", help="API key for --url (default: $MLOPS_API_KEY)")
+    predict.add_argument("--version", help="without --url: this registered version (default: the champion)")
+
     shadow = add("shadow", cmd_shadow, "the shadow model against the stable one on live traffic")
     shadow.add_argument("--shadow", help="shadow version (default: the deployed shadow)")
     shadow.add_argument("--hours", type=float, default=24, help="window (default 24 h)")
@@ -359,6 +411,17 @@ def _serving_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     serve.add_argument(
         "--reload", action="store_true", help="restart the running service's workers gracefully (no downtime)"
     )
+
+
+def _governance_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    lineage = add("lineage", cmd_lineage, "trace a request id, a model version (vN) or an image sha256")
+    lineage.add_argument("id", help="request id, vN, or sha256 (curated or as landed)")
+    lineage.add_argument("--day", type=_date, help="a request's day (default: search the whole log)")
+
+    forget = add("forget", cmd_forget, "erase one image (GDPR): curated, landed, catalog, feature cache")
+    forget.add_argument("sha256", help="the image's sha256 (curated or as landed)")
+    forget.add_argument("--reason", required=True, help="why (recorded in catalog/erasures.jsonl)")
+    forget.add_argument("--by", help="who erases (default: the current user)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_commands(add)
     _training_commands(add)
     _serving_commands(add)
+    _governance_commands(add)
     add("config", cmd_config, "print the effective config")
     return parser
 
@@ -394,6 +458,7 @@ def _emit(payload: dict[str, Any], as_json: bool, stream: Any = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ml.data.ingest import BatchRejected, NothingLanded
+    from ml.ops.lineage import UnknownId
     from ml.registry import RegistryError
     from ml.release.errors import DeployError
 
@@ -414,9 +479,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             {"error": str(exc), "type": "nothing_landed"}, args.json, sys.stdout if args.json else sys.stderr
         )
         return EXIT_NOTHING
+    except PartlyFailed as exc:
+        _emit(exc.result, args.json)
+        return EXIT_REJECTED
     except DeployError as exc:
         _emit({"error": str(exc), "type": "deploy"}, args.json, sys.stdout if args.json else sys.stderr)
         return EXIT_REJECTED
+    except UnknownId as exc:
+        _emit({"error": str(exc), "type": "not_found"}, args.json, sys.stdout if args.json else sys.stderr)
+        return EXIT_NOTHING
     except RegistryError as exc:
         _emit({"error": str(exc), "type": "registry"}, args.json, sys.stdout if args.json else sys.stderr)
         return EXIT_UNAVAILABLE

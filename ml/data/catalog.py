@@ -9,6 +9,11 @@ Layout under the storage root (keys in ``ml.layout``)::
 
 A version lists its partitions with their sha256; reading a version reads exactly those
 partitions and checks each hash, so a version id always means the same rows, or a clear error.
+
+Erasing an image (``remove_images``) rewrites its day's partition without it and writes new versions
+of that day and every later one. Versions written before keep their ids and hashes: reading one
+raises ``DatasetIntegrityError`` (the erased rows are never served again), and lineage still reads
+its days and counts from the version document.
 """
 
 from __future__ import annotations
@@ -311,3 +316,29 @@ def dataset_rows(
 def split_rows(rows: pd.DataFrame, split: str) -> pd.DataFrame:
     """The catalog rows of one split (``train``, ``val`` or ``test``)."""
     return rows[rows["split"] == split].reset_index(drop=True)
+
+
+def image_rows(storage: Storage, sha256: str) -> pd.DataFrame:
+    """The current catalog rows of one image: its curated ``sha256`` or the ``source_sha256`` it landed as."""
+    rows = load_catalog(storage)
+    found = (rows["sha256"] == sha256) | (rows["source_sha256"] == sha256)
+    return rows[found].reset_index(drop=True)
+
+
+def partition_sha256(storage: Storage, day: dt.date) -> str | None:
+    """The sha256 of a day's current partition bytes (None when the day has none)."""
+    key = partition_key(day)
+    return hashlib.sha256(storage.read_bytes(key)).hexdigest() if storage.exists(key) else None
+
+
+def remove_images(storage: Storage, day: dt.date, sha256s: Sequence[str]) -> dict[str, Any] | None:
+    """Rewrite ``day``'s partition without these images and write new dataset versions from ``day`` on.
+
+    Returns the day's new version, or None when the partition held none of them (nothing written).
+    """
+    rows = read_partition(storage, day)
+    kept = rows[~rows["sha256"].isin(list(sha256s))].reset_index(drop=True)
+    if len(kept) == len(rows):
+        return None
+    storage.write_bytes(partition_key(day), to_parquet_bytes(kept))
+    return write_version(storage, day)

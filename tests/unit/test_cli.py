@@ -79,3 +79,13 @@ def test_drift_without_a_champion_says_there_is_nothing_to_compare(
 def test_train_with_nothing_ingested_has_nothing_to_do(store: Path, capsys) -> None:
     code, result = run(capsys, "train", "--json")
     assert code == EXIT_OK and result["status"] == "no_data" and "no dataset version" in result["reason"]
+
+
+def test_lineage_and_forget_refuse_bad_and_unknown_ids(store: Path, capsys) -> None:
+    code, error = run(capsys, "lineage", "not-an-id.png", "--json")
+    assert code == EXIT_USAGE and "not a request id" in error["error"]
+    code, error = run(capsys, "forget", "ab" * 32, "--reason", "GDPR request", "--json")
+    assert code == EXIT_NOTHING and error["type"] == "not_found"
+    with pytest.raises(SystemExit) as caught:
+        main(["forget", "ab" * 32])  # no --reason
+    assert caught.value.code == EXIT_USAGE
