@@ -25,7 +25,7 @@ import bentoml
 from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ml.config import get_settings
@@ -33,12 +33,15 @@ from ml.data.images import ImageLimits
 from ml.serving.auth import ANONYMOUS, key_table
 from ml.serving.binding import RequestIds, load_secret, secret_path
 from ml.serving.bundle import fetch_bundle
-from ml.serving.guard import KEY_ID_HEADER, Guard, GuardPolicy
+from ml.serving.guard import KEY_ID_HEADER, OPEN_PATHS, Guard, GuardPolicy
 from ml.serving.lifecycle import refuse_open_endpoint, stop_gracefully
 from ml.serving.log import PredictionLog
+from ml.serving.openapi import BearerSpec
+from ml.serving.page import PAGE_HEADERS, page_html
 from ml.serving.predictor import Predictor, ReplicaIdentity
+from ml.serving.status import service_status
 from ml.serving.uploads import BadRequest, incident_id
-from ml.storage import storage_from_settings
+from ml.storage import browsable_url, storage_from_settings
 
 log = logging.getLogger("mlops.service")
 
@@ -108,6 +111,25 @@ async def version_endpoint(request: Request) -> Response:
         return JSONResponse(bentoml.get_current_service().version_info())
     except bentoml.exceptions.BentoMLException:
         return error_response(503, "not_ready", "the service is starting: retry in a few seconds")
+
+
+async def page_endpoint(_: Request) -> Response:
+    """The page people use: try the model, label an answer, see the status (it asks for a key)."""
+    return HTMLResponse(page_html(), headers=PAGE_HEADERS)
+
+
+def status_endpoint(_: Request) -> Response:
+    """The page's status panel (run in a thread: it reads storage)."""
+    settings = get_settings()
+    storage = storage_from_settings(settings)
+    status = service_status(
+        storage, settings.serving.heartbeat_max_age_seconds, lambda key: browsable_url(storage, key, settings)
+    )
+    return JSONResponse(status.to_dict())
+
+
+async def docs_endpoint(_: Request) -> Response:
+    return RedirectResponse("/")  # BentoML's Swagger UI lives at the root
 
 
 def refuse(ctx: bentoml.Context, exc: BadRequest) -> dict[str, str]:
@@ -202,7 +224,16 @@ def _predictor() -> Predictor:
     logging={"access": {"enabled": False}},  # every prediction is in the prediction log already
 )
 @bentoml.asgi_app(
-    Starlette(routes=[Route("/version", version_endpoint, methods=["GET"])]), path="/", name="version"
+    Starlette(
+        routes=[
+            Route("/version", version_endpoint, methods=["GET"]),
+            Route("/ui", page_endpoint, methods=["GET"]),
+            Route("/ui/status", status_endpoint, methods=["GET"]),
+            Route("/docs", docs_endpoint, methods=["GET"]),
+        ]
+    ),
+    path="/",
+    name="pages",
 )
 class ImageClassifier:
     def __init__(self) -> None:
@@ -295,3 +326,4 @@ class ImageClassifier:
 
 
 ImageClassifier.add_asgi_middleware(GuardMiddleware)
+ImageClassifier.add_asgi_middleware(BearerSpec, open_paths=OPEN_PATHS)

@@ -24,9 +24,12 @@ from ml.serving.uploads import incident_id
 log = logging.getLogger(__name__)
 
 KEY_ID_HEADER = b"x-mlops-key-id"  # set by the guard for the app behind it (never taken from a client)
-OPEN_PATHS = ("/healthz", "/livez", "/readyz")
+# Probes, and pages that hold no data (the page and Swagger UI ask for a key before they call anything).
+OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/ui", "/", "/docs", "/docs.json")
+OPEN_PREFIXES = ("/static_content/",)  # Swagger UI's own scripts and styles, shipped with BentoML
 ROUTE_ROLES = {
     "/predict": "predict",
+    "/ui/status": "predict",
     "/predict_batch": "predict",
     "/feedback": "feedback",
     "/version": "admin",
@@ -49,6 +52,11 @@ class GuardPolicy:
     drain_bytes: int
     route_roles: dict[str, str] = field(default_factory=lambda: dict(ROUTE_ROLES))
     open_paths: tuple[str, ...] = OPEN_PATHS
+    open_prefixes: tuple[str, ...] = OPEN_PREFIXES
+
+    def is_open(self, method: str, path: str) -> bool:
+        """Reads of the open paths need no key; anything else sent there goes through the guard."""
+        return method in ("GET", "HEAD") and (path in self.open_paths or path.startswith(self.open_prefixes))
 
 
 class Refusal(Exception):
@@ -142,7 +150,7 @@ class Guard:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.policy.open_paths:
+        if scope["type"] != "http" or self.policy.is_open(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -315,19 +315,11 @@ class Predictor:
         except Exception as exc:
             self._log_failure(request_id, lane.version, track, started, exc)
             raise
-        classes = lane.model.meta.classes
-        best = int(np.argmax(proba))
-        result = {
-            "predicted_class": classes[best],
-            "confidence": float(proba[best]),
-            "probabilities": {name: float(p) for name, p in zip(classes, proba, strict=True)},
-            "model_version": lane.version,
-            "request_id": request_id,
-            **lane.model.abstention(proba),  # prediction_set, abstain: bundles with a conformal threshold
-        }
+        # track: "stable" or "canary", which of the deployed models answered
+        result = {**lane.model.answer(proba), "track": track, "request_id": request_id}
         seconds = time.perf_counter() - started
         if self.observe:
-            self.observe(lane.version, classes[best], seconds)
+            self.observe(lane.version, result["predicted_class"], seconds)
         self._log(result, decoded, projected, track, seconds, data)
         if self.shadow is not None and track == "stable":
             self._shadows.add(asyncio.create_task(self._shadow(self.shadow, decoded, request_id)))

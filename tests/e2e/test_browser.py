@@ -1,8 +1,7 @@
 """The Airflow 3 web UI in headless Chromium: log in as admin, trigger ``retrain`` from its DAG
 page with non-default parameters, and watch the run succeed.
 
-Debian's ``chromium`` and ``chromium-driver`` drive the browser (``make test`` installs them);
-Selenium is given the driver's path, so Selenium Manager never downloads a browser or a driver.
+Debian's ``chromium`` and ``chromium-driver`` drive the browser (``tests/browser.py``).
 With nothing ingested, retrain's ``train`` task returns ``no_data`` and skips the rest, so the run
 succeeds within seconds of starting.
 """
@@ -10,7 +9,6 @@ succeeds within seconds of starting.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import urllib.parse
@@ -22,23 +20,12 @@ from typing import Any
 
 import pytest
 
+from tests.browser import STEP_SECONDS, chromium, needs_browser
 from tests.conftest import REPO
 from tests.e2e.standalone import standalone
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-REQUIRED = os.environ.get("MLOPS_REQUIRE_BROWSER") == "1"  # CI (.ci/run): a missing browser fails
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        not (CHROMIUM and CHROMEDRIVER) and not REQUIRED,
-        reason="needs Debian's chromium and chromium-driver (`make browser` installs them as root: "
-        "apt-get install -y chromium chromium-driver)",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, needs_browser]
 SCREENSHOT = REPO / ".data" / "screenshots" / "browser_retrain.png"
-STEP_SECONDS = 120  # a page, an element (2 slow cores, a cold React bundle)
 RUN_SECONDS = 480  # the manual run may queue behind the scheduled one (max_active_runs=1)
 
 
@@ -64,33 +51,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path) -> Itera
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Debian Chromium through its own ChromeDriver; page source and screenshot kept on failure."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",  # the machine's network is closed: no calls home
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(STEP_SECONDS)
-    try:
+    with chromium(tmp_path) as driver:
         yield driver
-    finally:
-        (tmp_path / "last_page.html").write_text(driver.page_source)
-        driver.save_screenshot(str(tmp_path / "last_page.png"))
-        driver.quit()
 
 
 def test_trigger_retrain_from_the_ui_with_parameters(airflow: Airflow, browser: Any, tmp_path: Path) -> None:

@@ -78,7 +78,15 @@ def test_predict_returns_the_contract(client) -> None:
     response = post_image(client, encode(photo(1), "PNG"))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"predicted_class", "confidence", "probabilities", "model_version", "request_id"}
+    assert set(body) == {
+        "predicted_class",
+        "confidence",
+        "probabilities",
+        "model_version",
+        "track",
+        "request_id",
+    }
+    assert body["track"] == "stable"
     assert body["predicted_class"] in CLASSES and set(body["probabilities"]) == set(CLASSES)
     assert body["confidence"] == max(body["probabilities"].values()) and body["model_version"] == "1"
 
@@ -300,3 +308,34 @@ def test_a_cmyk_jpeg_and_a_16_bit_png_are_answered(client) -> None:
     Image.fromarray(np.asarray(photo(7, (40, 30), "L")).astype("uint16") * 257).save(buffer, "PNG")
     assert post_image(client, buffer.getvalue()).status_code == 200
     assert post_image(client, encode(photo(7, (40, 30), "CMYK"), "JPEG")).status_code == 200
+
+
+def test_the_page_and_swagger_open_without_a_key_and_their_data_needs_one(client) -> None:
+    page = client.get("/ui")
+    assert page.status_code == 200 and "<title>Image classifier</title>" in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    outside = page.text.replace("http://www.w3.org/2000/svg", "")  # the SVG namespace is a name, not a fetch
+    assert "http://" not in outside and "https://" not in outside  # no asset from outside the machine
+    assert client.post("/ui", content=b"x").status_code == 401  # only reads of the open pages are open
+    assert client.get("/ui/status").status_code == 401
+    assert client.get("/ui/status", headers=bearer(FEEDBACK_KEY)).status_code == 403  # needs predict
+    status = client.get("/ui/status", headers=bearer(PREDICT_KEY))
+    assert status.status_code == 200, status.text
+    assert status.json()["deployment"]["stable"] == "1" and status.json()["checks"] == []
+    assert client.get("/", headers={}).status_code == 200  # Swagger UI
+    assert client.get("/docs", follow_redirects=False).headers["location"] == "/"
+
+
+def test_the_openapi_spec_declares_the_bearer_scheme(client) -> None:
+    spec = client.get("/docs.json").json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": spec["components"]["securitySchemes"]["bearerAuth"]["description"],
+    }
+    assert spec["security"] == [{"bearerAuth": []}]
+    assert "/predict" in spec["paths"] and "security" not in spec["paths"]["/predict"]["post"]
+    waived = [
+        path for path, ops in spec["paths"].items() if any(op.get("security") == [] for op in ops.values())
+    ]
+    assert set(waived) <= {"/healthz", "/livez", "/readyz", "/ui", "/", "/docs", "/docs.json"}, waived

@@ -645,6 +645,13 @@ def test_a_bundle_from_before_validation_serves_as_before(bundles, tmp_path: Pat
     found = predictor({"1": folder}, tmp_path, DeploymentState(stable="1"))
     answer = asyncio.run(found.predict(png(3)))
     found.close()
-    assert set(answer) == {"predicted_class", "confidence", "probabilities", "model_version", "request_id"}
+    assert set(answer) == {
+        "predicted_class",
+        "confidence",
+        "probabilities",
+        "model_version",
+        "track",
+        "request_id",
+    }
     reference = ServingModel(bundles["1"]).infer(decode_upload(png(3), LIMITS, PREP).array[None]).proba[0]
     assert np.allclose(list(answer["probabilities"].values()), reference, atol=1e-6)

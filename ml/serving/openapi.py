@@ -1,0 +1,69 @@
+"""The service's OpenAPI document says how to authenticate: a bearer scheme on every guarded route.
+
+BentoML generates ``/docs.json`` from the service's APIs but knows nothing of the guard in front of
+them, so Swagger UI (``/``, also reached as ``/docs``) would offer no way to send a key. This
+middleware adds the ``bearerAuth`` scheme to that document as it leaves the service, with
+``security: []`` on the routes that need no key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from ml.serving.guard import Message, Receive, Scope, Send
+
+SPEC_PATH = "/docs.json"
+BEARER_SCHEME = "bearerAuth"
+
+
+def with_bearer_scheme(spec: dict[str, Any], open_paths: Iterable[str]) -> dict[str, Any]:
+    """``spec`` with the bearer scheme required by default and waived on ``open_paths``."""
+    components = spec.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (MLOPS_API_KEYS or the keys file); its roles decide what it may call.",
+    }
+    spec["security"] = [{BEARER_SCHEME: []}]
+    waived = set(open_paths)
+    for path, operations in (spec.get("paths") or {}).items():
+        if path in waived and isinstance(operations, dict):
+            for operation in operations.values():
+                if isinstance(operation, dict):
+                    operation["security"] = []
+    return spec
+
+
+class BearerSpec:
+    """ASGI middleware: rewrites the JSON answer of ``GET /docs.json``; every other request passes."""
+
+    def __init__(self, app: Any, open_paths: Iterable[str]) -> None:
+        self.app = app
+        self.open_paths = tuple(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != SPEC_PATH or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        body = bytearray()
+
+        async def hold(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self.app(scope, receive, hold)
+        if start is None:
+            return
+        data = bytes(body)
+        if start["status"] == 200:
+            data = json.dumps(with_bearer_scheme(json.loads(data), self.open_paths)).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(data)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
