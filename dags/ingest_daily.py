@@ -1,4 +1,5 @@
-"""Daily ingestion: wait for the day's labels.csv, validate and curate the day, publish the dataset.
+"""Daily ingestion: wait for the day's labels.csv, land the labelled served images (feedback.csv),
+validate and curate the day, publish the dataset.
 
 With ``ingest.shards`` > 1 (the production profile) the day fans out: ``plan`` lists it once,
 ``inspect_shard`` runs once per shard (mapped tasks, spread over the workers; a shard whose worker
@@ -77,6 +78,20 @@ def ingest_daily() -> None:
         return PokeReturnValue(is_done=present, xcom_value=day.isoformat())
 
     @task
+    def land_feedback(day: str) -> str:
+        """Land the labelled served images (``serving.log_images``) beside the day's upstream rows."""
+        from mlops_airflow.storage import dag_storage
+
+        from ml.data.feedback import land_feedback as land
+
+        settings = get_settings()
+        landed = land(
+            dag_storage(settings), dt.date.fromisoformat(day), settings.ingest.feedback_lookback_days
+        )
+        print(landed.to_dict())
+        return day
+
+    @task
     def plan(day: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """List the day once; one work item per shard."""
         from mlops_airflow.storage import dag_storage
@@ -122,7 +137,7 @@ def ingest_daily() -> None:
         outlet_events[CURATED_IMAGES].extra = result.asset_extra()
         return result.to_xcom()
 
-    day = wait_for_labels()
+    day = land_feedback(wait_for_labels())
     if SETTINGS.ingest.shards > 1:
         ingest(day, inspect_shard.expand(work=plan(day)))
     else:

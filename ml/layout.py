@@ -13,6 +13,8 @@ from dataclasses import dataclass
 # -- landing, quarantine, curated images ----------------------------------------------------------
 LANDING_PREFIX = "landing"
 LABELS_FILE = "labels.csv"
+FEEDBACK_LABELS_FILE = "feedback.csv"  # labelled served images, beside upstream's rows (source=feedback)
+FEEDBACK_IMAGES_FOLDER = "feedback"  # under the day's images/
 CURATED_IMAGES_PREFIX = "curated/images"
 QUARANTINE_PREFIX = "quarantine"
 INGEST_STAGING_PREFIX = "staging/ingest"  # sharded ingests in progress
@@ -35,8 +37,16 @@ class DayLayout:
         return f"{self.landing}/{LABELS_FILE}"
 
     @property
+    def feedback_labels(self) -> str:
+        return f"{self.landing}/{FEEDBACK_LABELS_FILE}"
+
+    @property
     def images(self) -> str:
         return f"{self.landing}/images"
+
+    @property
+    def feedback_images(self) -> str:
+        return f"{self.images}/{FEEDBACK_IMAGES_FOLDER}"
 
     @property
     def quarantine(self) -> str:
@@ -92,6 +102,7 @@ CATALOG_DAYS_PREFIX = "catalog/days"
 CATALOG_VERSIONS_PREFIX = "catalog/versions"
 CATALOG_VERSIONS_BY_ID_PREFIX = f"{CATALOG_VERSIONS_PREFIX}/by_id"
 CATALOG_LATEST_KEY = "catalog/LATEST"
+CATALOG_ERASURES_KEY = "catalog/erasures.jsonl"  # one record per erased image: why, by whom, what was removed
 
 
 def partition_key(day: dt.date) -> str:
@@ -117,6 +128,11 @@ SERVING_DRIFT_REPORTS_PREFIX = "reports/serving_drift"
 
 def drift_summary_key(day: object) -> str:
     return f"{DRIFT_REPORTS_PREFIX}/{day}/summary.json"
+
+
+def drift_report_key(day: object) -> str:
+    """The day's Evidently report as HTML (``ml.monitoring.drift.write_report`` writes it)."""
+    return f"{DRIFT_REPORTS_PREFIX}/{day}/report.html"
 
 
 # -- the feature cache ----------------------------------------------------------------------------

@@ -35,13 +35,14 @@ from ml.data.images import ImageLimits
 from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_all, inspect_file
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
-from ml.layout import DayLayout, curated_key
+from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
 from ml.storage import ObjectInfo, Storage, UnsafeKeyError, join_key, safe_key
 
 __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
 
 REQUIRED_COLUMNS = ("filename", "label")
 PUBLISH_THREADS = 8  # curated writes in flight (below botocore's default pool of 10 connections)
+FEEDBACK_LINE_OFFSET = 1_000_000  # feedback.csv's rows, numbered after any labels.csv could reach
 
 
 class NothingLanded(FileNotFoundError):
@@ -134,8 +135,8 @@ class BatchRejected(RuntimeError):
 
 @dataclass
 class LedgerEntry:
-    kind: str  # "row" (a labels.csv line) or "file"
-    ref: str  # "labels.csv:LINE" or the landed key
+    kind: str  # "row" (a labels.csv or feedback.csv line) or "file"
+    ref: str  # "labels.csv:LINE", "feedback.csv:LINE" or the landed key
     outcome: str = "curated"  # or "quarantined"
     reason: str = ""
     detail: str = ""
@@ -150,7 +151,7 @@ class LedgerEntry:
     def note(self) -> str:
         """The ledger's ``note`` column."""
         if self.duplicate_of_line is not None:
-            return f"duplicate_row_of=labels.csv:{self.duplicate_of_line}"
+            return f"duplicate_row_of={row_ref(self.duplicate_of_line)}"
         if self.duplicate_of:
             return f"duplicate_of={self.duplicate_of}"
         return "already_in_catalog" if self.already_in_catalog else ""
@@ -198,7 +199,7 @@ def sort_listing(listed: Iterable[ObjectInfo], layout: DayLayout) -> Landing:
         if info.is_folder_marker:
             markers += 1
             continue
-        if info.key == layout.labels:
+        if info.key in (layout.labels, layout.feedback_labels):
             continue
         objects.append(info)
         reason = unsafe_key_reason(info.key)
@@ -263,6 +264,22 @@ def read_manifest(data: bytes) -> tuple[pd.DataFrame, str | None]:
     return frame, None
 
 
+def row_ref(line: int) -> str:
+    """A manifest row as the ledger names it: ``labels.csv:LINE`` or ``feedback.csv:LINE``."""
+    if line >= FEEDBACK_LINE_OFFSET:
+        return f"{FEEDBACK_LABELS_FILE}:{line - FEEDBACK_LINE_OFFSET}"
+    return f"{LABELS_FILE}:{line}"
+
+
+def with_feedback_rows(manifest: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    """Upstream's rows and the landed feedback's, one frame; feedback lines numbered past
+    ``FEEDBACK_LINE_OFFSET`` so every row keeps the line of its own file."""
+    if feedback.empty:
+        return manifest
+    feedback = feedback.set_axis(feedback.index + FEEDBACK_LINE_OFFSET)
+    return pd.concat([manifest, feedback]).astype(object).where(lambda frame: frame.notna(), None)
+
+
 def _quarantine(entry: LedgerEntry, reason: str, detail: str = "") -> None:
     if entry.outcome != "quarantined":
         entry.outcome, entry.reason, entry.detail = "quarantined", reason, detail
@@ -277,7 +294,7 @@ def check_manifest(batch: Batch, quality: QualityRunner, settings: Settings) -> 
     frame = batch.manifest
     for line in frame.index:
         label = _label(frame.at[line, "label"]) if "label" in frame else ""
-        batch.rows[int(line)] = LedgerEntry("row", f"labels.csv:{line}", label=label)
+        batch.rows[int(line)] = LedgerEntry("row", row_ref(int(line)), label=label)
     has_columns = all(column in frame for column in REQUIRED_COLUMNS)
     collapsed = frame.drop_duplicates(subset=list(REQUIRED_COLUMNS)) if has_columns else frame
     if has_columns:
@@ -347,7 +364,7 @@ def pair_rows_and_files(batch: Batch) -> dict[str, int]:
             _quarantine(entry, "orphan_file", "no labels.csv row names this file")
         elif not valid:
             first = batch.rows[lines[0]]
-            _quarantine(entry, first.reason, f"its row labels.csv:{lines[0]} was quarantined")
+            _quarantine(entry, first.reason, f"its row {row_ref(lines[0])} was quarantined")
         else:
             claimed[name] = valid[0]
             entry.label = batch.rows[valid[0]].label
@@ -562,7 +579,7 @@ def reconcile(listed: Iterable[str], lines: Iterable[int], entries: Sequence[Led
     )
     problems += _count_problems(
         "row",
-        Counter(f"labels.csv:{line}" for line in lines),
+        Counter(row_ref(line) for line in lines),
         Counter(entry.ref for entry in entries if entry.kind == "row"),
     )
     problems += [problem for entry in entries if (problem := _entry_problem(entry, files))]
@@ -697,6 +714,12 @@ def load_batch(
     if not storage.exists(layout.labels):
         raise NothingLanded(f"nothing landed for {day}: {storage.url(layout.labels)} does not exist")
     manifest, parse_error = read_manifest(storage.read_bytes(layout.labels))
+    if storage.exists(layout.feedback_labels):
+        feedback, feedback_error = read_manifest(storage.read_bytes(layout.feedback_labels))
+        manifest = with_feedback_rows(manifest, feedback)
+        parse_error = parse_error or (
+            feedback_error and feedback_error.replace(LABELS_FILE, FEEDBACK_LABELS_FILE)
+        )
     landing = sort_listing(storage.list_objects(layout.landing) if listing is None else listing, layout)
     return Batch(layout, manifest, landing), parse_error
 
@@ -707,8 +730,9 @@ def local_inspection(
     """The spooled images inspected by worker processes on this host (they start at once)."""
     images = {name: batch.spooled[key] for name, key in sorted(batch.files.items()) if key in batch.spooled}
     limits = ImageLimits.from_settings(settings.ingest)
+    workers = resolve_workers(settings.ingest.workers)
     return Inspection(
-        images, limits, resolve_workers(settings.ingest.workers), spool.curated, inspect=inspect
+        images, limits, workers, spool.curated, inspect=inspect, progress_every=settings.progress_every
     )
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 from ml import registry
 from ml.config import REPO_ROOT, Settings
 from ml.data.catalog import dataset_rows, split_rows
+from ml.data.feedback import from_feedback
 from ml.layout import CLASS_NAMES_ARTIFACT, HEAD_WEIGHTS_ARTIFACT, ONNX_ARTIFACT, REFERENCE_ARTIFACTS
 from ml.runs import RunContext
 from ml.storage import Storage, StorageError
@@ -59,6 +60,8 @@ from ml.training.reference import build_reference
 from ml.training.scoring import onnx_predict_proba
 from ml.training.train import Hyperparameters, SplitData, TrainResult, split_data, train, training_curves_png
 from ml.training.validate import validate_in_run
+
+ONNX_MODEL = "onnx_model"  # the ONNX export as an MLflow ``onnx`` model: runs:/<run_id>/onnx_model
 
 # split data, classes, hyperparameters, per-epoch sink -> a fitted head and its test evaluation
 TrainFn = Callable[
@@ -381,6 +384,9 @@ def log_inputs(
             "preprocessing": prep.version,
             "dataset_version": snap.version["version"],
             "dataset_rows": len(snap.rows),
+            "feedback_images": int(
+                from_feedback(snap.rows).sum()
+            ),  # labelled served images (source=feedback)
             "classes": ",".join(settings.classes),
             "git_commit": git_commit(),
             "airflow_run_id": context.airflow_run_id or "none",
@@ -479,8 +485,28 @@ def _log_model_and_onnx(model: Any, settings: Settings, storage: Storage, rows: 
         path = Path(folder) / "model.onnx"
         export_onnx(ServingGraph(model), path, prep.image_size, SERVING_OUTPUTS)
         parity = onnx_parity(model, path, sample)
-        mlflow.log_artifact(str(path), ONNX_ARTIFACT.rsplit("/", 1)[0])
+        mlflow.log_artifact(str(path), ONNX_ARTIFACT.rsplit("/", 1)[0])  # what release and monitoring read
+        log_onnx_model(path, sample)
     return float(parity)
+
+
+def log_onnx_model(path: Path, sample: np.ndarray) -> Any:
+    """The ONNX export as an MLflow ``onnx`` model (``ONNX_MODEL``) in the active run, its signature
+    from ``sample``: ``image`` -> ``logits``, ``features``; returns its ``ModelInfo``."""
+    import mlflow.onnx
+    import onnx
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, {"image": sample}), strict=True))
+    return mlflow.onnx.log_model(
+        onnx.load(str(path)),
+        name=ONNX_MODEL,
+        signature=infer_signature({"image": sample}, outputs),
+        save_as_external_data=False,  # one model.onnx, byte-for-byte a valid standalone export
+    )
 
 
 def register(

@@ -43,7 +43,7 @@ def test_house_rules(dagbag) -> None:
 
 def test_ingest_daily_shape(dagbag) -> None:
     dag = dagbag.dags["ingest_daily"]
-    assert [t.task_id for t in dag.topological_sort()] == ["wait_for_labels", "ingest"]
+    assert [t.task_id for t in dag.topological_sort()] == ["wait_for_labels", "land_feedback", "ingest"]
     ingest = dag.get_task("ingest")
     assert [a.name for a in ingest.outlets] == ["curated_images"]
     assert ingest.retries >= 1 and ingest.retry_exponential_backoff
@@ -59,10 +59,10 @@ def test_ingest_daily_fans_out_over_shards_when_configured(monkeypatch: pytest.M
     monkeypatch.setenv("MLOPS__INGEST__SHARDS", "3")
     dag = DagBag(dag_folder=str(REPO / "dags" / "ingest_daily.py")).dags["ingest_daily"]
     order = [t.task_id for t in dag.topological_sort()]
-    assert order == ["wait_for_labels", "plan", "inspect_shard", "ingest"]
+    assert order == ["wait_for_labels", "land_feedback", "plan", "inspect_shard", "ingest"]
     assert type(dag.get_task("inspect_shard")).__name__.endswith("MappedOperator")  # one task per shard
     assert dag.get_task("inspect_shard").retries >= 1  # a shard whose worker died runs again
-    assert dag.get_task("ingest").upstream_task_ids == {"wait_for_labels", "inspect_shard"}
+    assert dag.get_task("ingest").upstream_task_ids == {"land_feedback", "inspect_shard"}
     assert dag.params["shards"] == 3  # the form can split a day differently
 
 

@@ -6,6 +6,7 @@ Two models trained on generated demo days; v1 is the champion, v2 the challenger
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -25,6 +27,7 @@ from ml.data.ingest import ingest_day
 from ml.demo.landing import land_days
 from ml.http import multipart
 from ml.storage import LocalStorage
+from tests.browser import STEP_SECONDS, chromium, needs_browser
 from tests.conftest import REPO, world_env
 from tests.hostile import encode, photo, png_bomb, with_exif_gps
 
@@ -33,6 +36,7 @@ START = dt.date(2026, 6, 1)
 KEY = "0-integration-key-with-every-role"  # sorts first: the key deploy's /version check uses is admin
 PREDICT_KEY = "p-integration-key-that-only-predicts"
 FEEDBACK_KEY = "f-integration-key-that-only-labels-1"
+PAGE_KEY = "page-integration-key-predict-and-feedback"  # what a team hands out for the page
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -51,8 +55,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict, Any,
         acceptance__non_inferiority_margin=0.1,
         acceptance__robustness_margin=0.15,
         serving__log_flush_seconds=0.5,
+        serving__log_images=True,  # labelled request images become training data (the feedback test)
         serving__max_request_bytes=6000000,
-    ) | {"MLOPS_API_KEYS": f"{KEY},{PREDICT_KEY}:predict,{FEEDBACK_KEY}:feedback"}
+    ) | {"MLOPS_API_KEYS": f"{KEY},{PREDICT_KEY}:predict,{FEEDBACK_KEY}:feedback,{PAGE_KEY}:predict+feedback"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -268,7 +273,7 @@ def test_metrics_version_and_the_prediction_log(world, live) -> None:
         feedback = read_jsonl(storage, FEEDBACK_PREFIX)
     row = next(r for r in logged if r["request_id"] == request_ids[0])
     assert row["model_version"] == "1" and {"embedding_pc0", "brightness", "blur", "latency_ms"} <= set(row)
-    assert "image_key" not in row  # raw images are not kept unless configured
+    assert storage.read_bytes(row["image_key"])  # serving.log_images: the request's image is kept
     assert [(r["request_id"], r["label"]) for r in feedback] == [(request_ids[0], "toys")]
     assert feedback[0]["bound"] is True and feedback[0]["model_version"] == "1" and feedback[0]["key_id"]
     status, metrics = raw(live, "GET", "/metrics")
@@ -734,3 +739,117 @@ def test_monitor_rolls_back_a_bad_new_model_and_alerts_once(
     (page,) = [e.json() for e in receiver.on("/v2/enqueue") if b"model_accuracy_drop" in e.body]
     assert page["event_action"] == "resolve" and page["dedup_key"] == "monitor_serving/model_accuracy_drop"
     assert read_state(storage).stable == "2"  # a good check changes nothing
+
+
+@needs_browser
+def test_the_page_classifies_an_upload_and_binds_the_correction_to_it(world, live, tmp_path) -> None:
+    """The page at /ui in headless Chromium: a key, an upload, the answer, a correction; then the
+    status panel with the replicas, the monitor's checks and drift per day. The correction is found
+    in the feedback log bound to the request the page showed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from ml.demo.landing import labelled_images
+    from ml.layout import FEEDBACK_PREFIX
+    from ml.monitoring.drift import measure_day
+    from ml.storage import read_jsonl
+
+    _, settings, storage = world
+    for offset in range(3):  # drift per day, as the drift monitor records it
+        measure_day(settings, storage, START + dt.timedelta(days=offset))
+    data, truth = labelled_images(settings.classes, 1, seed=31)[0]
+    upload = tmp_path / "photo.jpg"
+    upload.write_bytes(data)
+    shots = REPO / ".data" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    with chromium(tmp_path) as browser:
+        wait = WebDriverWait(browser, STEP_SECONDS, poll_frequency=0.5)
+        browser.get(f"{live}/ui")  # the page itself needs no key; everything it calls does
+        browser.find_element(By.ID, "key").send_keys(PAGE_KEY)
+        browser.find_element(By.ID, "save-key").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "deployment"), "Champion v"))
+        browser.find_element(By.ID, "file").send_keys(str(upload))
+        wait.until(ec.element_to_be_clickable((By.ID, "predict"))).click()
+        wait.until(ec.visibility_of_element_located((By.ID, "result")))
+        request_id = browser.find_element(By.ID, "request-id").text
+        shown_version = browser.find_element(By.ID, "result-version").text
+        bars = browser.find_elements(By.CSS_SELECTOR, "#probabilities .bar")
+        assert len(bars) == len(settings.classes) and request_id
+        assert browser.find_element(By.ID, "result-track").text in ("stable", "canary")
+        wrong = next(name for name in settings.classes if name != truth)  # a correction, not a confirmation
+        Select(browser.find_element(By.ID, "label")).select_by_value(wrong)
+        browser.find_element(By.ID, "correct").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "feedback-status"), "recorded"))
+        assert browser.find_element(By.ID, "feedback-status").get_attribute("class") == "ok"
+        browser.find_element(By.ID, "try").screenshot(str(shots / "ui_try.png"))
+
+        browser.find_element(By.ID, "refresh").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#replicas tr")) >= 1)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#chart-drift circle")) == 3)
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart-p99 circle")  # the monitor's checks
+        assert browser.find_elements(By.CSS_SELECTOR, "#alerts tr")  # its rollback and resolve notices
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#links a")) == 3
+        browser.set_window_size(1400, 1800)  # the whole panel in one picture
+        browser.find_element(By.ID, "status").screenshot(str(shots / "ui_status.png"))
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        bound = [r for r in read_jsonl(storage, FEEDBACK_PREFIX) if r["request_id"] == request_id]
+        if bound:
+            break
+        time.sleep(0.5)
+    assert [(r["label"], r["model_version"], r["bound"]) for r in bound] == [(wrong, shown_version, True)]
+
+
+def test_the_page_and_swagger_open_without_a_key_and_the_spec_declares_the_bearer_scheme(live) -> None:
+    from ml.http import http
+
+    status, page = http("GET", f"{live}/ui")
+    assert status == 200 and b"<title>Image classifier</title>" in page
+    assert http("GET", f"{live}/ui/status")[0] == 401  # the page's data needs a key
+    assert http("POST", f"{live}/ui", body=b"x")[0] == 401  # only reads are open
+    status, spec = http("GET", f"{live}/docs.json")
+    spec = json.loads(spec)
+    assert status == 200 and spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert spec["security"] == [{"bearerAuth": []}] and "security" not in spec["paths"]["/predict"]["post"]
+    assert http("GET", f"{live}/docs")[0] == 200  # redirected to Swagger UI
+    status, body = raw(live, "GET", "/ui/status", headers={"Authorization": f"Bearer {PAGE_KEY}"})
+    assert status == 200 and json.loads(body)["deployment"]["stable"] == "2"
+
+
+def test_labelled_served_images_are_ingested_and_counted_by_the_next_retrain(world, live) -> None:
+    """Every labelled request of today (the monitor's traffic, the page's correction, a dark upload the
+    checks refuse) lands as feedback beside an upstream day, passes the same ingest, and trains."""
+    from ml import registry
+    from ml.data import catalog
+    from ml.data.feedback import from_feedback, land_feedback
+    from ml.layout import DayLayout
+    from ml.training.pipeline import retrain
+
+    _, settings, storage = world
+    dark = Image.new("RGB", (96, 96), (2, 2, 2))
+    (dark_id,) = predict_with_feedback(live, storage, [(encode(dark, "JPEG"), settings.classes[0])])
+    today = dt.datetime.now(dt.UTC).date()
+    land_days(storage, today, 1, settings.classes, count=40, seed=12)  # upstream's rows of the day
+    landed = land_feedback(storage, today, settings.ingest.feedback_lookback_days)
+    assert landed.landed >= 230 and landed.without_image == 0, landed  # the monitor test labelled 230
+
+    result = ingest_day(settings, storage, today)
+
+    rows = catalog.read_partition(storage, today)
+    fed = int(from_feedback(rows).sum())
+    layout = DayLayout(today)
+    manifest = pd.read_csv(io.BytesIO(storage.read_bytes(layout.feedback_labels)), dtype=str)
+    ledger = pd.read_csv(io.BytesIO(storage.read_bytes(layout.ledger)), dtype=str, keep_default_na=False)
+    feedback_rows = ledger[ledger["ref"].str.startswith("feedback.csv:")]
+    assert len(feedback_rows) == len(manifest) == landed.landed  # every landed label is accounted for
+    dark_line = int(manifest.index[manifest["request_id"] == dark_id][0]) + 2  # CSV line (header is 1)
+    (dark_row,) = feedback_rows[feedback_rows["ref"] == f"feedback.csv:{dark_line}"].itertuples()
+    assert dark_row.outcome == "quarantined" and dark_row.reason, dark_row
+    refused = int((feedback_rows["outcome"] == "quarantined").sum())
+    assert 0 < fed <= landed.landed - refused and result.reconciled
+    run = retrain(settings, storage, force=True).to_dict()
+    params = registry.client(settings).get_run(run["run_id"]).data.params
+    assert int(params["feedback_images"]) == fed and params["dataset_version"] == result.dataset_version
+    print(f"feedback: landed {landed.landed}, quarantined rows {refused}, curated {fed}; run {run['run_id']}")
