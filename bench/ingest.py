@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -203,17 +204,19 @@ def production_bench(workers: list[int], images: int, side: int) -> None:
         labels = "filename,label\n" + "".join(f"{name},{label}\n" for name, (_, label) in blobs.items())
         storage.write_bytes(f"landing/{day}/labels.csv", labels.encode())
     print(f"landed {images} JPEGs ({side} px) on {', '.join(map(str, days))} in {settings.storage.root}")
+    limit = endpoint_limit(storage, storage.list(f"landing/{days[0]}/images")[:1000])
     paused = {dag: api.call(f"/api/v2/dags/{dag}")["is_paused"] for dag in REACTING_DAGS}
     for dag in REACTING_DAGS:
         api.call(f"/api/v2/dags/{dag}", {"is_paused": True}, method="PATCH")
     rows = []
     try:
         for shards, day in zip(workers, days, strict=True):
-            run_id = api.trigger("ingest_daily", {"date": str(day), "shards": shards})
-            state = api.wait("ingest_daily", run_id)
+            with CpuSampler() as cpu:
+                run_id = api.trigger("ingest_daily", {"date": str(day), "shards": shards})
+                state = api.wait("ingest_daily", run_id)
             if state != "success":
                 raise SystemExit(f"ingest_daily {run_id} ended {state}")
-            rows.append(run_row(api, run_id, shards, images))
+            rows.append(run_row(api, run_id, shards, images, cpu))
     finally:
         for dag, was_paused in paused.items():
             api.call(f"/api/v2/dags/{dag}", {"is_paused": was_paused}, method="PATCH")
@@ -222,17 +225,25 @@ def production_bench(workers: list[int], images: int, side: int) -> None:
         row["speedup_run"] = round(base["run_seconds"] / row["run_seconds"], 2)
         row["speedup_fan_out"] = round(base["fan_out_seconds"] / row["fan_out_seconds"], 2)
     RESULTS.mkdir(exist_ok=True)
-    report = {"images": images, "side_px": side, "cores": len(os.sched_getaffinity(0)), "rows": rows}
+    report = {
+        "images": images,
+        "side_px": side,
+        "cores": len(os.sched_getaffinity(0)),
+        "s3_endpoint_requests_per_s": limit,
+        "rows": rows,
+    }
     (RESULTS / "ingest_workers.json").write_text(json.dumps(report, indent=2))
     print(
         "\n| shards (workers) | run s | run img/s | speed-up | fan-out s | fan-out img/s | speed-up | "
-        "merge s | workers used |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "merge s | CPU busy in fan-out (moto) | workers used |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     for row in rows:
         print(
             f"| {row['shards']} | {row['run_seconds']} | {row['run_images_per_s']} | {row['speedup_run']}x | "
             f"{row['fan_out_seconds']} | {row['fan_out_images_per_s']} | {row['speedup_fan_out']}x | "
-            f"{row['merge_seconds']} | {', '.join(row['hosts'])} |"
+            f"{row['merge_seconds']} | {row['fan_out_cpu_busy_percent']}% "
+            f"({row['fan_out_moto_cpu_percent']}%) | {', '.join(row['hosts'])} |"
         )
 
 
@@ -246,7 +257,71 @@ def generated_day(images: int, side: int, classes: list[str], seed: int) -> dict
     }
 
 
-def run_row(api: object, run_id: str, shards: int, images: int) -> dict[str, object]:
+class CpuSampler:
+    """The machine's busy share and moto_server's, sampled every half second while a run goes on."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.samples: list[tuple[float, float, float]] = []  # (unix time, machine %, moto_server %)
+        self._stop = threading.Event()
+        self._moto = [
+            p for p in psutil.process_iter(["cmdline"]) if "moto_server" in " ".join(p.info["cmdline"] or [])
+        ]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        psutil.cpu_percent()
+        for process in self._moto:
+            process.cpu_percent()
+        while not self._stop.wait(0.5):
+            moto = sum(process.cpu_percent() for process in self._moto if process.is_running())
+            self.samples.append((time.time(), psutil.cpu_percent(), moto / psutil.cpu_count()))
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mean(self, start: dt.datetime, end: dt.datetime) -> tuple[float, float]:
+        """(machine busy %, moto_server %) averaged over [start, end] (both as shares of all cores)."""
+        window = [s for s in self.samples if start.timestamp() <= s[0] <= end.timestamp()]
+        if not window:
+            return float("nan"), float("nan")
+        return round(sum(s[1] for s in window) / len(window), 1), round(
+            sum(s[2] for s in window) / len(window), 1
+        )
+
+
+def endpoint_limit(storage: object, keys: list[str]) -> dict[str, float]:
+    """Requests per second the S3 endpoint answers (GET of landed images, PUT of copies) with 1 and
+    16 client threads: the ceiling every shard's downloads and staged writes share."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blobs = {key: storage.read_bytes(key) for key in keys}
+    found = {}
+    for threads in (1, 16):
+        for verb, call in (
+            ("GET", lambda key: storage.read_bytes(key)),
+            ("PUT", lambda key: storage.write_bytes(f"bench-scratch/{key}", blobs[key])),
+        ):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(call, keys))
+            found[f"{verb} x{threads}"] = round(len(keys) / (time.perf_counter() - started), 1)
+    storage.delete_many([f"bench-scratch/{key}" for key in keys])
+    print(f"S3 endpoint, requests/s: {found}", flush=True)
+    return found
+
+
+def run_row(
+    api: object, run_id: str, shards: int, images: int, cpu: CpuSampler | None = None
+) -> dict[str, object]:
     """Wall time of the run and of its fan-out, from the task instances' own start and end times."""
     run = api.call(f"/api/v2/dags/ingest_daily/dagRuns/{run_id}")
     tis = api.call(f"/api/v2/dags/ingest_daily/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
@@ -257,8 +332,17 @@ def run_row(api: object, run_id: str, shards: int, images: int) -> dict[str, obj
     fan_out = (
         max(when(ti["end_date"]) for ti in shard_tis) - min(when(ti["start_date"]) for ti in shard_tis)
     ).total_seconds()
-    print(f"  {shards} shard(s): run {run_seconds:.1f} s, fan-out {fan_out:.1f} s", flush=True)
+    first_start = min(when(ti["start_date"]) for ti in shard_tis)
+    last_end = max(when(ti["end_date"]) for ti in shard_tis)
+    busy, moto = cpu.mean(first_start, last_end) if cpu else (float("nan"), float("nan"))
+    print(
+        f"  {shards} shard(s): run {run_seconds:.1f} s, fan-out {fan_out:.1f} s "
+        f"(CPU busy {busy}% of both cores, moto_server {moto}%)",
+        flush=True,
+    )
     return {
+        "fan_out_cpu_busy_percent": busy,
+        "fan_out_moto_cpu_percent": moto,
         "shards": shards,
         "run_id": run_id,
         "run_seconds": round(run_seconds, 1),

@@ -4,11 +4,11 @@
 staging area; every shard and the merge read that listing, so they agree on what landed. A
 shard (``inspect_shard``) downloads only its images (a stable hash of the key picks the shard),
 inspects them on this host as the single-process ingest does, stages each curated image in
-storage and writes its results; a retried shard writes the same objects again. The merge is
-``ingest_day`` with the staged results (``staged_day``): the manifest, the Great Expectations
-suites on the whole day, dedupe, splits, the batch gate and the publication run once, as in the
-single-process path, so the ledger and the catalog come out the same. The staging area is
-removed once the day is published.
+storage (``PUBLISH_THREADS`` writes in flight) and writes its results; a retried shard writes
+the same objects again. The merge is ``ingest_day`` with the staged results (``staged_day``):
+the manifest, the Great Expectations suites on the whole day, dedupe, splits, the batch gate and
+the publication run once, as in the single-process path, so the ledger and the catalog come out
+the same. The staging area is removed once the day is published.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ml.config import Settings
 from ml.data.images import ImageReport
 from ml.data.ingest import (
+    PUBLISH_THREADS,
     Batch,
     BatchRejected,
     IngestResult,
@@ -123,12 +125,21 @@ def inspect_shard(settings: Settings, storage: Storage, day: dt.date, shard: int
         batch.spooled = spool.fetch(storage, wanted)
         with local_inspection(settings, batch, spool) as inspection:
             inspected = inspection.results(name for name, key in batch.files.items() if key in batch.spooled)
+        staged = {
+            name: layout.staged_curated(found.report.sha256, found.report.curated_ext)
+            for name, found in inspected.items()
+            if found.curated_path is not None
+        }
+
+        def stage(name: str) -> None:
+            path = inspected[name].curated_path
+            storage.write_bytes(staged[name], path.read_bytes())  # type: ignore[union-attr]
+
+        with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="stage") as pool:
+            for _ in pool.map(stage, sorted(staged)):  # re-raises the first failure: no results written
+                pass
         for name, found in sorted(inspected.items()):
-            staged = None
-            if found.curated_path is not None:
-                staged = layout.staged_curated(found.report.sha256, found.report.curated_ext)
-                storage.write_bytes(staged, found.curated_path.read_bytes())
-            results[name] = {"report": asdict(found.report), "staged": staged}
+            results[name] = {"report": asdict(found.report), "staged": staged.get(name)}
     storage.write_bytes(layout.shard_result(shard), json.dumps(results, sort_keys=True).encode())
     rejected = sum(1 for item in results.values() if item["report"]["reason"])
     return ShardSummary(
