@@ -10,7 +10,11 @@ A model is trained on generated demo days (or an existing registry is used with 
   image per request, torchvision transforms), loading the same registered version from MLflow.
 
 Reported per server and concurrency: requests/s, p50/p90/p99 latency, non-2xx and socket errors,
-and the peak resident memory of the server's whole process tree.
+and the peak resident memory of the server's whole process tree. Beside them, measured in the same
+run: the model-only bound (the served bundle through ONNX Runtime in process, no HTTP and no decode,
+the best of 2 processes x 1 thread, 1 process x 2 threads, batch 1 or 8), each concurrency's share of
+it, and the median time of each in-service stage of one request (multipart check, decode, image
+properties, resize and normalise, the model, JSON).
 
 Usage: python bench/serve.py [--duration 20] [--workers N]
 """
@@ -133,6 +137,91 @@ def wrk(
     }
 
 
+def _infer_loop(folder: str, array: Any, batch: int, threads: int, seconds: float, out: Any) -> None:
+    """One process: ``threads`` threads calling the served bundle on ``batch`` copies of ``array``."""
+    import numpy as np
+
+    from ml.serving.bundle import ServingModel
+
+    model = ServingModel(Path(folder), threads=1)
+    inputs = np.stack([array] * batch)
+    model.infer(inputs)  # warm-up
+    counts = [0] * threads
+    deadline = time.perf_counter() + seconds
+
+    def spin(index: int) -> None:
+        while time.perf_counter() < deadline:
+            model.infer(inputs)
+            counts[index] += batch
+
+    pool = [threading.Thread(target=spin, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    out.put(sum(counts))
+
+
+def model_only_bound(folder: Path, array: Any, seconds: float = 8.0) -> dict[str, Any]:
+    """The served bundle through ONNX Runtime in process (no HTTP, no decode): img/s per layout, best."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    layouts = {}
+    for processes, threads, batch in ((2, 1, 1), (1, 2, 1), (2, 1, 8), (1, 1, 1)):
+        queue = context.Queue()
+        workers = [
+            context.Process(target=_infer_loop, args=(str(folder), array, batch, threads, seconds, queue))
+            for _ in range(processes)
+        ]
+        for worker in workers:
+            worker.start()
+        done = sum(queue.get() for _ in workers)
+        for worker in workers:
+            worker.join()
+        layouts[f"{processes} proc x {threads} thread, batch {batch}"] = round(done / seconds, 1)
+        print("model only", layouts, flush=True)
+    best = max(layouts, key=lambda name: layouts[name])
+    return {"layouts": layouts, "best": best, "img_s": layouts[best]}
+
+
+def stage_profile(
+    folder: Path, body: bytes, content_type: str, data: bytes, reps: int = 300
+) -> dict[str, float]:
+    """Median ms per request of each in-service stage, one thread, on the benchmark's request."""
+    import statistics
+
+    from ml.config import load_settings
+    from ml.data.images import ImageLimits, open_checked, pixel_statistics
+    from ml.serving.bundle import ServingModel
+    from ml.serving.uploads import upload_problem
+    from ml.training.preprocessing import to_array
+
+    model = ServingModel(folder, threads=1)
+    limits = ImageLimits.from_settings(load_settings().ingest)
+    _, rgb, _ = open_checked(data, limits)
+    array = to_array(rgb, model.prep)
+    answer = model.answer(model.infer(array[None]).proba[0])
+    stages = {
+        "multipart check (guard)": lambda: upload_problem("/predict", body, content_type),
+        "decode + checks (open_checked)": lambda: open_checked(data, limits),
+        "image properties (drift)": lambda: pixel_statistics(rgb, phash=False),
+        "resize + normalise (to_array)": lambda: to_array(rgb, model.prep),
+        "model, batch 1 (ONNX Runtime)": lambda: model.infer(array[None]),
+        "answer as JSON": lambda: json.dumps(answer),
+    }
+    found = {}
+    for name, step in stages.items():  # each stage alone: what it costs one request on one core
+        step()
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        found[name] = round(statistics.median(times) * 1000, 3)
+    return found
+
+
 def measure(
     name: str,
     command: list[str],
@@ -192,6 +281,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     body, content_type = multipart("image", [("photo.jpg", data)])
     body_file = tmp / "body.bin"
     body_file.write_bytes(body)
+    import bentoml
+
+    from ml.release.build import import_model
+    from ml.training.preprocessing import to_array
+
+    folder = Path(bentoml.models.get(import_model(settings, "1")).path)
+    profile = stage_profile(folder, body, content_type, data)
+    print("per-request stages (ms):", profile, flush=True)
+    from ml.data.images import ImageLimits, open_checked
+    from ml.serving.bundle import BundleMeta
+
+    _, rgb, _ = open_checked(data, ImageLimits.from_settings(settings.ingest))
+    bound = model_only_bound(folder, to_array(rgb, BundleMeta.read(folder).preprocessing))
     results = []
     port = free_port()
     ours_env = serve_env(settings) | {"MLOPS_API_KEYS": KEY}
@@ -239,6 +341,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "workers": settings.serving.workers,
         "duration_s": args.duration,
         "cpu_count": os.cpu_count(),
+        "model_only": bound,
+        "stages_ms": profile,
         "results": results,
         "tmp": str(tmp),
     }
@@ -246,15 +350,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     ours, plain = report["results"]
+    bound = report["model_only"]["img_s"]
     lines = [
-        "| concurrency | mlops req/s | mlops p50 / p99 ms | plain req/s | plain p50 / p99 ms | throughput |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"Model-only bound: {bound} img/s ({report['model_only']['best']}; all layouts: "
+        f"{report['model_only']['layouts']})",
+        "",
+        "| concurrency | mlops req/s | share of bound | mlops p50 / p99 ms | plain req/s "
+        "| plain p50 / p99 ms | mlops / plain |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for a, b in zip(ours["runs"], plain["runs"], strict=True):
         lines.append(
-            f"| {a['concurrency']} | {a['rps']} | {a['p50_ms']} / {a['p99_ms']} | {b['rps']} | "
-            f"{b['p50_ms']} / {b['p99_ms']} | {a['rps'] / b['rps']:.1f}x |"
+            f"| {a['concurrency']} | {a['rps']} | {100 * a['rps'] / bound:.0f}% "
+            f"| {a['p50_ms']} / {a['p99_ms']} | {b['rps']} | {b['p50_ms']} / {b['p99_ms']} "
+            f"| {a['rps'] / b['rps']:.1f}x |"
         )
+    lines.append(
+        "\nPer-request stages, one thread, median ms: "
+        + ", ".join(f"{name} {ms}" for name, ms in report["stages_ms"].items())
+    )
     lines.append(
         f"\nPeak RSS (whole process tree): mlops {ours['peak_rss_mb']} MB "
         f"(largest process {ours['peak_process_rss_mb']} MB), plain {plain['peak_rss_mb']} MB. "
