@@ -37,7 +37,7 @@ from ml.serving.guard import KEY_ID_HEADER, OPEN_PATHS, Guard, GuardPolicy
 from ml.serving.lifecycle import refuse_open_endpoint, stop_gracefully
 from ml.serving.log import PredictionLog
 from ml.serving.openapi import BearerSpec
-from ml.serving.page import PAGE_HEADERS, page_html
+from ml.serving.page import PAGE_HEADERS, PAGE_LINK_SECONDS, page_html
 from ml.serving.predictor import Predictor, ReplicaIdentity
 from ml.serving.status import service_status
 from ml.serving.uploads import BadRequest, incident_id
@@ -123,7 +123,9 @@ def status_endpoint(_: Request) -> Response:
     settings = get_settings()
     storage = storage_from_settings(settings)
     status = service_status(
-        storage, settings.serving.heartbeat_max_age_seconds, lambda key: browsable_url(storage, key, settings)
+        storage,
+        settings.serving.heartbeat_max_age_seconds,
+        lambda key: browsable_url(storage, key, settings, expires_seconds=PAGE_LINK_SECONDS),
     )
     return JSONResponse(status.to_dict())
 

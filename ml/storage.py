@@ -451,22 +451,26 @@ def presigned_url(storage: S3Storage, key: str, expires_seconds: int) -> str:
     return str(storage.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_seconds))
 
 
-def browsable_url(storage: Storage, key: str, settings: Settings) -> str:
-    """A link to ``key`` that Slack and a browser can open.
+def browsable_url(storage: Storage, key: str, settings: Settings, expires_seconds: int | None = None) -> str:
+    """A link to ``key`` under ``reports/`` that Slack and a browser can open.
 
-    S3: a presigned URL valid ``storage.link_expiry_seconds``; a local root: the report server's
-    URL for keys under ``reports/``. Anything else (or a presign that fails) keeps ``url(key)``.
+    S3: a presigned URL valid ``storage.link_expiry_seconds`` (or ``expires_seconds``, if shorter); a
+    local root: the report server's URL. Any other key (images, the catalog: never handed out as a
+    link), or a presign that fails, keeps ``url(key)``.
     """
     key = safe_key(key)
+    if not key.startswith(f"{REPORTS_PREFIX}/"):
+        return storage.url(key)
     if isinstance(storage, S3Storage):
+        expiry = min(
+            settings.storage.link_expiry_seconds, expires_seconds or settings.storage.link_expiry_seconds
+        )
         try:
-            return presigned_url(storage, key, settings.storage.link_expiry_seconds)
+            return presigned_url(storage, key, expiry)
         except Exception as exc:  # noqa: BLE001 - a link is a courtesy: no credentials must not fail a step
             log.warning("could not presign %s: %s", storage.url(key), exc)
             return storage.url(key)
-    if key.startswith(f"{REPORTS_PREFIX}/"):
-        return f"{reports_base_url(settings)}/{quote(key)}"
-    return storage.url(key)
+    return f"{reports_base_url(settings)}/{quote(key)}"
 
 
 def browsable_link(storage: Storage, url: str, settings: Settings) -> str:

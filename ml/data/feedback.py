@@ -7,7 +7,7 @@ day's ``feedback.csv`` (``source=feedback``, the request id and the model versio
 The day's ingest then reads both manifests, so a feedback image meets the same checks, Great
 Expectations suites, dedupe and quarantine as any upstream image, and the next retrain uses it.
 
-Feedback of the last ``serving.feedback_lookback_days`` days is landed each time, so feedback that
+Feedback of the last ``ingest.feedback_lookback_days`` days is landed each time, so feedback that
 came in after a day's ingest is landed on the next; images already curated are only noted as
 duplicates by the ingest. Landing the same day again writes the same objects.
 """
@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import hashlib
 import io
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ import pandas as pd
 from ml.data.catalog import metadata_frame
 from ml.layout import FEEDBACK_IMAGES_FOLDER, FEEDBACK_PREFIX, PREDICTIONS_PREFIX, DayLayout
 from ml.storage import Storage, StorageError, read_jsonl
+
+log = logging.getLogger(__name__)
 
 FEEDBACK_SOURCE = "feedback"
 FEEDBACK_COLUMNS = ("filename", "label", "source", "request_id", "answered_by")
@@ -38,6 +41,7 @@ class FeedbackLanding:
     landed: int  # labelled images written into the day's landing
     without_image: int  # labels whose request image was not kept (log_images off, or dropped)
     manifest: str  # the feedback.csv written, "" when nothing was landed
+    error: str = ""  # why nothing could be landed (the day's upstream ingest goes on)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +87,16 @@ def manifest_bytes(rows: list[dict[str, str]]) -> bytes:
 
 
 def land_feedback(storage: Storage, day: dt.date, lookback_days: int) -> FeedbackLanding:
-    """Land the labelled request images of the last ``lookback_days`` days into ``day``'s landing."""
+    """Land the labelled request images of the last ``lookback_days`` days into ``day``'s landing.
+    Feedback never holds up upstream's data: a failure is logged and reported in ``error``."""
+    try:
+        return _land(storage, day, lookback_days)
+    except Exception as exc:  # a bad log line or a storage error must not block the ingest
+        log.exception("feedback for %s not landed", day)
+        return FeedbackLanding(day.isoformat(), 0, 0, "", error=f"{type(exc).__name__}: {exc}")
+
+
+def _land(storage: Storage, day: dt.date, lookback_days: int) -> FeedbackLanding:
     layout = DayLayout(day)
     labels = labelled_requests(storage, days_back(day, lookback_days))
     # a prediction may be a day older than its label (answered before midnight, labelled after)

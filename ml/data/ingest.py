@@ -35,14 +35,15 @@ from ml.data.images import ImageLimits
 from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_all, inspect_file
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
-from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
-from ml.storage import ObjectInfo, Storage, UnsafeKeyError, join_key, safe_key
+from ml.layout import CATALOG_ERASURES_KEY, FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
+from ml.storage import ObjectInfo, Storage, StorageError, UnsafeKeyError, join_key, safe_key
 
 __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
 
 REQUIRED_COLUMNS = ("filename", "label")
 PUBLISH_THREADS = 8  # curated writes in flight (below botocore's default pool of 10 connections)
-FEEDBACK_LINE_OFFSET = 1_000_000  # feedback.csv's rows, numbered after any labels.csv could reach
+FEEDBACK_LINE_OFFSET = 1_000_000_000  # feedback.csv's rows, numbered after any labels.csv could reach
+ERASED = "erased"  # the quarantine reason of an image `mlops forget` erased (its bytes are not kept)
 
 
 class NothingLanded(FileNotFoundError):
@@ -226,6 +227,9 @@ class Batch:
     gate_reasons: list[str] = field(default_factory=list)
     # landed keys not spooled here whose originals are copied within storage when quarantined (sharded)
     copied_originals: set[str] = field(default_factory=set)
+    # sha256s `mlops forget` erased: never curated, nor kept in quarantine
+    erased: frozenset[str] = frozenset()
+    upstream_missing: tuple[str, ...] = ()  # required columns labels.csv lacks (feedback.csv's do not count)
 
     @property
     def files(self) -> dict[str, str]:
@@ -313,6 +317,11 @@ def check_manifest(batch: Batch, quality: QualityRunner, settings: Settings) -> 
     if not has_columns:
         for entry in batch.rows.values():
             _quarantine(entry, "manifest_missing_columns", f"labels.csv needs columns {REQUIRED_COLUMNS}")
+    elif batch.upstream_missing:  # feedback.csv brought the columns: upstream's own rows still lack them
+        batch.gate_reasons.append(f"labels.csv lacks the columns {list(batch.upstream_missing)}")
+        for line, entry in batch.rows.items():
+            if line < FEEDBACK_LINE_OFFSET:
+                _quarantine(entry, "manifest_missing_columns", f"labels.csv needs columns {REQUIRED_COLUMNS}")
     _follow_primaries(batch)
 
 
@@ -439,6 +448,10 @@ def check_images(
         batch.file_entries[batch.files[name]].sha256 = report.sha256
         if report.reason:
             _set_file_and_row(batch, name, claimed[name], report.reason, report.detail)
+        elif {report.sha256, report.source_sha256} & batch.erased:
+            _set_file_and_row(
+                batch, name, claimed[name], ERASED, "this image was erased (catalog/erasures.jsonl)"
+            )
         else:
             decoded[name] = report.properties()
     frame = pd.DataFrame.from_dict(decoded, orient="index")
@@ -659,7 +672,7 @@ def _write_quarantine(storage: Storage, batch: Batch) -> None:
     entries = ledger(batch)
     keep = {batch.layout.quarantine_reasons}
     for entry in entries:
-        if entry.kind != "file" or entry.outcome != "quarantined":
+        if entry.kind != "file" or entry.outcome != "quarantined" or entry.reason == ERASED:
             continue
         target = quarantine_target(batch, entry.ref)
         if entry.ref in batch.spooled:
@@ -680,7 +693,11 @@ def _write_curated(storage: Storage, key: str, inspected: FileInspection) -> Non
     if inspected.curated_path is not None:
         storage.write_bytes(key, inspected.curated_path.read_bytes())
     elif inspected.curated_key is not None:
-        storage.copy(inspected.curated_key, key)
+        try:
+            storage.copy(inspected.curated_key, key)
+        except StorageError:
+            if not storage.exists(key):  # a retried merge after a cleanup cut short: published already
+                raise
     else:
         raise RuntimeError(f"no curated bytes for {inspected.report.source_sha256}")
 
@@ -714,6 +731,7 @@ def load_batch(
     if not storage.exists(layout.labels):
         raise NothingLanded(f"nothing landed for {day}: {storage.url(layout.labels)} does not exist")
     manifest, parse_error = read_manifest(storage.read_bytes(layout.labels))
+    upstream_missing = tuple(column for column in REQUIRED_COLUMNS if column not in manifest.columns)
     if storage.exists(layout.feedback_labels):
         feedback, feedback_error = read_manifest(storage.read_bytes(layout.feedback_labels))
         manifest = with_feedback_rows(manifest, feedback)
@@ -721,7 +739,20 @@ def load_batch(
             feedback_error and feedback_error.replace(LABELS_FILE, FEEDBACK_LABELS_FILE)
         )
     landing = sort_listing(storage.list_objects(layout.landing) if listing is None else listing, layout)
-    return Batch(layout, manifest, landing), parse_error
+    batch = Batch(layout, manifest, landing, erased=erased_images(storage), upstream_missing=upstream_missing)
+    return batch, parse_error
+
+
+def erased_images(storage: Storage) -> frozenset[str]:
+    """Every sha256 (curated and as landed) ``mlops forget`` erased: ingest refuses them for good."""
+    held = storage.read_tagged(CATALOG_ERASURES_KEY)
+    records = [json.loads(line) for line in held[0].decode().splitlines() if line.strip()] if held else []
+    found: set[str] = set()
+    for record in records:
+        found.add(str(record.get("sha256", "")))
+        found.update(str(value) for value in record.get("source_sha256") or ())
+    found.discard("")
+    return frozenset(found)
 
 
 def local_inspection(

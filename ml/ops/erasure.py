@@ -3,13 +3,15 @@
 ``forget`` removes, in this order, so that a run cut short can be run again and finishes the job:
 
 1. the feature-cache rows (every cache id's shard of the image's day: ``features/<cache_id>/<day>.npz``);
-2. the landed objects with its content and their quarantine copies, as the ingest ledgers name them
-   (left in landing, a re-ingest of the day would curate the image again);
+2. the landed objects with its content and their quarantine copies, as the ingest ledgers name them,
+   and the curated object;
 3. the catalog rows: the day's partition is rewritten without them and new dataset versions of that
-   day and every later one are written, so the next retrain no longer sees the image;
-4. the curated object;
+   day and every later one are written, so the next retrain no longer sees the image (until this
+   step a re-run finds the image in the catalog again and finishes);
 
-then appends one record to ``catalog/erasures.jsonl``. What it cannot undo it lists: the registered
+then appends one record to ``catalog/erasures.jsonl``. Ingestion reads that record: the image is
+refused (reason ``erased``, its bytes not kept in quarantine) if it lands again, upstream or as
+feedback. What it cannot undo it lists: the registered
 model versions whose dataset version held the image (retrain without it and retire them). Dataset
 versions written before keep their ids; reading their rows now raises ``DatasetIntegrityError``
 (see ``ml.data.catalog``), so no retrain can pick the erased rows up again.
@@ -136,11 +138,10 @@ def forget(
     models = models_holding(settings, storage, images) if images else ()
     days = sorted({image.day for image in images})
     feature_rows = drop_feature_rows(storage, days, targets)
-    for key in copies:
+    # bytes first, the catalog rows last: a run cut short is found again from the catalog and re-run
+    for key in copies + curated:
         storage.delete(key)
     versions = [catalog.remove_images(storage, dt.date.fromisoformat(day), sorted(targets)) for day in days]
-    for key in curated:
-        storage.delete(key)
     latest = catalog.latest_day(storage)
     erasure = Erasure(
         sha256=sorted(targets)[0] if len(targets) == 1 else sha256,

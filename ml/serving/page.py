@@ -6,6 +6,7 @@ from functools import cache
 from pathlib import Path
 
 PAGE_FILE = Path(__file__).with_name("ui.html")
+PAGE_LINK_SECONDS = 900  # the status panel's presigned report links: any predict key may read them
 # The page runs only its own inline script and talks only to this service.
 PAGE_HEADERS = {
     "Content-Security-Policy": (

@@ -84,6 +84,17 @@ def newest_keys(storage: Storage, prefix: str, suffix: str, count: int) -> list[
     return sorted(key for key in storage.list(prefix) if key.endswith(suffix))[-count:]
 
 
+def kept(build: Callable[[dict[str, Any]], list[Any]], records: list[dict[str, Any]]) -> list[Any]:
+    """What ``build`` makes of each record, skipping a record it cannot read (an odd or older shape)."""
+    found = []
+    for record in records:
+        try:
+            found.extend(build(record))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
 def check_point(record: dict[str, Any]) -> CheckPoint:
     metrics = record.get("metrics") or {}
     return CheckPoint(
@@ -149,8 +160,8 @@ def service_status(
         )
         if s
     ]
-    drift = [drift_point(summary, link_of) for summary in summaries]
-    alerts = [alert for record in records for alert in sent_alerts(record)][-ALERTS_SHOWN:]
+    drift = kept(lambda summary: [drift_point(summary, link_of)], summaries)
+    alerts = kept(sent_alerts, records)[-ALERTS_SHOWN:]
     links = {"latest_drift_report": drift[-1].report} if drift and drift[-1].report else {}
     deployment = None
     if state is not None:
@@ -164,4 +175,5 @@ def service_status(
             "updated_at": state.updated_at,
             "updated_by": state.updated_by,
         }
-    return ServiceStatus(deployment, replicas, [check_point(r) for r in records], drift, alerts, links)
+    checks = kept(lambda record: [check_point(record)], records)
+    return ServiceStatus(deployment, replicas, checks, drift, alerts, links)

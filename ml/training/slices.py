@@ -34,10 +34,17 @@ class Slice:
     mask: np.ndarray = field(repr=False, compare=False)
 
 
+MAX_SLICES_PER_COLUMN = 20  # beyond this, a column of mostly distinct values is an identifier
+
+
 def metadata_slices(rows: pd.DataFrame, columns: Sequence[str] | None = None) -> list[Slice]:
-    """One slice per value of each metadata column (``columns``: those only; None: every one)."""
+    """One slice per value of each metadata column (``columns``: those only; None: every one that is
+    not an identifier, such as a feedback image's ``request_id``)."""
     metadata = metadata_frame(rows)
-    chosen = sorted(metadata.columns) if columns is None else [c for c in columns if c in metadata]
+    if columns is None:
+        chosen = sorted(column for column in metadata.columns if not is_identifier(metadata[column]))
+    else:
+        chosen = [c for c in columns if c in metadata]
     slices = []
     for column in chosen:
         values = metadata[column]
@@ -45,6 +52,13 @@ def metadata_slices(rows: pd.DataFrame, columns: Sequence[str] | None = None) ->
             mask = (values.astype(str) == value).to_numpy() & values.notna().to_numpy()
             slices.append(Slice(f"{column}={value}", column, value, f"labels.csv {column} = {value}", mask))
     return slices
+
+
+def is_identifier(values: pd.Series) -> bool:
+    """A column whose values are (nearly) all different names rows, it does not group them."""
+    present = values.dropna()
+    distinct = present.astype(str).nunique()
+    return distinct > MAX_SLICES_PER_COLUMN and distinct > len(present) / 2
 
 
 def tertile_slices(values: np.ndarray, column: str) -> list[Slice]:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ml.data import catalog
 from ml.data.feedback import FEEDBACK_SOURCE, from_feedback, land_feedback
-from ml.data.ingest import ingest_day
+from ml.data.ingest import BatchRejected, ingest_day
 from ml.demo.landing import labelled_images, land_days
 from ml.layout import FEEDBACK_PREFIX, PREDICTIONS_PREFIX, DayLayout, request_image_key
 from ml.serving.log import PredictionLog
@@ -111,3 +111,50 @@ def test_without_kept_images_nothing_lands(tmp_path) -> None:
     landed = land_feedback(storage, DAY, lookback_days=2)
     assert (landed.landed, landed.without_image, landed.manifest) == (0, 1, "")
     assert not storage.exists(DayLayout(DAY).feedback_labels)
+
+
+def test_an_erased_image_is_refused_when_it_lands_again_and_not_kept_in_quarantine(
+    tmp_path, make_settings
+) -> None:
+    from ml.ops.erasure import forget
+
+    settings = make_settings(
+        ingest__max_rejected_share=0.5, mlflow__tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
+    storage = LocalStorage(tmp_path / "store")
+    land_days(storage, DAY, 1, settings.classes, count=8, seed=5)
+    ingest_day(settings, storage, DAY)
+    target = catalog.read_partition(storage, DAY).iloc[0]
+    erased_bytes = storage.read_bytes(target["source_key"])
+    forget(settings, storage, target["sha256"], reason="GDPR request 1", by="dpo")
+
+    later = DAY + dt.timedelta(days=1)  # upstream sends the same image again, under another name
+    land_days(storage, later, 1, settings.classes, count=8, seed=6)
+    layout = DayLayout(later)
+    storage.write_bytes(f"{layout.images}/again.jpg", erased_bytes)
+    labels = storage.read_bytes(layout.labels).decode() + f"again.jpg,{target['label']}\n"
+    storage.write_bytes(layout.labels, labels.encode())
+    ingest_day(settings, storage, later)
+
+    assert target["sha256"] not in set(catalog.load_catalog(storage)["sha256"])
+    ledger = pd.read_csv(io.BytesIO(storage.read_bytes(layout.ledger)), dtype=str, keep_default_na=False)
+    (entry,) = ledger[ledger["ref"] == f"{layout.images}/again.jpg"].itertuples()
+    assert (entry.outcome, entry.reason) == ("quarantined", "erased")
+    assert not [key for key in storage.list(layout.quarantine) if key.endswith("again.jpg")]
+
+
+def test_a_broken_feedback_log_is_reported_and_does_not_stop_the_day(tmp_path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes(f"{FEEDBACK_PREFIX}/{DAY}/w-000001.jsonl", b'{"request_id": "r1", "time": \n')
+    landed = land_feedback(storage, DAY, lookback_days=2)
+    assert landed.landed == 0 and landed.error.startswith("JSONDecodeError")
+
+
+def test_feedback_rows_do_not_hide_that_upstream_labels_lack_a_column(store) -> None:
+    settings, storage = store
+    land_feedback(storage, DAY, lookback_days=2)
+    layout = DayLayout(DAY)
+    upstream = pd.read_csv(io.BytesIO(storage.read_bytes(layout.labels)), dtype=str)
+    storage.write_bytes(layout.labels, upstream.rename(columns={"label": "lbl"}).to_csv(index=False).encode())
+    with pytest.raises(BatchRejected, match=r"labels.csv lacks the columns \['label'\]"):
+        ingest_day(settings, storage, DAY)

@@ -37,6 +37,8 @@ def test_status_reads_deployment_replicas_checks_drift_and_alerts(tmp_path) -> N
         at = NOW - dt.timedelta(minutes=minutes)
         storage.write_bytes(live_check_key(at), json.dumps(check(at, accuracy, 40.0 + minutes)).encode())
     storage.write_bytes(live_check_key(NOW), b"{half a file")
+    bad = {"day": "2026-12-01", "drift_score": None, "report": "x"}  # an odd summary skips itself only
+    storage.write_bytes(drift_summary_key("2026-12-01"), json.dumps(bad).encode())
     for day, score in (("2026-12-02", 0.05), ("2026-12-03", 0.4)):
         summary = {"day": day, "model_version": "2", "drift_score": score, "drift_detected": score > 0.1}
         storage.write_bytes(

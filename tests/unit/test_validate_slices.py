@@ -124,3 +124,10 @@ def test_slices_come_from_metadata_columns_and_property_tertiles() -> None:
     tertiles = tertile_slices(rows["brightness"].to_numpy(), "brightness")
     assert sum(piece.mask for piece in tertiles).tolist() == [1] * 7  # a partition
     assert [int(piece.mask.sum()) for piece in tertiles] == [3, 2, 2]
+
+
+def test_an_identifier_column_is_not_sliced_unless_asked_for() -> None:
+    metadata = [{"source": "feedback", "request_id": f"req-{i}"} for i in range(30)]
+    rows = pd.DataFrame({"metadata": [json.dumps(m) for m in metadata]})
+    assert [piece.name for piece in metadata_slices(rows)] == ["source=feedback"]
+    assert len(metadata_slices(rows, ["request_id"])) == 30  # named: sliced as asked
