@@ -76,7 +76,7 @@ class Alert:
 
     def slack_message(self) -> dict[str, Any]:
         """A Block Kit message with ``text`` as the fallback for notifications and old clients."""
-        return {"text": self.text(), "blocks": slack_blocks(self)}
+        return {"text": slack_escape(self.text()), "blocks": slack_blocks(self)}  # the fallback is mrkdwn too
 
     def pagerduty_event(self, routing_key: str) -> dict[str, Any]:
         """The Events API v2 body for this alert; openable links go in ``links``."""
