@@ -1,4 +1,5 @@
-"""What the page's status panel shows: the deployment, the replicas, the live checks, drift per day.
+"""What the page's status panel shows: the deployment and its A/B test, the replicas, the live checks,
+drift per day.
 
 Everything is read from storage, where deploys, replicas (heartbeats), the serving monitor (one
 record per check) and the drift monitor (one summary per day) already write it; the service adds
@@ -62,6 +63,7 @@ class ServiceStatus:
     drift: list[DriftPoint] = field(default_factory=list)
     alerts: list[SentAlert] = field(default_factory=list)
     links: dict[str, str] = field(default_factory=dict)
+    ab: dict[str, Any] | None = None  # the newest check's A/B test of the canary against the stable model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +95,21 @@ def kept(build: Callable[[dict[str, Any]], list[Any]], records: list[dict[str, A
         except (AttributeError, KeyError, TypeError, ValueError):
             continue
     return found
+
+
+def ab_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest A/B verdict a check recorded (control, challenger, verdict, reason, when)."""
+    for record in reversed(records):
+        ab = record.get("ab")
+        if isinstance(ab, dict) and "verdict" in ab:
+            return {
+                "at": str(record.get("at", "")),
+                "control": str((ab.get("control") or {}).get("version", "")),
+                "challenger": str((ab.get("challenger") or {}).get("version", "")),
+                "verdict": str(ab["verdict"]),
+                "reason": str(ab.get("reason", "")),
+            }
+    return None
 
 
 def check_point(record: dict[str, Any]) -> CheckPoint:
@@ -176,4 +193,4 @@ def service_status(
             "updated_by": state.updated_by,
         }
     checks = kept(lambda record: [check_point(record)], records)
-    return ServiceStatus(deployment, replicas, checks, drift, alerts, links)
+    return ServiceStatus(deployment, replicas, checks, drift, alerts, links, ab_summary(records))

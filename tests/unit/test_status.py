@@ -25,6 +25,12 @@ def check(at: dt.datetime, accuracy: float | None, p99: float) -> dict:
         "deployment": {"stable": "2", "canary": "3"},
         "metrics": {"accuracy": accuracy, "p99_latency_ms": p99, "error_rate": 0.0, "drift_score": None},
         "notices": [{"notice": notice, "outcome": {"slack": "sent", "pagerduty": "failed: 500"}}],
+        "ab": {
+            "control": {"version": "2"},
+            "challenger": {"version": "3"},
+            "verdict": "keep",
+            "reason": f"at {at.isoformat()}",
+        },
     }
 
 
@@ -54,6 +60,14 @@ def test_status_reads_deployment_replicas_checks_drift_and_alerts(tmp_path) -> N
     assert status.drift[-1].report == "https://reports.example/reports/drift/2026-12-03/report.html"
     assert [(a.rule, a.delivered) for a in status.alerts] == [("model_accuracy_drop", ["slack"])] * 2
     assert status.links == {"latest_drift_report": status.drift[-1].report}
+    newest = (NOW - dt.timedelta(minutes=10)).isoformat()
+    assert status.ab == {
+        "at": newest,
+        "control": "2",
+        "challenger": "3",
+        "verdict": "keep",
+        "reason": f"at {newest}",
+    }
 
 
 def test_status_of_an_empty_store_is_empty(tmp_path) -> None:
@@ -65,4 +79,5 @@ def test_status_of_an_empty_store_is_empty(tmp_path) -> None:
         "drift": [],
         "alerts": [],
         "links": {},
+        "ab": None,
     }
