@@ -14,6 +14,7 @@ from the deployment state in storage (``serving/state.json``), polled every
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -118,10 +119,16 @@ async def page_endpoint(_: Request) -> Response:
     return HTMLResponse(page_html(), headers=PAGE_HEADERS)
 
 
+@functools.cache
+def _status_storage() -> Any:
+    """One storage client for the status panel (a client per request would rebuild its pool)."""
+    return storage_from_settings(get_settings())
+
+
 def status_endpoint(_: Request) -> Response:
     """The page's status panel (run in a thread: it reads storage)."""
     settings = get_settings()
-    storage = storage_from_settings(settings)
+    storage = _status_storage()
     status = service_status(
         storage,
         settings.serving.heartbeat_max_age_seconds,

@@ -326,9 +326,12 @@ class S3Storage:
 def read_jsonl(storage: Storage, prefix: str, days: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every record of a day-partitioned JSONL log (``prefix/DAY/*.jsonl``), optionally some days only."""
     records = []
-    for key in storage.list(prefix):
-        if days is not None and key.removeprefix(prefix + "/")[:10] not in days:
-            continue
+    keys = (
+        storage.list(prefix)
+        if days is None
+        else [k for day in sorted(set(days)) for k in storage.list(f"{prefix}/{day}")]
+    )
+    for key in keys:
         records.extend(json.loads(line) for line in storage.read_bytes(key).decode().splitlines() if line)
     return records
 

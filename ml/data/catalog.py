@@ -33,6 +33,7 @@ import pandas as pd
 from ml.data.images import hamming_distances
 from ml.layout import (
     CATALOG_DAYS_PREFIX,
+    CATALOG_ERASURES_KEY,
     CATALOG_LATEST_KEY,
     CATALOG_VERSIONS_PREFIX,
     partition_key,
@@ -342,3 +343,22 @@ def remove_images(storage: Storage, day: dt.date, sha256s: Sequence[str]) -> dic
         return None
     storage.write_bytes(partition_key(day), to_parquet_bytes(kept))
     return write_version(storage, day)
+
+
+def erasure_records(storage: Storage) -> list[dict[str, Any]]:
+    """Every erasure ``mlops forget`` recorded, oldest first."""
+    try:
+        body = storage.read_bytes(CATALOG_ERASURES_KEY).decode()
+    except StorageError:
+        return []
+    return [json.loads(line) for line in body.splitlines() if line]
+
+
+def erased_images(storage: Storage) -> frozenset[str]:
+    """Every sha256 (curated and as landed) ``mlops forget`` erased: ingest refuses them for good."""
+    found: set[str] = set()
+    for record in erasure_records(storage):
+        found.add(str(record.get("sha256", "")))
+        found.update(str(value) for value in record.get("source_sha256") or ())
+    found.discard("")
+    return frozenset(found)

@@ -20,7 +20,7 @@ import io
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
@@ -35,7 +35,7 @@ from ml.data.images import ImageLimits
 from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_all, inspect_file
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
-from ml.layout import CATALOG_ERASURES_KEY, FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
+from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
 from ml.storage import ObjectInfo, Storage, StorageError, UnsafeKeyError, join_key, safe_key
 
 __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
@@ -702,6 +702,14 @@ def _write_curated(storage: Storage, key: str, inspected: FileInspection) -> Non
         raise RuntimeError(f"no curated bytes for {inspected.report.source_sha256}")
 
 
+def in_flight(write: Callable[[Any], None], items: Iterable[Any]) -> None:
+    """``write`` each item, ``PUBLISH_THREADS`` at a time (each waits on storage); the first failure
+    is raised once the writes in flight have ended."""
+    with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="write") as pool:
+        for _ in pool.map(write, items):
+            pass
+
+
 def publish(
     storage: Storage, batch: Batch, new_rows: list[dict[str, Any]], inspected: dict[str, FileInspection]
 ) -> dict[str, Any]:
@@ -714,9 +722,7 @@ def publish(
         name = row["source_key"].removeprefix(batch.layout.images + "/")
         _write_curated(storage, row["curated_key"], inspected[name])
 
-    with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish") as pool:
-        for _ in pool.map(put, new_rows):  # re-raises the first failure; the catalog is not written
-            pass
+    in_flight(put, new_rows)  # the first failure is raised: the catalog is not written
     _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
     storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))
@@ -739,20 +745,10 @@ def load_batch(
             feedback_error and feedback_error.replace(LABELS_FILE, FEEDBACK_LABELS_FILE)
         )
     landing = sort_listing(storage.list_objects(layout.landing) if listing is None else listing, layout)
-    batch = Batch(layout, manifest, landing, erased=erased_images(storage), upstream_missing=upstream_missing)
+    batch = Batch(
+        layout, manifest, landing, erased=catalog.erased_images(storage), upstream_missing=upstream_missing
+    )
     return batch, parse_error
-
-
-def erased_images(storage: Storage) -> frozenset[str]:
-    """Every sha256 (curated and as landed) ``mlops forget`` erased: ingest refuses them for good."""
-    held = storage.read_tagged(CATALOG_ERASURES_KEY)
-    records = [json.loads(line) for line in held[0].decode().splitlines() if line.strip()] if held else []
-    found: set[str] = set()
-    for record in records:
-        found.add(str(record.get("sha256", "")))
-        found.update(str(value) for value in record.get("source_sha256") or ())
-    found.discard("")
-    return frozenset(found)
 
 
 def local_inspection(

@@ -16,18 +16,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ml.config import Settings
 from ml.data.images import ImageReport
 from ml.data.ingest import (
-    PUBLISH_THREADS,
     Batch,
     BatchRejected,
     IngestResult,
     StagedDay,
+    in_flight,
     ingest_day,
     load_batch,
     local_inspection,
@@ -135,9 +134,7 @@ def inspect_shard(settings: Settings, storage: Storage, day: dt.date, shard: int
             path = inspected[name].curated_path
             storage.write_bytes(staged[name], path.read_bytes())  # type: ignore[union-attr]
 
-        with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="stage") as pool:
-            for _ in pool.map(stage, sorted(staged)):  # re-raises the first failure: no results written
-                pass
+        in_flight(stage, sorted(staged))  # the first failure is raised: no results are written
         for name, found in sorted(inspected.items()):
             results[name] = {"report": asdict(found.report), "staged": staged.get(name)}
     storage.write_bytes(layout.shard_result(shard), json.dumps(results, sort_keys=True).encode())

@@ -31,7 +31,6 @@ from ml import registry
 from ml.config import Settings
 from ml.data import catalog
 from ml.layout import (
-    CATALOG_ERASURES_KEY,
     FEEDBACK_PREFIX,
     PREDICTIONS_PREFIX,
     DayLayout,
@@ -314,17 +313,8 @@ def image_lineage(storage: Storage, rows: pd.DataFrame) -> tuple[ImageLineage, .
     )
 
 
-def erasure_records(storage: Storage) -> list[dict[str, Any]]:
-    """Every erasure ``mlops forget`` recorded, oldest first."""
-    try:
-        body = storage.read_bytes(CATALOG_ERASURES_KEY).decode()
-    except StorageError:
-        return []
-    return [json.loads(line) for line in body.splitlines() if line]
-
-
 def _erased(storage: Storage, sha256: str) -> dict[str, Any] | None:
-    for record in reversed(erasure_records(storage)):
+    for record in reversed(catalog.erasure_records(storage)):
         if sha256 == record.get("sha256") or sha256 in record.get("source_sha256", []):
             return record
     return None
