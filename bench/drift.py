@@ -134,7 +134,7 @@ def speed(images: int) -> dict:
         mlops_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        pictures = [decode_rgb(storage.read_bytes(key)) for key in current_rows["curated_key"]]
+        pictures = [decode_rgb(storage.read_bytes(key), prep) for key in current_rows["curated_key"]]
         fresh = extract(backbone, pictures, prep, batch_size=32)
         projected = reference.project(fresh)
         plain = batch_frame(current_rows, projected, predict_proba(head, fresh), reference.classes)

@@ -99,6 +99,7 @@ class PreprocessingConfig(_Strict):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augmentation: list[Literal["rotation", "flip", "crop", "color_jitter"]]
+    jpeg_draft: bool = False  # decode large JPEGs at 1/2..1/8 scale (libjpeg DCT scaling) for the model
 
 
 class ModelConfig(_Strict):
@@ -109,6 +110,7 @@ class ModelConfig(_Strict):
     freeze_backbone: bool
     feature_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     feature_threads: int = Field(default=1, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
+    feature_workers: int = Field(default=0, ge=0)  # chunks embedded at once (threads); 0 = one per core
 
 
 class EarlyStopping(_Strict):

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 PROPERTY_SIDE = 256  # properties are measured on a copy no larger than this
+DRAFT_SCALES = (8, 4, 2)  # the reduced scales libjpeg decodes at (DCT scaling)
 LOSSY_FORMATS = frozenset({"JPEG"})
 ORIENTATION = 0x0112  # EXIF tag
 
@@ -93,6 +94,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+def draft_scale(width: int, height: int, image_size: int) -> int:
+    """The DCT scale (1, 2, 4 or 8) a drafted JPEG decode uses: the largest that keeps the short side
+    at least ``image_size`` and the image no smaller than the copy its properties are measured on."""
+    reduce_by = max(1, max(width, height) // PROPERTY_SIDE)
+    for scale in DRAFT_SCALES:
+        if scale <= reduce_by and min(width, height) // scale >= image_size:
+            return scale
+    return 1
+
+
+def set_draft(image: Image.Image, side: int | None) -> int:
+    """Ask the JPEG decoder of a not yet loaded ``image`` for its ``draft_scale``; the scale used."""
+    if side is None or image.format != "JPEG":
+        return 1
+    width, height = image.size
+    scale = draft_scale(width, height, side)
+    if scale > 1:
+        image.draft(image.mode, (width // scale, height // scale))
+        if image.size != (-(-width // scale), -(-height // scale)):  # libjpeg rounds up
+            raise RuntimeError(f"draft of {width}x{height} at 1/{scale} gave {image.size}")
+    return scale
+
+
 def perceptual_hash(grey: Image.Image) -> int:
     """64-bit DCT perceptual hash (the pHash construction): robust to re-encoding and resizing."""
     from scipy.fft import dctn
@@ -103,10 +127,25 @@ def perceptual_hash(grey: Image.Image) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def pixel_statistics(rgb: Image.Image, phash: bool = True) -> dict[str, float | str]:
-    """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash."""
-    factor = max(1, max(rgb.size) // PROPERTY_SIDE)
-    grey_image = (rgb.reduce(factor) if factor > 1 else rgb).convert("L")  # box average: fast
+def measured_copy(rgb: Image.Image, scale: int = 1, full_size: tuple[int, int] | None = None) -> Image.Image:
+    """The copy properties are measured on: the full image box-reduced by an integer factor so that its
+    longest side is about ``PROPERTY_SIDE``. A drafted decode (``scale`` > 1 of ``full_size``) is
+    reduced to the same size (by ``Image.reduce`` when the factors divide, else a box resize)."""
+    width, height = full_size or rgb.size
+    factor = max(1, max(width, height) // PROPERTY_SIDE)
+    if scale == 1:
+        return rgb.reduce(factor) if factor > 1 else rgb
+    if factor % scale == 0:
+        return rgb.reduce(factor // scale) if factor > scale else rgb
+    return rgb.resize((-(-width // factor), -(-height // factor)), Image.Resampling.BOX)
+
+
+def pixel_statistics(
+    rgb: Image.Image, phash: bool = True, scale: int = 1, full_size: tuple[int, int] | None = None
+) -> dict[str, float | str]:
+    """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash; of a
+    drafted decode at 1/``scale`` of ``full_size`` as of the full image, but for the decoder's filter."""
+    grey_image = measured_copy(rgb, scale, full_size).convert("L")  # box average: fast
     grey = np.asarray(grey_image, dtype=np.float32)
     lap = np.zeros((0,), dtype=np.float32)
     if grey.shape[0] > 2 and grey.shape[1] > 2:
@@ -152,10 +191,14 @@ class Rejected(ValueError):
         self.reason, self.detail, self.props = reason, detail, props or {}
 
 
-def open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, Image.Image, dict[str, Any]]:
+def open_checked(
+    data: bytes, limits: ImageLimits, draft_side: int | None = None
+) -> tuple[Image.Image, Image.Image, dict[str, Any]]:
     """(decoded image, upright 8-bit RGB, format/mode/size) of ``data``, checked by content.
 
-    Raises ``Rejected`` for empty, oversized, unrecognised, disallowed, bomb or corrupt input.
+    With ``draft_side`` a large JPEG is decoded at ``draft_scale`` (props: ``draft_scale``, and the
+    full upright size as ``upright_width``/``upright_height``). Raises ``Rejected`` for empty,
+    oversized, unrecognised, disallowed, bomb or corrupt input.
     """
     if not data:
         raise Rejected("empty_file", "the file has zero bytes")
@@ -181,12 +224,19 @@ def open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, Image.I
                 "too_many_pixels", f"{width}x{height} = {width * height} pixels > {limits.max_pixels}", props
             )
         try:
+            orientation = image.getexif().get(ORIENTATION, 1)
+            scale = set_draft(image, draft_side)
             image.load()
-            upright = image.getexif().get(ORIENTATION, 1) in (1, None)
-            rgb = to_rgb(image if upright else ImageOps.exif_transpose(image))
+            rgb = to_rgb(image if orientation in (1, None) else ImageOps.exif_transpose(image))
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt streams raise many types
             raise Rejected("corrupt_image", f"{type(exc).__name__}: {exc}", props) from None
-    return image, rgb, props
+    turned = orientation in (5, 6, 7, 8)  # a quarter turn: width and height swap
+    upright = (height, width) if turned else (width, height)
+    return (
+        image,
+        rgb,
+        {**props, "upright_width": upright[0], "upright_height": upright[1], "draft_scale": scale},
+    )
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:

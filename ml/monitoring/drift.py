@@ -262,7 +262,7 @@ class ChampionModel:
         from ml.training.scoring import onnx_predict_proba
 
         prep = Preprocessing.from_settings(settings.preprocessing)
-        images = [decode_rgb(storage.read_bytes(key)) for key in rows["curated_key"]]
+        images = [decode_rgb(storage.read_bytes(key), prep) for key in rows["curated_key"]]
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.onnx"
             path.write_bytes(self.onnx)

@@ -66,7 +66,8 @@ def offline_probabilities(bundle: Path, images: list[bytes]) -> np.ndarray:
     from ml.training.scoring import onnx_predict_proba
 
     meta = BundleMeta.read(bundle)
-    arrays = batch_arrays([decode_rgb(data) for data in images], meta.preprocessing)
+    prep = meta.preprocessing
+    arrays = batch_arrays([decode_rgb(data, prep) for data in images], prep)
     return onnx_predict_proba(bundle / BUNDLE_ONNX, arrays, temperature=meta.temperature)
 
 

@@ -77,10 +77,12 @@ class BundleMeta:
     temperature: float | None = None  # logits are divided by it (temperature scaling)
     conformal_threshold: float | None = None  # a class is in the prediction set when p >= 1 - this
     coverage: float | None = None  # the coverage the threshold was fitted for
+    jpeg_draft: bool = False  # preprocessing v2 (bundles made before decode at full size)
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, tuple(self.mean), tuple(self.std))  # type: ignore[arg-type]
+        mean, std = tuple(self.mean), tuple(self.std)
+        return Preprocessing(self.image_size, mean, std, self.jpeg_draft)  # type: ignore[arg-type]
 
     @classmethod
     def read(cls, folder: Path) -> BundleMeta:

@@ -54,14 +54,15 @@ def require_serving_outputs(onnx_file: Path, version: str) -> None:
 
 
 def write_version_bundle(client: Any, model_version: Any, prep: Preprocessing, folder: Path) -> BundleMeta:
-    """Lay out a registered version's bundle in ``folder`` from its MLflow run; ``BundleError`` when it
-    was trained with another preprocessing than ``prep`` or its export is not servable."""
+    """Lay out a registered version's bundle in ``folder`` from its MLflow run, with the preprocessing
+    the run recorded (``prep`` for a run that recorded none); ``BundleError`` when that preprocessing
+    is unknown here or the export is not servable."""
     run_id, version = model_version.run_id, str(model_version.version)
     trained_with = client.get_run(run_id).data.params.get("preprocessing", prep.version)
-    if trained_with != prep.version:
-        raise BundleError(
-            f"v{version} was trained with preprocessing {trained_with}, the config has {prep.version}"
-        )
+    try:
+        prep = Preprocessing.parse(trained_with)
+    except ValueError:
+        raise BundleError(f"v{version} was trained with preprocessing {trained_with}, unknown here") from None
     with tempfile.TemporaryDirectory() as downloads:
         onnx_file = Path(client.download_artifacts(run_id, ONNX_ARTIFACT, downloads))
         pca = Path(client.download_artifacts(run_id, REFERENCE_PCA_ARTIFACT, downloads))
@@ -79,6 +80,7 @@ def write_version_bundle(client: Any, model_version: Any, prep: Preprocessing, f
             temperature=calibration.get("temperature"),
             conformal_threshold=calibration.get("conformal_threshold"),
             coverage=calibration.get("coverage"),
+            jpeg_draft=prep.jpeg_draft,
         )
         write_bundle(folder, onnx_file, pca, meta)
     return meta

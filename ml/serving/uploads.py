@@ -53,13 +53,14 @@ class Decoded:
 def decode_upload(data: bytes, limits: ImageLimits, prep: Preprocessing) -> Decoded:
     """Check an upload by content and turn it into the model's input; ``BadRequest`` when it is not one."""
     try:
-        _, rgb, props = open_checked(data, limits)
+        _, rgb, props = open_checked(data, limits, prep.draft_side())
     except Rejected as exc:
         raise rejection(exc) from None
-    measured = pixel_statistics(rgb, phash=False)
+    full_size = (props["upright_width"], props["upright_height"])
+    measured = pixel_statistics(rgb, phash=False, scale=props["draft_scale"], full_size=full_size)
     properties = {
-        "width": float(rgb.width),
-        "height": float(rgb.height),
+        "width": float(full_size[0]),
+        "height": float(full_size[1]),
         "file_bytes": float(len(data)),
         **{key: float(value) for key, value in measured.items()},
     }

@@ -171,7 +171,7 @@ def fine_tune_fn(settings: Settings, storage: Storage, rows: pd.DataFrame) -> Ca
         sink: Callable[[dict[str, float], int], None] | None = None,
     ) -> TrainResult:
         log.info("fine-tuning %s on %d images", settings.model.architecture, len(rows))
-        decoded = [decode_rgb(storage.read_bytes(key)) for key in rows["curated_key"]]
+        decoded = [decode_rgb(storage.read_bytes(key), prep) for key in rows["curated_key"]]
         masks = {split: (rows["split"] == split).to_numpy() for split in SPLITS}
         images = {
             split: [image for image, keep in zip(decoded, mask, strict=True) if keep]

@@ -130,8 +130,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def load_images(storage: Storage, keys: list[str]) -> list[Any]:
-    return [decode_rgb(storage.read_bytes(key)) for key in keys]
+def load_images(storage: Storage, keys: list[str], prep: Preprocessing | None = None) -> list[Any]:
+    """Decoded RGB images of curated keys (as the model's input when ``prep`` is given)."""
+    return [decode_rgb(storage.read_bytes(key), prep) for key in keys]
 
 
 def download_onnx(settings: Settings, version: str, folder: Path) -> Path:
@@ -146,7 +147,7 @@ def version_correctness(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, correct) of a registered version on the given test rows, via its ONNX export."""
     prep = Preprocessing.from_settings(settings.preprocessing)
-    arrays = batch_arrays(load_images(storage, list(test_rows["curated_key"])), prep)
+    arrays = batch_arrays(load_images(storage, list(test_rows["curated_key"]), prep), prep)
     with tempfile.TemporaryDirectory() as folder:
         proba = onnx_predict_proba(download_onnx(settings, version, Path(folder)), arrays)
     return proba, proba.argmax(axis=1) == labels
@@ -466,7 +467,7 @@ def _log_model_and_onnx(model: Any, settings: Settings, storage: Storage, rows: 
     from mlflow.models import infer_signature
 
     prep = Preprocessing.from_settings(settings.preprocessing)
-    sample = batch_arrays(load_images(storage, list(rows["curated_key"].head(4))), prep)
+    sample = batch_arrays(load_images(storage, list(rows["curated_key"].head(4)), prep), prep)
     with torch.inference_mode():
         logits = model(torch.from_numpy(sample)).numpy()
     mlflow.pytorch.log_model(

@@ -3,20 +3,29 @@
 Eval preprocessing is PIL + numpy only (no torch), so the serving image can run it next to ONNX
 Runtime and produce exactly the tensor training saw: resize to ``image_size`` square (bilinear,
 Pillow's antialiasing), scale to [0, 1], normalise with the ImageNet statistics.
+
+With ``jpeg_draft`` (version ``jpeg-draft-...-v2``) a JPEG at least twice ``image_size`` on its
+short side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow's ``draft``)
+before that resize: the decode and the resize then touch a quarter of the pixels or fewer. The
+scale is a function of the image's size only (``draft_scale``), so training, the feature cache,
+the serving check and the service decode the same bytes to the same pixels. A bundle records the
+preprocessing its version was trained with; older versions keep theirs.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from ml.data.images import to_rgb
+from ml.data.images import set_draft, to_rgb
 
 PREPROCESSING_VERSION = "resize-bilinear-imagenet-v1"  # part of every feature-cache key
+DRAFT_PREPROCESSING_VERSION = "jpeg-draft-resize-bilinear-imagenet-v2"
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,7 @@ class Preprocessing:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    jpeg_draft: bool = False  # decode large JPEGs at reduced scale (DCT scaling) before the resize
 
     @classmethod
     def from_settings(cls, preprocessing: object) -> Preprocessing:
@@ -31,7 +41,24 @@ class Preprocessing:
             int(preprocessing.image_size),  # type: ignore[attr-defined]
             tuple(preprocessing.mean),  # type: ignore[attr-defined]
             tuple(preprocessing.std),  # type: ignore[attr-defined]
+            bool(getattr(preprocessing, "jpeg_draft", False)),
         )
+
+    @classmethod
+    def parse(cls, version: str) -> Preprocessing:
+        """The preprocessing a ``version`` string names (as a training run records it); ``ValueError``
+        for one this code does not know."""
+        try:
+            name, size, mean, std = version.split(":")
+            parsed = cls(int(size), tuple(ast.literal_eval(mean)), tuple(ast.literal_eval(std)))
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"unreadable preprocessing {version!r}: {exc}") from None
+        if (
+            name not in (PREPROCESSING_VERSION, DRAFT_PREPROCESSING_VERSION)
+            or parsed.version.split(":", 1)[1] != (version.split(":", 1)[1])
+        ):
+            raise ValueError(f"unknown preprocessing {version!r}")
+        return replace(parsed, jpeg_draft=name == DRAFT_PREPROCESSING_VERSION)
 
     def affine(self) -> tuple[np.ndarray, np.ndarray]:
         """(scale, offset) per channel with x * scale + offset == (x / 255 - mean) / std."""
@@ -42,12 +69,19 @@ class Preprocessing:
 
     @property
     def version(self) -> str:
-        return f"{PREPROCESSING_VERSION}:{self.image_size}:{self.mean}:{self.std}"
+        name = DRAFT_PREPROCESSING_VERSION if self.jpeg_draft else PREPROCESSING_VERSION
+        return f"{name}:{self.image_size}:{self.mean}:{self.std}"
+
+    def draft_side(self) -> int | None:
+        """The model input side a drafted decode must still cover (None: decode at full size)."""
+        return self.image_size if self.jpeg_draft else None
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes to 8-bit RGB with the same normalisation ingestion applies."""
+def decode_rgb(data: bytes, prep: Preprocessing | None = None) -> Image.Image:
+    """Decode image bytes to 8-bit RGB with the same normalisation ingestion applies (drafted as
+    ``prep`` asks when the image is the model's input)."""
     image = Image.open(io.BytesIO(data))
+    set_draft(image, prep.draft_side() if prep is not None else None)
     image.load()
     return to_rgb(image)
 

@@ -162,7 +162,7 @@ def candidate_from_training(
         val=(head_logits(head, data["val"].features[:, 0]), data["val"].labels),
         test=(head_logits(head, data["test"].features[:, 0]), data["test"].labels),
         test_rows=test_rows,
-        load=lambda positions: [decode_rgb(storage.read_bytes(keys[i])) for i in positions],
+        load=lambda positions: [decode_rgb(storage.read_bytes(keys[i]), prep) for i in positions],
         prep=prep,
         classes=list(settings.classes),
     )
