@@ -3,8 +3,11 @@
 One process run on generated demo data, landed and ingested as two days: (1 - new share) of the
 images on day 1, the new share on day 2. Then, on all N images:
 
-- mlops cold: an empty feature cache; features for every image (clean + augmented views, the
-  frozen backbone through ONNX Runtime), then the head trained for ``--epochs`` epochs;
+- mlops cold, 1 worker: an empty feature cache; features for every image (clean + augmented views,
+  the frozen backbone through ONNX Runtime), one chunk at a time, then the head trained for
+  ``--epochs`` epochs (how the cache computed before ``model.feature_workers``);
+- mlops cold: the same from an empty cache again, ``model.feature_workers`` chunks at a time (one
+  thread per core by default);
 - mlops warm: the cache holds day 1 only (day 2's shard is removed), so only the new images
   are embedded, then the same training;
 - plain loop: what users write first: every epoch decodes, augments and runs the frozen backbone
@@ -40,16 +43,23 @@ DAY = dt.date(2026, 8, 1)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def mlops_retrain(storage, settings, backbone, prep, hparams) -> tuple[float, dict[str, float]]:
+def mlops_retrain(storage, settings, backbone, prep, hparams, workers=None) -> tuple[float, dict[str, float]]:
     started = time.perf_counter()
     cache = feature_cache(settings, storage, backbone, prep)
+    cache.workers = workers or cache.workers
     _, rows = dataset_rows(storage)
     features, stats = cache.features_for(rows)
     feature_seconds = time.perf_counter() - started
     data = split_data(rows, features, settings.classes)
     fit_head(Head(backbone.dim, len(settings.classes), hparams.dropout), data, hparams)
     total = time.perf_counter() - started
-    return total, {"features_s": round(feature_seconds, 1), "misses": stats.misses, "hits": stats.hits}
+    return total, {
+        "features_s": round(feature_seconds, 1),
+        "misses": stats.misses,
+        "hits": stats.hits,
+        "workers": cache.workers,
+        "views_per_s": round(stats.misses * cache.views / max(feature_seconds, 1e-9), 1),
+    }
 
 
 def plain_loop(storage, settings, backbone, prep, hparams) -> float:
@@ -100,6 +110,10 @@ def main() -> None:
             land_day(storage, DAY + dt.timedelta(days=offset), settings.classes, count=count, seed=seed)
             ingest_day(settings, storage, DAY + dt.timedelta(days=offset))
         cache = feature_cache(settings, storage, backbone, prep)
+        serial, serial_info = mlops_retrain(storage, settings, backbone, prep, hparams, workers=1)
+        print(f"mlops cold, 1 worker, {args.images} images: {serial:.1f} s {serial_info}", flush=True)
+        for key in storage.list(f"features/{cache.id}"):
+            storage.delete(key)
         cold, cold_info = mlops_retrain(storage, settings, backbone, prep, hparams)
         print(f"mlops cold {args.images} images: {cold:.1f} s {cold_info}", flush=True)
         storage.delete(cache.shard_key(str(DAY + dt.timedelta(days=1))))
@@ -113,11 +127,14 @@ def main() -> None:
         "epochs": args.epochs,
         "views": cache.views,
         "feature_runtime": settings.model.feature_runtime,
+        "mlops_cold_1_worker_s": round(serial, 1),
         "mlops_cold_s": round(cold, 1),
+        "cold_features_speedup_vs_1_worker": round(serial_info["features_s"] / cold_info["features_s"], 2),
         "mlops_warm_s": round(warm, 1),
         "plain_loop_s": round(plain, 1),
         "cold_speedup": round(plain / cold, 2),
         "warm_speedup": round(plain / warm, 2),
+        "cold_1_worker": serial_info,
         "cold": cold_info,
         "warm": warm_info,
     }

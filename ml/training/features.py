@@ -11,7 +11,9 @@ Training draws one view per image per epoch; validation and test use view 0 only
 
 Runtime: the frozen backbone runs through ONNX Runtime by default (``model.feature_runtime``),
 checked against torch on a probe batch when loaded (features agree to ~1e-5, below the float16
-they are stored in), so the cache key does not name the runtime.
+they are stored in), so the cache key does not name the runtime. Missing features are computed
+``workers`` chunks at a time, each chunk read, decoded, augmented and embedded by its own thread
+(Pillow, NumPy and ONNX Runtime release the GIL, so the chunks run on separate cores).
 
 Layout: ``features/<cache_id>/<day>.npz``, one shard per catalog day partition, holding
 ``sha256`` (str, sorted) and ``features`` (float16, (N, V, D)). A shard is rewritten whole
@@ -25,8 +27,10 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +126,7 @@ class FeatureCache:
         batch_size: int = 32,
         runner: FeatureRunner | None = None,
         progress_every: int = 0,
+        workers: int = 1,
     ) -> None:
         if views < 1:
             raise ValueError(f"views must be at least 1, got {views}")
@@ -135,6 +140,7 @@ class FeatureCache:
         self.batch_size = batch_size
         self.runner = runner or torch_runner(backbone)
         self.progress_every = progress_every  # a log line every this many images computed (0: none)
+        self.workers = max(1, workers)  # chunks computed at once
         self.id = cache_id(backbone, prep, views, self.augmentations)
 
     def shard_key(self, day: str) -> str:
@@ -179,18 +185,25 @@ class FeatureCache:
         """Features (V, D) float16 for each sha256, reading images from their curated keys."""
         computed: dict[str, np.ndarray] = {}
         items = list(keys.items())
-        with Progress("feature extraction", len(items), self.progress_every, logger=log) as progress:
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start : start + self.batch_size]
-                images: list[Image.Image] = []
-                for sha, key in chunk:
-                    image = decode_rgb(self.storage.read_bytes(key))
-                    images += image_views(image, sha, self.views, self.augmentations)
-                features = extract(self.backbone, images, self.prep, self.batch_size, self.runner)
-                features = features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
+        chunks = [items[start : start + self.batch_size] for start in range(0, len(items), self.batch_size)]
+        workers = min(self.workers, len(chunks)) or 1
+        with (
+            Progress("feature extraction", len(items), self.progress_every, logger=log) as progress,
+            ThreadPoolExecutor(workers, thread_name_prefix="features") as pool,
+        ):
+            for chunk, features in zip(chunks, pool.map(self._embed, chunks), strict=True):
                 computed.update((sha, feature) for (sha, _), feature in zip(chunk, features, strict=True))
                 progress.advance(len(chunk))
         return computed
+
+    def _embed(self, chunk: list[tuple[str, str]]) -> np.ndarray:
+        """Features (len(chunk), V, D) float16 of (sha256, curated key) pairs: read, decode, view, embed."""
+        images: list[Image.Image] = []
+        for sha, key in chunk:
+            image = decode_rgb(self.storage.read_bytes(key), self.prep)
+            images += image_views(image, sha, self.views, self.augmentations)
+        features = extract(self.backbone, images, self.prep, self.batch_size, self.runner)
+        return features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
 
     def _merge(self, shard: _Shard, gained: list[str], computed: dict[str, np.ndarray]) -> _Shard:
         sha256 = np.concatenate([shard.sha256, np.array(gained)])
@@ -236,4 +249,5 @@ def feature_cache(
         batch_size=16,
         runner=runner,
         progress_every=settings.progress_every,
+        workers=settings.model.feature_workers or len(os.sched_getaffinity(0)),
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from ml.demo.drawing import KNOWN_CLASSES, render_image
 from ml.storage import LocalStorage
 from ml.training.features import FeatureCache, cache_id, extract
-from ml.training.model import Backbone, build_backbone
+from ml.training.model import Backbone, build_backbone, torch_runner
 from ml.training.preprocessing import Preprocessing, decode_rgb, to_array
 
 PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -89,6 +90,38 @@ def test_first_call_computes_and_writes_shards_then_all_hits(
     order = np.random.default_rng(0).permutation(20)
     shuffled, _ = again.features_for(rows.iloc[order].reset_index(drop=True))
     np.testing.assert_array_equal(shuffled, first[order])  # returned in the order of the rows
+
+
+def test_chunks_computed_by_several_workers_give_the_same_features(
+    small: Backbone, images: list[bytes], tmp_path: Path
+) -> None:
+    """Threads embed chunks at once; the features (augmented views included) are those of one thread."""
+    rows = store(LocalStorage(tmp_path / "one"), images)
+    store(LocalStorage(tmp_path / "three"), images)
+    threads_seen: set[str] = set()
+    runner = torch_runner(small)
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        threads_seen.add(threading.current_thread().name)
+        return runner(batch)
+
+    one, _ = FeatureCache(
+        LocalStorage(tmp_path / "one"), small, SMALL, views=3, augmentations=KINDS, batch_size=4, workers=1
+    ).features_for(rows)
+    three_cache = FeatureCache(
+        LocalStorage(tmp_path / "three"),
+        small,
+        SMALL,
+        views=3,
+        augmentations=KINDS,
+        batch_size=4,
+        runner=recording,
+        workers=3,
+    )
+    three, stats = three_cache.features_for(rows)
+    assert stats.misses == 25
+    assert len(threads_seen) > 1  # 7 chunks, 3 threads: the work was spread
+    np.testing.assert_array_equal(three, one)
 
 
 def test_only_new_images_are_computed(small: Backbone, images: list[bytes], tmp_path: Path) -> None:
