@@ -24,6 +24,7 @@ from ml.serving.uploads import incident_id
 log = logging.getLogger(__name__)
 
 KEY_ID_HEADER = b"x-mlops-key-id"  # set by the guard for the app behind it (never taken from a client)
+UPLOADS_SCOPE_KEY = "mlops.uploads"  # the files of a checked multipart body, for the app behind the guard
 # Probes, and pages that hold no data (the page and Swagger UI ask for a key before they call anything).
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/ui", "/", "/docs", "/docs.json")
 OPEN_PREFIXES = ("/static_content/",)  # Swagger UI's own scripts and styles, shipped with BentoML
@@ -188,10 +189,12 @@ class Guard:
         body = await self._read_body(receive, send)
         if body is None:
             return
-        problem = uploads.upload_problem(scope["path"], body, headers.get("content-type", ""))
-        if problem:
-            await self.reply(send, Refusal(*problem))
+        checked = uploads.checked_body(scope["path"], body, headers.get("content-type", ""))
+        if isinstance(checked, tuple):
+            await self.reply(send, Refusal(*checked))
             return
+        if checked is not None:  # the files, parsed once: the route need not parse the body again
+            scope = {**scope, UPLOADS_SCOPE_KEY: checked}
         replayed = False
 
         async def replay() -> Message:

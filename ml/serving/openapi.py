@@ -3,11 +3,13 @@
 BentoML generates ``/docs.json`` from the service's APIs but knows nothing of the guard in front of
 them, so Swagger UI (``/``, also reached as ``/docs``) would offer no way to send a key. This
 middleware adds the ``bearerAuth`` scheme to that document as it leaves the service, with
-``security: []`` on the routes that need no key.
+``security: []`` on the routes that need no key, and the operations of the routes the service
+serves outside BentoML's API layer (``POST /predict``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -16,6 +18,44 @@ from ml.serving.guard import Message, Receive, Scope, Send
 
 SPEC_PATH = "/docs.json"
 BEARER_SCHEME = "bearerAuth"
+_ERROR = {"description": "A client error: JSON ``error`` (a stable code) and ``detail``"}
+MOUNTED_OPERATIONS: dict[str, dict[str, Any]] = {
+    "/predict": {
+        "post": {
+            "summary": "Classify one image",
+            "description": "Class, calibrated confidence and probabilities, model version, track (stable or "
+            "canary) and the request id /feedback takes.",
+            "operationId": "predict",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "The answer",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **{status: _ERROR for status in ("400", "401", "403", "413", "415", "503")},
+            },
+        }
+    }
+}
+
+
+def with_mounted_operations(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with the operations of the routes served outside BentoML's API layer."""
+    paths = spec.setdefault("paths", {})
+    for path, operations in MOUNTED_OPERATIONS.items():
+        paths.setdefault(path, copy.deepcopy(operations))
+    return spec
 
 
 def with_bearer_scheme(spec: dict[str, Any], open_paths: Iterable[str]) -> dict[str, Any]:
@@ -62,7 +102,8 @@ class BearerSpec:
             return
         data = bytes(body)
         if start["status"] == 200:
-            data = json.dumps(with_bearer_scheme(json.loads(data), self.open_paths)).encode()
+            spec = with_mounted_operations(json.loads(data))
+            data = json.dumps(with_bearer_scheme(spec, self.open_paths)).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(data)).encode()))
         await send({**start, "headers": headers})

@@ -11,9 +11,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -291,11 +291,14 @@ class Predictor:
     def ready(self) -> bool:
         return self.stable is not None
 
-    def route(self, key: str) -> tuple[Lane, str]:
+    def route(self, key: str | None) -> tuple[Lane, str]:
+        """The lane of a request: by its client key's bucket, or at random for a request without one."""
         if self.stable is None:
             raise not_ready()
-        if self.canary is not None and canary_bucket(key) < self.canary_share:
-            return self.canary, "canary"
+        if self.canary is not None:
+            bucket = canary_bucket(key) if key else random.random()  # noqa: S311 - a traffic split, no secret
+            if bucket < self.canary_share:
+                return self.canary, "canary"
         return self.stable, "stable"
 
     # -- requests -----------------------------------------------------------------------------
@@ -304,7 +307,7 @@ class Predictor:
     ) -> dict[str, Any]:
         """Classify one upload for the caller ``key_id``. Raises ``BadRequest`` for a bad image."""
         started = time.perf_counter()
-        lane, track = self.route(route_key or uuid.uuid4().hex)
+        lane, track = self.route(route_key)
         request_id = self.request_ids.mint(lane.version, key_id)
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(

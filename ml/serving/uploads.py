@@ -8,7 +8,7 @@ framework parses it, so a malformed body is the client's 400, not a server error
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -72,11 +72,23 @@ JSON_ROUTES = ("/feedback",)
 Problem = tuple[int, str, str]  # (status, code, detail)
 
 
-def multipart_parts(body: bytes, boundary: bytes) -> list[dict[bytes, bytes]] | Problem:
-    """The Content-Disposition options of every part of a multipart body, or why it is malformed."""
+@dataclass
+class Part:
+    """One part of a multipart body: its Content-Disposition options and its bytes."""
+
+    options: dict[bytes, bytes] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def multipart_parts(body: bytes, boundary: bytes) -> list[Part] | Problem:
+    """Every part of a multipart body (options and bytes), or why it is malformed."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
-    parts: list[dict[bytes, bytes]] = []
+    parts: list[Part] = []
     header: dict[str, bytes] = {"field": b"", "value": b""}
     ended = []
 
@@ -88,14 +100,15 @@ def multipart_parts(body: bytes, boundary: bytes) -> list[dict[bytes, bytes]] | 
 
     def on_header_end() -> None:
         if header["field"].lower() == b"content-disposition":
-            parts[-1] |= parse_options_header(header["value"])[1]
+            parts[-1].options |= parse_options_header(header["value"])[1]
         header["field"], header["value"] = b"", b""
 
     callbacks = {
-        "on_part_begin": lambda: parts.append({}),
+        "on_part_begin": lambda: parts.append(Part()),
         "on_header_field": on_header_field,
         "on_header_value": on_header_value,
         "on_header_end": on_header_end,
+        "on_part_data": lambda data, start, end: parts[-1].chunks.append(data[start:end]),
         "on_end": lambda: ended.append(True),
     }
     try:
@@ -115,17 +128,31 @@ def upload_problem(path: str, body: bytes, content_type: str) -> Problem | None:
     BentoML answers a malformed multipart body, a text field where a file belongs or an unexpected
     field with a 500; checking the body first makes each of them the client's 4xx.
     """
+    checked = checked_body(path, body, content_type)
+    return checked if isinstance(checked, tuple) else None
+
+
+def checked_body(path: str, body: bytes, content_type: str) -> list[bytes] | Problem | None:
+    """A body checked against its route's contract: why it breaks it, the files of a file route, or None."""
     from python_multipart.multipart import parse_options_header
 
-    kind, options = parse_options_header(content_type)
     if path in JSON_ROUTES:
+        kind, _ = parse_options_header(content_type)
         return (
             None if kind == b"application/json" else (415, "unsupported_media_type", "send application/json")
         )
     if path not in FILE_FIELDS:
         return None
-    field, count = FILE_FIELDS[path]
-    expected = f"send multipart/form-data with the image file in field {field!r}"
+    return uploaded_files(path, body, content_type)
+
+
+def uploaded_files(path: str, body: bytes, content_type: str) -> list[bytes] | Problem:
+    """The files of a multipart body sent to a file route (``FILE_FIELDS``), or why it breaks the contract."""
+    from python_multipart.multipart import parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    field_name, count = FILE_FIELDS[path]
+    expected = f"send multipart/form-data with the image file in field {field_name!r}"
     if kind != b"multipart/form-data":
         return 415, "unsupported_media_type", expected
     boundary = options.get(b"boundary")
@@ -134,11 +161,11 @@ def upload_problem(path: str, body: bytes, content_type: str) -> Problem | None:
     parts = multipart_parts(body, boundary)
     if isinstance(parts, tuple):
         return parts
-    names = [part.get(b"name", b"").decode("latin-1") for part in parts]
-    unexpected = sorted(set(names) - {field})
+    names = [part.options.get(b"name", b"").decode("latin-1") for part in parts]
+    unexpected = sorted(set(names) - {field_name})
     if unexpected:
         return 400, "unexpected_field", f"unexpected field(s) {unexpected}: {expected}"
-    files = [part for part in parts if b"filename" in part]
+    files = [part for part in parts if b"filename" in part.options]
     if len(files) != len(parts) or not files or (count is not None and len(files) != count):
         return 400, "missing_image", f"{expected} ({'exactly one' if count else 'one or more'} file part)"
-    return None
+    return [part.data for part in files]

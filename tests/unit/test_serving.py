@@ -398,6 +398,10 @@ def test_canary_routing_sends_its_share_to_the_challenger(bundles, tmp_path: Pat
     found = predictor(bundles, tmp_path, state)
     tracks = [found.route(f"client-{i}")[1] for i in range(2000)]
     assert 0.07 < tracks.count("canary") / len(tracks) < 0.13
+    anonymous = [found.route(None)[1] for _ in range(2000)]  # no client id: each request drawn at random
+    assert 0.07 < anonymous.count("canary") / len(anonymous) < 0.13
+    found.canary_share = 0.0
+    assert {found.route(None)[1] for _ in range(200)} == {"stable"}
 
 
 def test_same_image_same_answer(bundles, tmp_path: Path) -> None:
