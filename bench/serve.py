@@ -194,18 +194,24 @@ def stage_profile(
     from ml.config import load_settings
     from ml.data.images import ImageLimits, open_checked, pixel_statistics
     from ml.serving.bundle import ServingModel
-    from ml.serving.uploads import upload_problem
+    from ml.serving.uploads import checked_body
     from ml.training.preprocessing import to_array
 
     model = ServingModel(folder, threads=1)
     limits = ImageLimits.from_settings(load_settings().ingest)
-    _, rgb, _ = open_checked(data, limits)
+    draft = model.prep.draft_side()  # the bundle's preprocessing: v2 decodes large JPEGs drafted
+    _, rgb, props = open_checked(data, limits, draft)
+    full_size = (props["upright_width"], props["upright_height"])
     array = to_array(rgb, model.prep)
     answer = model.answer(model.infer(array[None]).proba[0])
     stages = {
-        "multipart check (guard)": lambda: upload_problem("/predict", body, content_type),
-        "decode + checks (open_checked)": lambda: open_checked(data, limits),
-        "image properties (drift)": lambda: pixel_statistics(rgb, phash=False),
+        "multipart check + parse (guard)": lambda: checked_body("/predict", body, content_type),
+        f"decode + checks (open_checked, 1/{props['draft_scale']} scale)": lambda: open_checked(
+            data, limits, draft
+        ),
+        "image properties (drift)": lambda: pixel_statistics(
+            rgb, phash=False, scale=props["draft_scale"], full_size=full_size
+        ),
         "resize + normalise (to_array)": lambda: to_array(rgb, model.prep),
         "model, batch 1 (ONNX Runtime)": lambda: model.infer(array[None]),
         "answer as JSON": lambda: json.dumps(answer),
@@ -292,8 +298,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ml.data.images import ImageLimits, open_checked
     from ml.serving.bundle import BundleMeta
 
-    _, rgb, _ = open_checked(data, ImageLimits.from_settings(settings.ingest))
-    bound = model_only_bound(folder, to_array(rgb, BundleMeta.read(folder).preprocessing))
+    prep = BundleMeta.read(folder).preprocessing
+    _, rgb, _ = open_checked(data, ImageLimits.from_settings(settings.ingest), prep.draft_side())
+    bound = model_only_bound(folder, to_array(rgb, prep))
     results = []
     port = free_port()
     ours_env = serve_env(settings) | {"MLOPS_API_KEYS": KEY}
