@@ -5,8 +5,7 @@ of views and (with more than one view) the augmentation kinds. Anything that cha
 changes the key, so a stale cache is never read; it is simply not found.
 
 Views: each image gets V cached views. View 0 is the clean eval view (``to_array`` of the image,
-exactly what serving sees). Views 1..V-1 are ``augmented_view`` of the image (cropped, resized to
-the model's input size, then flipped, rotated, jittered) with an RNG seeded
+exactly what serving sees). Views 1..V-1 are ``augmented_view`` of the image with an RNG seeded
 from the image's sha256 and the view number, so they are the same on every machine and every run.
 Training draws one view per image per epoch; validation and test use view 0 only.
 
@@ -47,9 +46,7 @@ from ml.training.preprocessing import Preprocessing, augmented_view, batch_array
 
 log = logging.getLogger(__name__)
 
-FEATURES_FORMAT = (
-    "pooled-fp16-sha-seeded-views-v2"  # bump when views, their seeding or the shard layout change
-)
+FEATURES_FORMAT = "pooled-fp16-sha-seeded-views-v1"  # bump when view seeding or the shard layout changes
 REQUIRED_COLUMNS = ("sha256", "day", "curated_key")
 
 
@@ -84,12 +81,9 @@ def view_rng(sha256: str, view: int) -> np.random.Generator:
     return np.random.default_rng([int(sha256, 16), view])
 
 
-def image_views(
-    image: Image.Image, sha256: str, views: int, kinds: Sequence[str], size: int | None = None
-) -> list[Image.Image]:
-    """View 0 is the image itself; views 1..V-1 are seeded augmentations of it (made at the model's
-    input ``size`` when given: a rotation of the whole image would cost several times more)."""
-    return [image] + [augmented_view(image, view_rng(sha256, view), kinds, size) for view in range(1, views)]
+def image_views(image: Image.Image, sha256: str, views: int, kinds: Sequence[str]) -> list[Image.Image]:
+    """View 0 is the image itself; views 1..V-1 are seeded augmentations of it."""
+    return [image] + [augmented_view(image, view_rng(sha256, view), kinds) for view in range(1, views)]
 
 
 def extract(
@@ -207,7 +201,7 @@ class FeatureCache:
         images: list[Image.Image] = []
         for sha, key in chunk:
             image = decode_rgb(self.storage.read_bytes(key), self.prep)
-            images += image_views(image, sha, self.views, self.augmentations, self.prep.image_size)
+            images += image_views(image, sha, self.views, self.augmentations)
         features = extract(self.backbone, images, self.prep, self.batch_size, self.runner)
         return features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
 

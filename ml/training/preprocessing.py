@@ -107,14 +107,8 @@ def batch_arrays(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarr
     )
 
 
-def augmented_view(
-    image: Image.Image, rng: np.random.Generator, kinds: Sequence[str], size: int | None = None
-) -> Image.Image:
-    """A random training view (rotation, flip, crop, colour jitter), applied before ``to_array``.
-
-    With ``size`` the crop is resized to the model's ``size`` x ``size`` input first, so the flip,
-    rotation and jitter touch only the pixels the model will see (``to_array`` then only normalises).
-    """
+def augmented_view(image: Image.Image, rng: np.random.Generator, kinds: Sequence[str]) -> Image.Image:
+    """A random training view (rotation, flip, crop, colour jitter), applied before ``to_array``."""
     view = to_rgb(image)
     if "crop" in kinds:
         scale = rng.uniform(0.75, 1.0)
@@ -123,8 +117,6 @@ def augmented_view(
         left = int(rng.integers(0, width - crop_w + 1))
         top = int(rng.integers(0, height - crop_h + 1))
         view = view.crop((left, top, left + crop_w, top + crop_h))
-    if size is not None:
-        view = view.resize((size, size), Image.Resampling.BILINEAR)
     if "flip" in kinds and rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if "rotation" in kinds:

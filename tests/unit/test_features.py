@@ -250,17 +250,3 @@ def test_onnx_runner_falls_back_to_torch_when_the_export_disagrees(
     np.testing.assert_allclose(
         extract(small, pictures, SMALL, 2, runner=runner), extract(small, pictures, SMALL, 2), atol=1e-5
     )
-
-
-def test_augmented_views_are_made_at_the_model_input_size_and_repeat(images: list[bytes]) -> None:
-    from ml.training.features import image_views
-
-    picture = decode_rgb(images[0])
-    sha = hashlib.sha256(images[0]).hexdigest()
-    views = image_views(picture, sha, 3, KINDS, size=PREP.image_size)
-    assert views[0] is picture  # the clean view stays what serving decodes
-    assert [view.size for view in views[1:]] == [(224, 224), (224, 224)]
-    again = image_views(picture, sha, 3, KINDS, size=PREP.image_size)
-    for first, second in zip(views[1:], again[1:], strict=True):
-        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
-    assert np.abs(np.asarray(views[1], dtype=np.int16) - np.asarray(views[2], dtype=np.int16)).mean() > 1
