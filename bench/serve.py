@@ -56,6 +56,7 @@ def make_world(tmp: Path) -> dict[str, str]:
     from ml.training.pipeline import retrain
 
     env = {
+        "MLOPS__PREPROCESSING__JPEG_DRAFT": "true",  # preprocessing v2: what this benchmark measures
         "MLOPS__STORAGE__ROOT": str(tmp / "store"),
         "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
         "MLOPS__SERVING__STATE_DIR": str(tmp / "serving"),

@@ -112,6 +112,8 @@ def set_draft(image: Image.Image, side: int | None) -> int:
     scale = draft_scale(width, height, side)
     if scale > 1:
         image.draft(image.mode, (width // scale, height // scale))
+        if image.size == (width, height):  # a file the decoder cannot scale: decoded at full size
+            return 1
         if image.size != (-(-width // scale), -(-height // scale)):  # libjpeg rounds up
             raise RuntimeError(f"draft of {width}x{height} at 1/{scale} gave {image.size}")
     return scale
