@@ -542,3 +542,8 @@ def get_settings(config_file: str | None = None) -> Settings:
         sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX) or k == "MLOPS_CONFIG")
     )
     return _cached(config_file, relevant)
+
+
+def resolve_workers(configured: int) -> int:
+    """A configured worker count where 0 means one per core this process may run on."""
+    return configured if configured > 0 else max(1, len(os.sched_getaffinity(0)))

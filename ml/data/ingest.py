@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from ml.config import Settings
+from ml.config import Settings, resolve_workers
 from ml.data import catalog
 from ml.data.images import ImageLimits
 from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_all, inspect_file
@@ -422,10 +421,6 @@ def fetch_landed(
             data = read_unsafe_key(storage, info.key)
             if data is not None:
                 batch.spooled[info.key] = spool.keep(data)
-
-
-def resolve_workers(configured: int) -> int:
-    return configured if configured > 0 else max(1, len(os.sched_getaffinity(0)))
 
 
 def _set_file_and_row(batch: Batch, name: str, line: int, reason: str, detail: str) -> None:

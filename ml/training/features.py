@@ -27,7 +27,6 @@ import datetime as dt
 import hashlib
 import io
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ml.config import Settings
+from ml.config import Settings, resolve_workers
 from ml.layout import feature_shard_key
 from ml.progress import Progress
 from ml.storage import Storage
@@ -249,5 +248,5 @@ def feature_cache(
         batch_size=16,
         runner=runner,
         progress_every=settings.progress_every,
-        workers=settings.model.feature_workers or len(os.sched_getaffinity(0)),
+        workers=resolve_workers(settings.model.feature_workers),
     )

@@ -11,12 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from ml.demo.drawing import KNOWN_CLASSES, render_image
 from ml.storage import LocalStorage
 from ml.training.features import FeatureCache, cache_id, extract
 from ml.training.model import Backbone, build_backbone, torch_runner
-from ml.training.preprocessing import Preprocessing, decode_rgb, to_array
+from ml.training.preprocessing import Preprocessing, decode_rgb, jitter_table, to_array
 
 PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SMALL = dataclasses.replace(PREP, image_size=96)  # fast, for the cache mechanics
@@ -250,3 +251,13 @@ def test_onnx_runner_falls_back_to_torch_when_the_export_disagrees(
     np.testing.assert_allclose(
         extract(small, pictures, SMALL, 2, runner=runner), extract(small, pictures, SMALL, 2), atol=1e-5
     )
+
+
+@pytest.mark.parametrize(("gain", "shift"), [(0.8, -20.0), (1.2, 20.0), (1.0371, -7.25), (0.93, 13.9)])
+def test_colour_jitter_table_is_the_float32_arithmetic_on_every_pixel(gain: float, shift: float) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    pixels.reshape(-1)[:256] = np.arange(256)  # every 8-bit value, in every channel
+    by_array = np.clip(pixels.astype(np.float32) * gain + shift, 0, 255).astype(np.uint8)
+    by_table = np.asarray(Image.fromarray(pixels).point(jitter_table(gain, shift) * 3))
+    assert np.array_equal(by_table, by_array)
+    assert not np.array_equal(by_table, pixels)
