@@ -94,6 +94,7 @@ def accepted(results: dict) -> int:
 
 
 def timed(label: str, count: int, fn) -> dict[str, float | str]:
+    os.sync()  # each contender starts with no dirty pages of the one before being written back
     started = time.perf_counter()
     cpu_started = time.process_time()
     value = fn()

@@ -20,6 +20,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +79,15 @@ def join_key(*parts: str) -> str:
 
 class Storage(Protocol):
     root_url: str
+    io_threads: int  # requests worth having in flight at once
 
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]: ...
-    def download(self, key: str, path: Path) -> int: ...
+    def download(self, key: str, path: Path, *, link: bool = False) -> int: ...
+    def upload(self, path: Path, key: str) -> None: ...
     def read_tagged(self, key: str) -> tuple[bytes, str] | None: ...
     def write_if(self, key: str, data: bytes, tag: str | None) -> bool: ...
     def delete(self, key: str) -> None: ...
@@ -99,6 +102,10 @@ def content_tag(data: bytes) -> str:
 
 class LocalStorage:
     """Storage in a local folder; ``file://`` URLs."""
+
+    # Nothing waits on a network: threads only contend for the GIL and the folder (measured: 16
+    # threads spent ~2x the CPU per 30 KB file copy of one thread, for no gain in wall time).
+    io_threads = 1
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -157,8 +164,31 @@ class LocalStorage:
         ]
         return sorted(found, key=lambda info: info.key)
 
-    def download(self, key: str, path: Path) -> int:
+    def upload(self, path: Path, key: str) -> None:
+        """A local file's bytes to ``key`` (atomically, as a write). The file must be the caller's own
+        copy, never written again: on the same filesystem the object becomes a hard link to it (no
+        bytes copied), elsewhere a copy."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{uuid.uuid4().hex}")
         try:
+            os.link(path, tmp)
+        except OSError:  # another filesystem, or links not allowed here
+            shutil.copyfile(path, tmp)
+        try:
+            os.replace(tmp, target)
+        finally:  # a rename onto another link of the same file does nothing and leaves the temporary
+            tmp.unlink(missing_ok=True)
+
+    def download(self, key: str, path: Path, *, link: bool = False) -> int:
+        """The object's bytes to a new file ``path``; with ``link`` (for a caller that only reads the
+        file) a hard link to the object where the filesystem allows: a snapshot, as objects here are
+        replaced, never rewritten in place."""
+        try:
+            if link:
+                with contextlib.suppress(OSError):
+                    os.link(self._path(key), path)
+                    return path.stat().st_size
             shutil.copyfile(self._path(key), path)
         except FileNotFoundError:
             raise StorageError(f"not found: {self.url(key)}") from None
@@ -201,6 +231,8 @@ class LocalStorage:
 
 class S3Storage:
     """Storage under ``s3://bucket/prefix`` through a boto3 S3 client."""
+
+    io_threads = 16  # each request mostly waits on the network
 
     def __init__(
         self, client: Any, bucket: str, prefix: str = "", encryption: dict[str, str] | None = None
@@ -248,7 +280,14 @@ class S3Storage:
         """An object whose listed key is not a safe path (kept only to quarantine it)."""
         return self.client.get_object(Bucket=self.bucket, Key=self._raw_key(key))["Body"].read()
 
-    def download(self, key: str, path: Path) -> int:
+    def upload(self, path: Path, key: str) -> None:
+        """A local file's bytes to ``key``: one PUT streamed from the file."""
+        with path.open("rb") as body:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._object_key(key), Body=body, **self.encryption
+            )
+
+    def download(self, key: str, path: Path, *, link: bool = False) -> int:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"]
         except self.client.exceptions.NoSuchKey:

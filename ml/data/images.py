@@ -258,7 +258,7 @@ def inspect_image(data: bytes, limits: ImageLimits) -> Inspected:
         mode=props["mode"],
         width=rgb.width,
         height=rgb.height,
-        sha256=hashlib.sha256(curated).hexdigest(),
+        sha256=digest if same_as_source else hashlib.sha256(curated).hexdigest(),
         curated_ext=ext,
         **pixel_statistics(rgb),  # type: ignore[arg-type]
     )

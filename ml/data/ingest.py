@@ -404,23 +404,39 @@ def quarantine_from_listing(batch: Batch, max_file_bytes: int) -> None:
 
 
 def fetch_landed(
-    storage: Storage, batch: Batch, spool: Spool, max_file_bytes: int, *, images: bool = True
+    storage: Storage,
+    batch: Batch,
+    spool: Spool,
+    max_file_bytes: int,
+    *,
+    images: bool = True,
+    inspection: Inspection | None = None,
 ) -> None:
     """Stream every object ingestion reads into the spool: none over the limit, unsafe keys read as listed.
 
-    ``images=False`` (a sharded ingest's merge: the shards inspected the images) leaves the images
-    where they landed; a quarantined one is copied within storage."""
+    ``inspection`` gets each landed image as soon as it is spooled. ``images=False`` (a sharded ingest's
+    merge: the shards inspected the images) leaves the images where they landed; a quarantined one is
+    copied within storage."""
     readable = [info for info in batch.landing.objects if info.size <= max_file_bytes]
     if not images:
         landed_images = set(batch.files.values())
         batch.copied_originals = {info.key for info in readable if info.key in landed_images}
         readable = [info for info in readable if info.key not in batch.copied_originals]
-    batch.spooled = spool.fetch(storage, [i.key for i in readable if i.key not in batch.landing.unsafe])
+    name_of = {key: name for name, key in batch.files.items()}
+
+    def spooled(key: str, path: Path) -> None:
+        batch.spooled[key] = path
+        if inspection is not None and key in name_of:
+            inspection.add(name_of[key], path)
+
+    spool.fetch(storage, [i.key for i in readable if i.key not in batch.landing.unsafe], spooled)
     for info in readable:
         if info.key in batch.landing.unsafe:
             data = read_unsafe_key(storage, info.key)
             if data is not None:
-                batch.spooled[info.key] = spool.keep(data)
+                spooled(info.key, spool.keep(data))
+    if inspection is not None:
+        inspection.flush()
 
 
 def _set_file_and_row(batch: Batch, name: str, line: int, reason: str, detail: str) -> None:
@@ -686,7 +702,7 @@ def _write_quarantine(storage: Storage, batch: Batch) -> None:
 def _write_curated(storage: Storage, key: str, inspected: FileInspection) -> None:
     """The curated bytes to ``key``: from the local spool, or copied from where a shard staged them."""
     if inspected.curated_path is not None:
-        storage.write_bytes(key, inspected.curated_path.read_bytes())
+        storage.upload(inspected.curated_path, key)
     elif inspected.curated_key is not None:
         try:
             storage.copy(inspected.curated_key, key)
@@ -697,10 +713,15 @@ def _write_curated(storage: Storage, key: str, inspected: FileInspection) -> Non
         raise RuntimeError(f"no curated bytes for {inspected.report.source_sha256}")
 
 
-def in_flight(write: Callable[[Any], None], items: Iterable[Any]) -> None:
-    """``write`` each item, ``PUBLISH_THREADS`` at a time (each waits on storage); the first failure
-    is raised once the writes in flight have ended."""
-    with ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="write") as pool:
+def writers(storage: Storage) -> int:
+    """Writes worth having in flight at once on ``storage``."""
+    return min(PUBLISH_THREADS, storage.io_threads)
+
+
+def in_flight(write: Callable[[Any], None], items: Iterable[Any], threads: int = PUBLISH_THREADS) -> None:
+    """``write`` each item, ``threads`` at a time (each waits on storage); the first failure is raised
+    once the writes in flight have ended."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
         for _ in pool.map(write, items):
             pass
 
@@ -717,7 +738,7 @@ def publish(
         name = row["source_key"].removeprefix(batch.layout.images + "/")
         _write_curated(storage, row["curated_key"], inspected[name])
 
-    in_flight(put, new_rows)  # the first failure is raised: the catalog is not written
+    in_flight(put, new_rows, writers(storage))  # the first failure is raised: the catalog is not written
     _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
     storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))
@@ -749,12 +770,19 @@ def load_batch(
 def local_inspection(
     settings: Settings, batch: Batch, spool: Spool, inspect: InspectFile = inspect_file
 ) -> Inspection:
-    """The spooled images inspected by worker processes on this host (they start at once)."""
+    """The spooled images inspected by worker processes on this host (they start at once); with
+    nothing spooled yet, an inspection that takes the images as ``fetch_landed`` spools them."""
     images = {name: batch.spooled[key] for name, key in sorted(batch.files.items()) if key in batch.spooled}
     limits = ImageLimits.from_settings(settings.ingest)
     workers = resolve_workers(settings.ingest.workers)
     return Inspection(
-        images, limits, workers, spool.curated, inspect=inspect, progress_every=settings.progress_every
+        images,
+        limits,
+        workers,
+        spool.curated,
+        inspect=inspect,
+        progress_every=settings.progress_every,
+        more_to_come=not images and bool(batch.files),
     )
 
 
@@ -805,9 +833,16 @@ def ingest_day(
     max_bytes = settings.ingest.max_file_bytes
     with Spool(spool_parent(settings)) as spool:
         quarantine_from_listing(batch, max_bytes)
-        fetch_landed(storage, batch, spool, max_bytes, images=staged is None)
         inspection = staged.inspection if staged else local_inspection(settings, batch, spool, inspect)
         try:
+            fetch_landed(
+                storage,
+                batch,
+                spool,
+                max_bytes,
+                images=staged is None,
+                inspection=inspection if isinstance(inspection, Inspection) else None,
+            )
             result, new_rows, inspected = validate_batch(settings, storage, batch, inspection)
         finally:
             if isinstance(inspection, Inspection):

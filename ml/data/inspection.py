@@ -50,11 +50,12 @@ class InspectionError(RuntimeError):
 
 
 def inspect_file(path: Path, limits: ImageLimits, out_dir: Path) -> FileInspection:
-    """Inspect one spooled file; curated bytes that differ from the landed ones go to ``out_dir``."""
+    """Inspect one spooled file; curated bytes go to ``out_dir`` unless they are the landed bytes in a
+    file of the spool's own (one not linked to the landed object)."""
     result = inspect_image(path.read_bytes(), limits)
     if result.report.reason or result.curated is None:
         return FileInspection(result.report)
-    if result.same_as_source:
+    if result.same_as_source and path.stat().st_nlink == 1:
         return FileInspection(result.report, path)
     target = out_dir / f"{path.name}.{result.report.curated_ext}"
     target.write_bytes(result.curated)
@@ -117,10 +118,11 @@ def run_isolated(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any, str]:
 
 
 class Inspection:
-    """Files inspected in worker processes (one per core), in chunks, from the moment it is created.
+    """Files inspected in worker processes (one per core), in chunks, as they are ``add``-ed.
 
-    Workers are forked as soon as the work is submitted, before Great Expectations is imported,
-    so the GE import and the manifest suite overlap with decoding.
+    The workers are forked when the inspection is created, before the caller starts threads or
+    imports Great Expectations; files go to them ``chunk`` at a time while others still download,
+    so downloading, the GE import and the manifest suite overlap with decoding.
     """
 
     def __init__(
@@ -133,30 +135,55 @@ class Inspection:
         chunk: int = 16,
         inspect: InspectFile = inspect_file,
         progress_every: int = 0,
+        more_to_come: bool = False,
     ) -> None:
-        self._files, self._limits, self._out, self._inspect = files, limits, out_dir, inspect
+        self._files: dict[str, Path] = {}
+        self._limits, self._out, self._inspect, self._chunk = limits, out_dir, inspect, chunk
         self._progress_every = progress_every  # a log line every this many images inspected (0: none)
         self._futures: list[tuple[list[str], Future[list[Any]]]] = []
+        self._pending: list[str] = []
         self._done: dict[str, FileInspection] | None = None
-        names = list(files)
-        parts = [names[start : start + chunk] for start in range(0, len(names), chunk)]
         self._pool: ProcessPoolExecutor | None = None
-        if parts:
+        if files or more_to_come:
+            wanted = workers if more_to_come else -(-len(files) // chunk)
             # fork: workers start in milliseconds and need nothing re-imported; they run pure functions.
             self._pool = ProcessPoolExecutor(
-                max_workers=max(1, min(workers, len(parts))),
+                max_workers=max(1, min(workers, wanted)),
                 mp_context=get_context("fork"),
                 initializer=die_with_parent,
                 initargs=(os.getpid(),),
             )
-            for part in parts:
-                paths = [files[name] for name in part]
-                future = self._pool.submit(inspect_chunk, inspect, paths, limits, out_dir)
-                self._futures.append((part, future))
+            self._pool.submit(int).result()  # a fork pool starts all its workers on its first task
+        for name, path in files.items():
+            self.add(name, path)
+        if not more_to_come:
+            self.flush()
+
+    def add(self, name: str, path: Path) -> None:
+        """Queue one file; a full chunk goes to the workers at once."""
+        if self._pool is None:
+            raise RuntimeError("an inspection created without files takes none: pass more_to_come=True")
+        self._files[name] = path
+        self._pending.append(name)
+        if len(self._pending) >= self._chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued files that do not fill a chunk."""
+        if self._pending and self._pool is not None:
+            part, self._pending = self._pending, []
+            paths = [self._files[name] for name in part]
+            try:
+                future = self._pool.submit(inspect_chunk, self._inspect, paths, self._limits, self._out)
+            except BrokenProcessPool as exc:  # a decoder killed a worker: this chunk is redone with the rest
+                future = Future()
+                future.set_exception(exc)
+            self._futures.append((part, future))
 
     def results(self, names: Iterable[str]) -> dict[str, FileInspection]:
         """Results for ``names`` (waits for the workers; recovers from a broken pool)."""
         if self._done is None:
+            self.flush()
             self._done = self._collect()
         return {name: self._done[name] for name in names}
 

@@ -32,6 +32,7 @@ from ml.data.ingest import (
     local_inspection,
     quarantine_from_listing,
     spool_parent,
+    writers,
 )
 from ml.data.inspection import FileInspection
 from ml.data.spool import Spool
@@ -132,9 +133,9 @@ def inspect_shard(settings: Settings, storage: Storage, day: dt.date, shard: int
 
         def stage(name: str) -> None:
             path = inspected[name].curated_path
-            storage.write_bytes(staged[name], path.read_bytes())  # type: ignore[union-attr]
+            storage.upload(path, staged[name])  # type: ignore[arg-type]
 
-        in_flight(stage, sorted(staged))  # the first failure is raised: no results are written
+        in_flight(stage, sorted(staged), writers(storage))  # the first failure raised: no results written
         for name, found in sorted(inspected.items()):
             results[name] = {"report": asdict(found.report), "staged": staged.get(name)}
     storage.write_bytes(layout.shard_result(shard), json.dumps(results, sort_keys=True).encode())

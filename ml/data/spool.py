@@ -5,6 +5,10 @@ time), inspects the files, writes the curated bytes next to them and publishes f
 its memory does not grow with the number or size of the day's objects. The folder is removed
 when the run ends; a run that was killed leaves it behind, and the next run on this host removes
 every spool whose process is gone.
+
+From a local store a spool file is a hard link to the landed object (no bytes copied), so spool
+files are only ever read; the worker that inspects a linked file writes the curated copy itself,
+from the bytes it checked, so that a published object never shares a file with a landed one.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -87,11 +91,18 @@ class Spool:
         self._count += 1
         return self.landed / f"{self._count:07d}"
 
-    def fetch(self, storage: Storage, keys: Iterable[str]) -> dict[str, Path]:
-        """Stream each object to its own spool file (threads); returns key -> file."""
+    def fetch(
+        self, storage: Storage, keys: Iterable[str], ready: Callable[[str, Path], None] | None = None
+    ) -> dict[str, Path]:
+        """Stream each object to its own spool file (threads; a hard link from a local store); returns
+        key -> file. ``ready(key, file)`` is called for each in order, in this thread, as soon as it
+        and those before it are down."""
         targets = {key: self.new_file() for key in keys}
-        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-            list(pool.map(lambda item: storage.download(*item), targets.items()))
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, storage.io_threads)) as pool:
+            downloads = pool.map(lambda item: storage.download(*item, link=True), targets.items())
+            for key, _ in zip(targets, downloads, strict=True):
+                if ready is not None:
+                    ready(key, targets[key])
         return targets
 
     def keep(self, data: bytes) -> Path:

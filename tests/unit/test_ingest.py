@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import boto3
@@ -28,7 +29,7 @@ from ml.data.ingest import (
     read_manifest,
     reconcile,
 )
-from ml.data.inspection import FileInspection, inspect_file
+from ml.data.inspection import FileInspection, Inspection, inspect_file, inspect_files
 from ml.storage import LocalStorage, S3Storage
 from tests.hostile import (
     CLASSES,
@@ -84,6 +85,51 @@ def test_hostile_day_every_object_gets_its_expected_outcome(
     assert set(frame["label"]) <= set(settings.classes)
     for key in frame["curated_key"]:
         assert storage.exists(key)
+
+
+def stored_day(storage: LocalStorage, day: dt.date) -> dict[str, object]:
+    """What an ingest left: ledger, result, catalog rows and every curated object's bytes, with the
+    storage's own root written as ROOT."""
+    root = storage.root_url
+
+    def text(key: str) -> str:
+        return storage.read_bytes(key).decode().replace(root, "ROOT")
+
+    return {
+        "ledger": text(f"reports/ingest/{day}/ledger.csv"),
+        "result": text(f"reports/ingest/{day}/result.json"),
+        "catalog": catalog.load_catalog(storage).to_dict("records"),
+        "curated": {
+            key: hashlib.sha256(storage.read_bytes(key)).hexdigest() for key in storage.list("curated")
+        },
+        "quarantine": {key: storage.read_bytes(key) for key in storage.list("quarantine")},
+    }
+
+
+def test_linked_spool_gives_what_copied_files_give_and_shares_no_file_with_a_landed_object(
+    tmp_path: Path, make_settings
+) -> None:
+    """The fast path (spool files hard-linked to the landed objects, streamed to the workers as they
+    come, curated files linked into the store) against plain copies (a spool on another filesystem,
+    where no link can be made), on the hostile day: the same ledger, result, catalog and objects."""
+    elsewhere = Path("/dev/shm")
+    assert os.stat(elsewhere).st_dev != os.stat(tmp_path).st_dev, "needs a second filesystem for the spool"
+    outcomes = {}
+    for path, spool_dir in (("linked", tmp_path / "spool"), ("copied", elsewhere)):
+        storage = LocalStorage(tmp_path / path)
+        land_hostile_day(storage, DAY)
+        settings = make_settings(
+            ingest__max_rejected_share=0.4, ingest__workers=2, ingest__spool_dir=str(spool_dir)
+        )
+        ingest_day(settings, storage, DAY)
+        outcomes[path] = stored_day(storage, DAY)
+        landed = {os.stat(p).st_ino for p in (storage.root / "landing").rglob("*") if p.is_file()}
+        for key in storage.list("curated"):
+            stat = os.stat(storage.root / key)
+            assert stat.st_ino not in landed and stat.st_nlink == 1, key  # its own file, nobody else's
+        assert all(os.stat(p).st_nlink == 1 for p in (storage.root / "landing").rglob("*") if p.is_file())
+    assert outcomes["linked"] == outcomes["copied"]
+    assert len(outcomes["linked"]["curated"]) > 40
 
 
 def test_rerun_changes_nothing(storage: LocalStorage, settings: Settings) -> None:
@@ -359,6 +405,34 @@ def test_a_decoder_that_kills_its_worker_costs_that_object_only(
         assert entry["reason"] == "decoder_crashed" and "SIGKILL" in entry["detail"], entry
         assert entries[f"labels.csv:{index + 2}"]["reason"] == "decoder_crashed"
     assert result["curated"]["new_images"] == len(items) - len(crashers)
+
+
+def test_files_added_after_a_worker_died_are_still_inspected_and_only_the_crasher_is_lost(
+    tmp_path: Path,
+) -> None:
+    """Streaming: the pool breaks on the first chunk while files are still being added; later chunks
+    (refused by the broken pool) are redone in fresh processes like the unfinished ones."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    files = {}
+    for index, (name, data, _) in enumerate(good_items(40)):
+        files[name] = spool / f"{index:07d}"
+        files[name].write_bytes(data + KILL_MARKER if index == 3 else data)
+    limits = ImageLimits(frozenset({"PNG", "JPEG"}), 50_000_000, 20_000_000)
+    with Inspection({}, limits, 2, spool, inspect=kill_on_marker, more_to_come=True) as inspection:
+        names = list(files)
+        for name in names[:16]:
+            inspection.add(name, files[name])
+        first = inspection._futures[0][1]
+        with pytest.raises(BrokenProcessPool):
+            first.result(timeout=60)
+        for name in names[16:]:
+            inspection.add(name, files[name])
+        found = inspection.results(names)
+    assert found[names[3]].report.reason == "decoder_crashed"
+    assert all(found[name].report.reason is None for name in names if name != names[3])
+    expected = inspect_files({n: p for n, p in files.items() if n != names[3]}, limits, 1, tmp_path)
+    assert {n: found[n].report for n in expected} == {n: r.report for n, r in expected.items()}
 
 
 MEMORY_PROBE = """

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def test_s3_storage_over_http(s3_endpoint: str, s3_bucket: str) -> None:
     assert storage.url("k") == f"s3://{s3_bucket}/pre/fix/k"
     with pytest.raises(StorageError, match="not found"):
         storage.read_bytes("nope")
+    local = Path(tempfile.mkdtemp())
+    (local / "f").write_bytes(b"from a file")
+    storage.upload(local / "f", "curated/f.jpg")
+    assert storage.read_bytes("curated/f.jpg") == b"from a file"
+    assert storage.download("curated/f.jpg", local / "g", link=True) == 11  # a download, as ever
+    shutil.rmtree(local)
 
 
 def test_listing_reports_sizes_and_downloads_stream_to_a_file(tmp_path: Path) -> None:
@@ -80,6 +87,38 @@ def test_listing_reports_sizes_and_downloads_stream_to_a_file(tmp_path: Path) ->
     ]
     assert storage.download("a/big.bin", tmp_path / "copy") == 3_000_000
     assert (tmp_path / "copy").read_bytes() == b"x" * 3_000_000
+
+
+def test_a_linked_download_is_a_snapshot_and_an_upload_links_on_one_filesystem(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    storage.write_bytes("landing/a.jpg", b"first")
+    landed = storage.root / "landing/a.jpg"
+    assert storage.download("landing/a.jpg", tmp_path / "linked", link=True) == 5
+    assert os.stat(tmp_path / "linked").st_ino == os.stat(landed).st_ino
+    assert storage.download("landing/a.jpg", tmp_path / "copied") == 5
+    assert os.stat(tmp_path / "copied").st_ino != os.stat(landed).st_ino
+    storage.write_bytes("landing/a.jpg", b"second")  # objects are replaced, never rewritten in place
+    assert (tmp_path / "linked").read_bytes() == b"first" and storage.read_bytes("landing/a.jpg") == b"second"
+
+    own = tmp_path / "own"
+    own.write_bytes(b"curated")
+    storage.upload(own, "curated/x.jpg")
+    storage.upload(own, "curated/x.jpg")  # again: replaced, not refused
+    assert storage.read_bytes("curated/x.jpg") == b"curated"
+    assert os.stat(storage.root / "curated/x.jpg").st_ino == os.stat(own).st_ino
+    assert [p.name for p in (storage.root / "curated").iterdir()] == ["x.jpg"]  # no temporary left
+
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))  # another filesystem: no link can be made
+    try:
+        (other / "f").write_bytes(b"elsewhere")
+        assert os.stat(other).st_dev != os.stat(storage.root).st_dev
+        storage.upload(other / "f", "curated/y.jpg")
+        assert storage.read_bytes("curated/y.jpg") == b"elsewhere"
+        assert os.stat(storage.root / "curated/y.jpg").st_ino != os.stat(other / "f").st_ino
+        assert storage.download("curated/y.jpg", other / "g", link=True) == 9  # falls back to a copy
+        assert (other / "g").read_bytes() == b"elsewhere"
+    finally:
+        shutil.rmtree(other)
 
 
 def test_write_if_is_compare_and_swap(tmp_path: Path) -> None:
