@@ -713,15 +713,10 @@ def _write_curated(storage: Storage, key: str, inspected: FileInspection) -> Non
         raise RuntimeError(f"no curated bytes for {inspected.report.source_sha256}")
 
 
-def writers(storage: Storage) -> int:
-    """Writes worth having in flight at once on ``storage``."""
-    return min(PUBLISH_THREADS, storage.io_threads)
-
-
-def in_flight(write: Callable[[Any], None], items: Iterable[Any], threads: int = PUBLISH_THREADS) -> None:
-    """``write`` each item, ``threads`` at a time (each waits on storage); the first failure is raised
-    once the writes in flight have ended."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="write") as pool:
+def in_flight(write: Callable[[Any], None], items: Iterable[Any], storage: Storage) -> None:
+    """``write`` each item to ``storage``, as many at a time as it gains from (up to ``PUBLISH_THREADS``);
+    the first failure is raised once the writes in flight have ended."""
+    with ThreadPoolExecutor(min(PUBLISH_THREADS, storage.io_threads), thread_name_prefix="write") as pool:
         for _ in pool.map(write, items):
             pass
 
@@ -738,7 +733,7 @@ def publish(
         name = row["source_key"].removeprefix(batch.layout.images + "/")
         _write_curated(storage, row["curated_key"], inspected[name])
 
-    in_flight(put, new_rows, writers(storage))  # the first failure is raised: the catalog is not written
+    in_flight(put, new_rows, storage)  # the first failure is raised: the catalog is not written
     _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
     storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))

@@ -32,7 +32,6 @@ from ml.data.ingest import (
     local_inspection,
     quarantine_from_listing,
     spool_parent,
-    writers,
 )
 from ml.data.inspection import FileInspection
 from ml.data.spool import Spool
@@ -135,7 +134,7 @@ def inspect_shard(settings: Settings, storage: Storage, day: dt.date, shard: int
             path = inspected[name].curated_path
             storage.upload(path, staged[name])  # type: ignore[arg-type]
 
-        in_flight(stage, sorted(staged), writers(storage))  # the first failure raised: no results written
+        in_flight(stage, sorted(staged), storage)  # the first failure raised: no results written
         for name, found in sorted(inspected.items()):
             results[name] = {"report": asdict(found.report), "staged": staged.get(name)}
     storage.write_bytes(layout.shard_result(shard), json.dumps(results, sort_keys=True).encode())
