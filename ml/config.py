@@ -111,6 +111,16 @@ class ModelConfig(_Strict):
     feature_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     feature_threads: int = Field(default=1, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
     feature_workers: int = Field(default=0, ge=0)  # chunks embedded at once (threads); 0 = one per core
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: a quantised frozen backbone, trained and served
+
+    @model_validator(mode="after")
+    def _int8_needs_a_frozen_onnx_backbone(self) -> ModelConfig:
+        if self.precision == "int8" and (not self.freeze_backbone or self.feature_runtime != "onnxruntime"):
+            raise ValueError(
+                "model.precision int8 quantises the frozen backbone in ONNX Runtime: it needs "
+                "model.freeze_backbone true and model.feature_runtime onnxruntime"
+            )
+        return self
 
 
 class EarlyStopping(_Strict):

@@ -315,6 +315,15 @@ def torch_runner(backbone: Backbone) -> FeatureRunner:
     return run
 
 
+def backbone_onnx(backbone: Backbone, image_size: int) -> Path:
+    """The backbone's ONNX export (input "image", output "features"), made once per (architecture,
+    weights, image size) and kept on local disk."""
+    path = ONNX_BACKBONE_DIR / f"{backbone.name}-{backbone.weights_id}-{image_size}.onnx"
+    if not path.exists():
+        export_onnx(backbone.module, path, image_size, output="features")
+    return path
+
+
 def onnx_runner(
     backbone: Backbone, image_size: int, threads: int = 1, max_abs_diff: float = 1e-3
 ) -> FeatureRunner:
@@ -325,10 +334,8 @@ def onnx_runner(
     """
     import onnxruntime as ort
 
-    path = ONNX_BACKBONE_DIR / f"{backbone.name}-{backbone.weights_id}-{image_size}.onnx"
     try:
-        if not path.exists():
-            export_onnx(backbone.module, path, image_size, output="features")
+        path = backbone_onnx(backbone, image_size)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -50,6 +50,9 @@ def test_environment_overrides_the_overlay(tmp_path: Path) -> None:
         ("data:\n  splits: {train: 0.5, val: 0.2, test: 0.2}\n", "splits must sum to 1.0"),
         ("data:\n  classes: [a, a]\n", "class names must be unique"),
         ("model:\n  architecture: vgg99\n", "model.architecture"),
+        ("model:\n  precision: int8\n  freeze_backbone: false\n", "int8 quantises the frozen backbone"),
+        ("model:\n  precision: int8\n  feature_runtime: torch\n", "feature_runtime onnxruntime"),
+        ("model:\n  precision: fp16\n", "model.precision"),
     ],
 )
 def test_wrong_key_or_value_names_it(tmp_path: Path, content: str, named: str) -> None:
