@@ -116,7 +116,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {model['registered_model']} (run {model['run_id']})",
         "",
-        f"Architecture {model['architecture']} (weights {model['backbone_weights']}), preprocessing "
+        f"Architecture {model['architecture']} (weights {model['backbone_weights']}, "
+        f"{model.get('precision', 'fp32')}), preprocessing "
         f"`{model['preprocessing']}`, classes {', '.join(model['classes'])}.",
         f"Dataset version {data['dataset_version']} from {data['storage_root']}.",
         "",

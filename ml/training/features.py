@@ -1,8 +1,9 @@
 """The feature cache: frozen-backbone features computed once per image, so a retrain pays only for new ones.
 
 Key: ``cache_id`` hashes the backbone name, its weights_id, the preprocessing version, the number
-of views and (with more than one view) the augmentation kinds. Anything that changes a feature
-changes the key, so a stale cache is never read; it is simply not found.
+of views, (with more than one view) the augmentation kinds and (for ``model.precision: int8``) the
+quantisation. Anything that changes a feature changes the key, so a stale cache is never read; it
+is simply not found.
 
 Views: each image gets V cached views. View 0 is the clean eval view (``to_array`` of the image,
 exactly what serving sees). Views 1..V-1 are ``augmented_view`` of the image with an RNG seeded
@@ -11,7 +12,8 @@ Training draws one view per image per epoch; validation and test use view 0 only
 
 Runtime: the frozen backbone runs through ONNX Runtime by default (``model.feature_runtime``),
 checked against torch on a probe batch when loaded (features agree to ~1e-5, below the float16
-they are stored in), so the cache key does not name the runtime. Missing features are computed
+they are stored in), so the cache key does not name the runtime; an INT8 backbone
+(``ml.training.quantize``) gives other features and has keys of its own. Missing features are computed
 ``workers`` chunks at a time, each chunk read, decoded, augmented and embedded by its own thread
 (Pillow, NumPy and ONNX Runtime release the GIL, so the chunks run on separate cores).
 
@@ -42,6 +44,7 @@ from ml.progress import Progress
 from ml.storage import Storage
 from ml.training.model import Backbone, FeatureRunner, onnx_runner, torch_runner
 from ml.training.preprocessing import Preprocessing, augmented_view, batch_arrays, decode_rgb
+from ml.training.quantize import QUANTIZATION, int8_runner
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,30 @@ class _Shard:
         return index, self.sha256[index] == sha256
 
 
-def cache_id(backbone: Backbone, prep: Preprocessing, views: int, augmentations: Sequence[str] = ()) -> str:
+def cache_id(
+    backbone: Backbone,
+    prep: Preprocessing,
+    views: int,
+    augmentations: Sequence[str] = (),
+    precision: str = "fp32",
+) -> str:
     """Short hash naming everything that determines a cached feature."""
     kinds = ",".join(sorted(augmentations)) if views > 1 else ""
-    key = "|".join([FEATURES_FORMAT, backbone.name, backbone.weights_id, prep.version, str(views), kinds])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    parts = [FEATURES_FORMAT, backbone.name, backbone.weights_id, prep.version, str(views), kinds]
+    if precision != "fp32":  # FP32 keys stay what they were before precisions existed
+        parts.append(QUANTIZATION if precision == "int8" else precision)
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def feature_runner(
+    settings: Settings, backbone: Backbone, prep: Preprocessing, threads: int
+) -> FeatureRunner:
+    """The frozen backbone as the config runs it: INT8, ONNX Runtime (FP32) or eager torch."""
+    if settings.model.precision == "int8":
+        return int8_runner(backbone, prep, threads)
+    if settings.model.feature_runtime == "onnxruntime":
+        return onnx_runner(backbone, prep.image_size, threads)
+    return torch_runner(backbone)
 
 
 def view_rng(sha256: str, view: int) -> np.random.Generator:
@@ -126,6 +148,7 @@ class FeatureCache:
         runner: FeatureRunner | None = None,
         progress_every: int = 0,
         workers: int = 1,
+        precision: str = "fp32",  # what ``runner`` computes in; names the cache
     ) -> None:
         if views < 1:
             raise ValueError(f"views must be at least 1, got {views}")
@@ -140,7 +163,7 @@ class FeatureCache:
         self.runner = runner or torch_runner(backbone)
         self.progress_every = progress_every  # a log line every this many images computed (0: none)
         self.workers = max(1, workers)  # chunks computed at once
-        self.id = cache_id(backbone, prep, views, self.augmentations)
+        self.id = cache_id(backbone, prep, views, self.augmentations, precision)
 
     def shard_key(self, day: str) -> str:
         return feature_shard_key(self.id, day)
@@ -234,11 +257,7 @@ def feature_cache(
     """The feature cache the config asks for: the clean view plus augmented views when augmenting."""
     kinds = list(settings.preprocessing.augmentation)
     views = settings.training.augmented_views + 1 if kinds else 1
-    runner = (
-        onnx_runner(backbone, prep.image_size, settings.model.feature_threads)
-        if settings.model.feature_runtime == "onnxruntime"
-        else torch_runner(backbone)
-    )
+    runner = feature_runner(settings, backbone, prep, settings.model.feature_threads)
     return FeatureCache(
         storage,
         backbone,
@@ -249,4 +268,5 @@ def feature_cache(
         runner=runner,
         progress_every=settings.progress_every,
         workers=resolve_workers(settings.model.feature_workers),
+        precision=settings.model.precision,
     )

@@ -2,8 +2,9 @@
 
 The spec's ``human_approval_required`` names model architecture changes and data source
 modifications: a challenger whose architecture, backbone weights or preprocessing differ from the
-champion's, or that was trained after a change of classes or of the storage root, goes to a human
-even when ``mlflow.auto_approve`` is on. The lineage is read from each MLflow run's params.
+champion's (numeric precision included: an INT8 backbone computes other features), or that was
+trained after a change of classes or of the storage root, goes to a human even when
+``mlflow.auto_approve`` is on. The lineage is read from each MLflow run's params.
 Standard library only: the retrain DAG's route task calls ``approval_decision``.
 """
 
@@ -17,9 +18,11 @@ LINEAGE = {  # MLflow param -> what a reviewer reads
     "architecture": "architecture",
     "backbone_weights": "backbone weights",
     "preprocessing": "preprocessing",
+    "precision": "precision",
     "classes": "classes",
     "storage_root": "storage root",
 }
+LINEAGE_DEFAULTS = {"precision": "fp32"}  # what a run recorded before the param existed was
 APPROVE, PROMOTE = "approve", "promote"  # the retrain DAG's tasks: a human's answer, or straight on
 
 
@@ -29,7 +32,7 @@ def lineage_changes(challenger: Mapping[str, str], champion: Mapping[str, str] |
         return []
     changes = []
     for key, what in LINEAGE.items():
-        new, old = challenger.get(key), champion.get(key)
+        new, old = challenger.get(key), champion.get(key, LINEAGE_DEFAULTS.get(key))
         if old is None:
             changes.append(f"{what}: not recorded for the champion (challenger: {new})")
         elif new != old:

@@ -56,6 +56,7 @@ from ml.training.model import (
     set_deterministic,
 )
 from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
+from ml.training.quantize import export_int8_serving_graph, int8_parity, int8_runner
 from ml.training.reference import build_reference
 from ml.training.scoring import onnx_predict_proba
 from ml.training.train import Hyperparameters, SplitData, TrainResult, split_data, train, training_curves_png
@@ -264,7 +265,8 @@ def train_and_register(
         champion, champion_correct = champion_correctness(settings, storage, snap.rows, data["test"].labels)
         decision = gate(trained.evaluation, settings.acceptance, champion_correct)
         model = _classifier(snap.backbone, trained.head)
-        add_parity_check(decision, _log_model_and_onnx(model, settings, storage, snap.rows), settings)
+        parity = _log_model_and_onnx(model, settings, storage, snap.rows, snap.backbone)
+        add_parity_check(decision, parity, settings)
         validation = validate_in_run(settings, storage, snap, data, trained, champion, decision)
         log_outcome(settings, trained, decision, champion)
         _log_drift_reference(settings, pretrained, predict_proba(trained.head, snap.features[:, 0]))
@@ -375,6 +377,7 @@ def log_inputs(
             "architecture": snap.backbone.name,
             "backbone_weights": snap.backbone.weights_id,
             "frozen_backbone": settings.model.freeze_backbone,
+            "precision": settings.model.precision,
             "optimizer": hparams.optimizer,
             "scheduler": hparams.scheduler,
             "early_stopping": f"{hparams.monitor}/patience={hparams.patience}",
@@ -460,8 +463,11 @@ def _png(data: bytes) -> Any:
     return Image.open(io.BytesIO(data))
 
 
-def _log_model_and_onnx(model: Any, settings: Settings, storage: Storage, rows: pd.DataFrame) -> float:
-    """Log the PyTorch model (signature, input example) and its ONNX export; return the parity gap."""
+def _log_model_and_onnx(
+    model: Any, settings: Settings, storage: Storage, rows: pd.DataFrame, backbone: Backbone
+) -> float:
+    """Log the PyTorch model (signature, input example) and its ONNX export; return the parity gap
+    (against torch; for int8, against the quantised feature runner and the torch head)."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -484,8 +490,12 @@ def _log_model_and_onnx(model: Any, settings: Settings, storage: Storage, rows: 
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(ServingGraph(model), path, prep.image_size, SERVING_OUTPUTS)
-        parity = onnx_parity(model, path, sample)
+        if settings.model.precision == "int8":
+            export_int8_serving_graph(backbone, model.head, prep, path)
+            parity = int8_parity(path, int8_runner(backbone, prep), model.head, sample)
+        else:
+            export_onnx(ServingGraph(model), path, prep.image_size, SERVING_OUTPUTS)
+            parity = onnx_parity(model, path, sample)
         mlflow.log_artifact(str(path), ONNX_ARTIFACT.rsplit("/", 1)[0])  # what release and monitoring read
         log_onnx_model(path, sample)
     return float(parity)

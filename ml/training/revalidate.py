@@ -16,7 +16,7 @@ from ml import registry
 from ml.config import Settings
 from ml.data.catalog import dataset_rows
 from ml.storage import Storage
-from ml.training.governance import LINEAGE, approval_decision, lineage_changes
+from ml.training.governance import LINEAGE, LINEAGE_DEFAULTS, approval_decision, lineage_changes
 from ml.training.pipeline import snapshot
 from ml.training.train import split_data
 from ml.training.validate import (
@@ -60,7 +60,7 @@ def validate_version(settings: Settings, storage: Storage, version: str | None =
         report, _ = validate_model(
             settings, candidate, champion_of(settings, against, Path(folder), snap.backbone)
         )
-    lineage = {key: params.get(key, "") for key in LINEAGE}
+    lineage = {key: params.get(key, LINEAGE_DEFAULTS.get(key, "")) for key in LINEAGE}
     approval = approval_decision(
         settings.mlflow.auto_approve, lineage_changes(lineage, version_params(settings, against))
     )

@@ -53,9 +53,10 @@ from ml.training.explain import (
     gradcam_grid_png,
     gradcam_layer,
 )
+from ml.training.features import feature_runner
 from ml.training.governance import approval_decision, lineage_changes
 from ml.training.intervals import share_ci
-from ml.training.model import Backbone, Classifier, load_head, onnx_runner, predict_proba, torch_runner
+from ml.training.model import Backbone, Classifier, load_head, predict_proba
 from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
 from ml.training.robustness import (
     AttackResult,
@@ -152,13 +153,12 @@ def candidate_from_training(
 ) -> Candidate:
     """A trained head on the backbone: cached features give its logits, the backbone scores new images."""
     prep = Preprocessing.from_settings(settings.preprocessing)
-    use_onnx = settings.model.feature_runtime == "onnxruntime"
-    run = onnx_runner(backbone, prep.image_size, settings.validation.threads) if use_onnx else None
+    run = feature_runner(settings, backbone, prep, settings.validation.threads)
     test_rows = split_rows(rows, "test")
     keys = list(test_rows["curated_key"])
     return Candidate(
         model=Classifier(backbone.module, head).eval(),
-        embed=batched(run or torch_runner(backbone)),
+        embed=batched(run),
         val=(head_logits(head, data["val"].features[:, 0]), data["val"].labels),
         test=(head_logits(head, data["test"].features[:, 0]), data["test"].labels),
         test_rows=test_rows,
@@ -437,6 +437,7 @@ def lineage_of(settings: Settings, storage: Storage, backbone: Backbone) -> dict
         "architecture": backbone.name,
         "backbone_weights": backbone.weights_id,
         "preprocessing": Preprocessing.from_settings(settings.preprocessing).version,
+        "precision": settings.model.precision,
         "classes": ",".join(settings.classes),
         "storage_root": storage.root_url,
     }
@@ -469,7 +470,8 @@ def champion_of(settings: Settings, version: str | None, folder: Path, backbone:
     client = registry.client(settings)
     run_id = client.get_model_version(settings.mlflow.registered_model, version).run_id
     params = client.get_run(run_id).data.params
-    if (params.get("architecture"), params.get("backbone_weights")) == (backbone.name, backbone.weights_id):
+    shared = (params.get("architecture"), params.get("backbone_weights"), params.get("precision", "fp32"))
+    if shared == (backbone.name, backbone.weights_id, settings.model.precision):
         return Champion(version, head=version_head(settings, version, folder))
     own = folder / f"v{version}"
     own.mkdir(parents=True, exist_ok=True)
@@ -527,6 +529,7 @@ def model_card(
             "architecture": lineage["architecture"],
             "backbone_weights": lineage["backbone_weights"],
             "preprocessing": lineage["preprocessing"],
+            "precision": lineage["precision"],
             "classes": list(settings.classes),
         },
         "data": {

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ml.demo.drawing import KNOWN_CLASSES, render_image
 from ml.storage import LocalStorage
-from ml.training.features import FeatureCache, cache_id, extract
+from ml.training.features import FEATURES_FORMAT, FeatureCache, cache_id, extract
 from ml.training.model import Backbone, build_backbone, torch_runner
 from ml.training.preprocessing import Preprocessing, decode_rgb, jitter_table, to_array
 
@@ -182,9 +182,16 @@ def test_cache_id_names_everything_that_changes_a_feature(
                 cache_id(small, SMALL, 3, ("flip",)),
                 cache_id(dataclasses.replace(small, weights_id="0123456789abcdef"), SMALL, 3, KINDS),
                 cache_id(dataclasses.replace(small, name="resnet50"), SMALL, 3, KINDS),
+                cache_id(small, SMALL, 3, KINDS, "int8"),
             }
         )
-        == 6
+        == 7
+    )
+    # FP32 keys are what they were before precisions existed: no cache built before is orphaned
+    kinds = ",".join(sorted(KINDS))
+    before = "|".join([FEATURES_FORMAT, small.name, small.weights_id, SMALL.version, "3", kinds])
+    assert (
+        base == cache_id(small, SMALL, 3, KINDS, "fp32") == hashlib.sha256(before.encode()).hexdigest()[:16]
     )
     assert cache_id(small, SMALL, 1, KINDS) == cache_id(small, SMALL, 1, ())  # one view: no augmentation
 

@@ -14,6 +14,7 @@ LINEAGE = {
     "architecture": "efficientnet_lite0",
     "backbone_weights": "abc",
     "preprocessing": "resize-bilinear-imagenet-v1:224",
+    "precision": "fp32",
     "classes": "a,b",
     "storage_root": "s3://bucket/root",
 }
@@ -25,6 +26,7 @@ LINEAGE = {
         ("architecture", "resnet18", "architecture changed: efficientnet_lite0 -> resnet18"),
         ("backbone_weights", "def", "backbone weights changed"),
         ("preprocessing", "resize-bilinear-imagenet-v1:256", "preprocessing changed"),
+        ("precision", "int8", "precision changed: fp32 -> int8"),
         ("classes", "a,b,c", "classes changed: a,b -> a,b,c"),
         ("storage_root", "s3://other/root", "storage root changed"),
     ],
@@ -49,6 +51,12 @@ def test_a_champion_without_recorded_lineage_goes_to_a_human() -> None:
     changes = lineage_changes(LINEAGE, older)
     assert changes == ["storage root: not recorded for the champion (challenger: s3://bucket/root)"]
     assert approval_decision(True, changes).route == APPROVE
+
+
+def test_a_champion_from_before_precisions_counts_as_fp32() -> None:
+    older = {key: value for key, value in LINEAGE.items() if key != "precision"}
+    assert lineage_changes(LINEAGE, older) == []
+    assert lineage_changes({**LINEAGE, "precision": "int8"}, older) == ["precision changed: fp32 -> int8"]
 
 
 @pytest.fixture(scope="module")
