@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-digits lock clean
+.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-digits bench-int8 lock clean
 
 install: $(STAMP)
 
@@ -95,6 +95,9 @@ bench-serve: install
 
 bench-digits: install
 	$(BIN)/python bench/digits.py
+
+bench-int8: install
+	$(BIN)/python bench/int8.py
 
 lock:
 	rm -rf /tmp/mlops-lock && $(PYTHON) -m venv /tmp/mlops-lock
