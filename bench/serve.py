@@ -46,7 +46,7 @@ KEY = "bench-key-0123456789abcdef0123456789abcdef"  # keys are at least 32 chara
 CONCURRENCY = (1, 4, 8, 32)
 
 
-def make_world(tmp: Path) -> dict[str, str]:
+def make_world(tmp: Path, precision: str = "fp32") -> dict[str, str]:
     """Three generated demo days, ingested; v1 trained and promoted. Returns the settings environment."""
     from ml import registry
     from ml.config import load_settings
@@ -60,6 +60,7 @@ def make_world(tmp: Path) -> dict[str, str]:
         "MLOPS__STORAGE__ROOT": str(tmp / "store"),
         "MLOPS__MLFLOW__TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
         "MLOPS__SERVING__STATE_DIR": str(tmp / "serving"),
+        "MLOPS__MODEL__PRECISION": precision,  # int8: the served graph is the quantised backbone + head
     }
     settings = load_settings(environ=env)
     storage = LocalStorage(tmp / "store")
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     tmp = Path(tempfile.mkdtemp(prefix="mlops-bench-serve-"))
     os.environ["BENTOML_HOME"] = str(tmp / "bentoml")
-    env_settings = make_world(tmp)
+    env_settings = make_world(tmp, args.precision)
     os.environ.update(env_settings)
     if args.workers:
         os.environ["MLOPS__SERVING__WORKERS"] = str(args.workers)
@@ -347,6 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "image_bytes": len(data),
         "image_size": "640x480 JPEG",
         "workers": settings.serving.workers,
+        "precision": settings.model.precision,
         "duration_s": args.duration,
         "cpu_count": os.cpu_count(),
         "model_only": bound,
@@ -392,10 +394,12 @@ def main() -> None:
     )
     parser.add_argument("--duration", type=int, default=20, help="seconds per concurrency level")
     parser.add_argument("--workers", type=int, help="service worker processes (default: serving.workers)")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="model.precision")
     args = parser.parse_args()
     report = run(args)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(report, indent=2))
+    name = "serve.json" if args.precision == "fp32" else f"serve-{args.precision}.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2))
     print(table(report))
 
 

@@ -8,12 +8,14 @@ images on day 1, the new share on day 2. Then, on all N images:
   ``--epochs`` epochs (how the cache computed before ``model.feature_workers``);
 - mlops cold: the same from an empty cache again, ``model.feature_workers`` chunks at a time (one
   thread per core by default);
+- mlops cold, int8: the same with ``model.precision: int8`` (the quantised backbone, its own cache
+  key; the one-off quantisation is timed apart);
 - mlops warm: the cache holds day 1 only (day 2's shard is removed), so only the new images
   are embedded, then the same training;
 - plain loop: what users write first: every epoch decodes, augments and runs the frozen backbone
   (eager torch) on every training image, then updates the head, for the same epochs.
 
-Usage: python bench/train.py [--images 5000] [--new-share 0.1] [--epochs 5]
+Usage: python bench/train.py [--images 5000] [--new-share 0.1] [--epochs 5] [--no-plain]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ml.storage import LocalStorage
 from ml.training.features import feature_cache
 from ml.training.model import Head, build_backbone
 from ml.training.preprocessing import Preprocessing, augmented_view, decode_rgb, to_array
+from ml.training.quantize import quantized_backbone
 from ml.training.train import Hyperparameters, fit_head, split_data
 
 DAY = dt.date(2026, 8, 1)
@@ -98,13 +101,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--new-share", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain loop (the slowest contender)")
     args = parser.parse_args()
     new = int(round(args.images * args.new_share))
     with tempfile.TemporaryDirectory(prefix="mlops-bench-train-") as tmp:
         # preprocessing v2 as the cold-feature figures in the README were measured
-        settings = load_settings(
-            environ={"MLOPS__STORAGE__ROOT": tmp, "MLOPS__PREPROCESSING__JPEG_DRAFT": "true"}
-        )
+        environ = {"MLOPS__STORAGE__ROOT": tmp, "MLOPS__PREPROCESSING__JPEG_DRAFT": "true"}
+        settings = load_settings(environ=environ)
+        int8_settings = load_settings(environ=environ | {"MLOPS__MODEL__PRECISION": "int8"})
         storage = LocalStorage(Path(tmp))
         hparams = Hyperparameters.from_settings(settings, epochs=args.epochs, patience=args.epochs + 1)
         prep = Preprocessing.from_settings(settings.preprocessing)
@@ -119,10 +123,15 @@ def main() -> None:
             storage.delete(key)
         cold, cold_info = mlops_retrain(storage, settings, backbone, prep, hparams)
         print(f"mlops cold {args.images} images: {cold:.1f} s {cold_info}", flush=True)
+        started = time.perf_counter()
+        quantized_backbone(backbone, prep)
+        quantize_s = time.perf_counter() - started
+        int8, int8_info = mlops_retrain(storage, int8_settings, backbone, prep, hparams)
+        print(f"mlops cold int8 {args.images} images: {int8:.1f} s {int8_info} (quantise {quantize_s:.1f} s)")
         storage.delete(cache.shard_key(str(DAY + dt.timedelta(days=1))))
         warm, warm_info = mlops_retrain(storage, settings, backbone, prep, hparams)
         print(f"mlops warm {args.images} images ({new} new): {warm:.1f} s {warm_info}", flush=True)
-        plain = plain_loop(storage, settings, backbone, prep, hparams)
+        plain = float("nan") if args.no_plain else plain_loop(storage, settings, backbone, prep, hparams)
         print(f"plain loop {args.images} images: {plain:.1f} s", flush=True)
     report = {
         "images": args.images,
@@ -133,12 +142,16 @@ def main() -> None:
         "mlops_cold_1_worker_s": round(serial, 1),
         "mlops_cold_s": round(cold, 1),
         "cold_features_speedup_vs_1_worker": round(serial_info["features_s"] / cold_info["features_s"], 2),
+        "mlops_cold_int8_s": round(int8, 1),
+        "int8_features_speedup_vs_1_worker": round(serial_info["features_s"] / int8_info["features_s"], 2),
+        "int8_quantise_s": round(quantize_s, 1),
         "mlops_warm_s": round(warm, 1),
         "plain_loop_s": round(plain, 1),
         "cold_speedup": round(plain / cold, 2),
         "warm_speedup": round(plain / warm, 2),
         "cold_1_worker": serial_info,
         "cold": cold_info,
+        "cold_int8": int8_info,
         "warm": warm_info,
     }
     RESULTS.mkdir(exist_ok=True)
