@@ -30,29 +30,22 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quant_pre_process,
-    quantize_static,
-)
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from ml.demo.drawing import KNOWN_CLASSES, render_image
+from ml.storage import LocalStorage
 from ml.training.model import backbone_onnx, build_backbone
 from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
-from ml.training.quantize import calibration_images, quantized_backbone
+from ml.training.quantize import calibration_images, published_backbone, quantize_onnx
 
 PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RESULTS = Path(__file__).resolve().parent / "results"
 JPEG_SIZES = [(640, 480), (1024, 768), (1280, 960), (768, 1024)]
 PRODUCT = "int8 (QDQ u8s8, as shipped)"
-ALTERNATIVES = {  # name -> (format, activations)
-    "int8 QOperator u8s8": (QuantFormat.QOperator, QuantType.QUInt8),
-    "int8 QDQ s8s8": (QuantFormat.QDQ, QuantType.QInt8),
+ALTERNATIVES = {  # name -> (format, activations), ONNX Runtime's enum names
+    "int8 QOperator u8s8": ("QOperator", "QUInt8"),
+    "int8 QDQ s8s8": ("QDQ", "QInt8"),
 }
 
 Run = Callable[[np.ndarray], np.ndarray]
@@ -85,14 +78,6 @@ def product_jpegs(count: int, seed: int) -> tuple[list[Image.Image], np.ndarray]
         images.append(decode_rgb(buffer.getvalue(), PREP))
         labels.append(label)
     return images, np.array(labels)
-
-
-class Batches(CalibrationDataReader):
-    def __init__(self, arrays: np.ndarray, size: int = 16) -> None:
-        self.batches = iter([{"image": arrays[i : i + size]} for i in range(0, len(arrays), size)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
 
 
 def session(path: Path) -> Run:
@@ -146,21 +131,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mlops-int8-") as tmp:
         fp32 = backbone_onnx(backbone, PREP.image_size)
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared))
-        paths = {"fp32": fp32, PRODUCT: quantized_backbone(backbone, PREP)}
+        shipped = Path(tmp) / "shipped.onnx"
+        shipped.write_bytes(published_backbone(LocalStorage(Path(tmp) / "store"), backbone, PREP))
+        paths = {"fp32": fp32, PRODUCT: shipped}
         for name, (fmt, activations) in ALTERNATIVES.items():
             paths[name] = Path(tmp) / f"{name.replace(' ', '-')}.onnx"
-            quantize_static(
-                str(prepared),
-                str(paths[name]),
-                Batches(calibration),
-                quant_format=fmt,
-                activation_type=activations,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
+            quantize_onnx(fp32, paths[name], calibration, fmt, activations)
         runs = {name: session(path) for name, path in paths.items()}
         speed = {}
         for name, run in runs.items():

@@ -39,7 +39,7 @@ from ml.storage import LocalStorage
 from ml.training.features import feature_cache
 from ml.training.model import Head, build_backbone
 from ml.training.preprocessing import Preprocessing, augmented_view, decode_rgb, to_array
-from ml.training.quantize import quantized_backbone
+from ml.training.quantize import published_backbone
 from ml.training.train import Hyperparameters, fit_head, split_data
 
 DAY = dt.date(2026, 8, 1)
@@ -124,7 +124,7 @@ def main() -> None:
         cold, cold_info = mlops_retrain(storage, settings, backbone, prep, hparams)
         print(f"mlops cold {args.images} images: {cold:.1f} s {cold_info}", flush=True)
         started = time.perf_counter()
-        quantized_backbone(backbone, prep)
+        published_backbone(storage, backbone, prep)
         quantize_s = time.perf_counter() - started
         int8, int8_info = mlops_retrain(storage, int8_settings, backbone, prep, hparams)
         print(f"mlops cold int8 {args.images} images: {int8:.1f} s {int8_info} (quantise {quantize_s:.1f} s)")

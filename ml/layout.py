@@ -143,6 +143,11 @@ def feature_shard_key(cache_id: str, day: str) -> str:
     return f"{FEATURES_PREFIX}/{cache_id}/{day}.npz"
 
 
+def quantized_backbone_key(name: str) -> str:
+    """The one quantised backbone graph every int8 feature and served model of a store comes from."""
+    return f"{FEATURES_PREFIX}/backbones/{name}.onnx"
+
+
 # -- drift monitoring and live monitoring ---------------------------------------------------------
 RETRAIN_REQUESTS_KEY = "monitoring/drift/retrain_requests.jsonl"
 LIVE_MONITOR_PREFIX = "monitoring/serving"

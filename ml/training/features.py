@@ -88,11 +88,12 @@ def cache_id(
 
 
 def feature_runner(
-    settings: Settings, backbone: Backbone, prep: Preprocessing, threads: int
+    settings: Settings, storage: Storage, backbone: Backbone, prep: Preprocessing, threads: int
 ) -> FeatureRunner:
-    """The frozen backbone as the config runs it: INT8, ONNX Runtime (FP32) or eager torch."""
+    """The frozen backbone as the config runs it: INT8 (the store's quantised graph), ONNX Runtime
+    (FP32) or eager torch."""
     if settings.model.precision == "int8":
-        return int8_runner(backbone, prep, threads)
+        return int8_runner(storage, backbone, prep, threads)
     if settings.model.feature_runtime == "onnxruntime":
         return onnx_runner(backbone, prep.image_size, threads)
     return torch_runner(backbone)
@@ -257,7 +258,7 @@ def feature_cache(
     """The feature cache the config asks for: the clean view plus augmented views when augmenting."""
     kinds = list(settings.preprocessing.augmentation)
     views = settings.training.augmented_views + 1 if kinds else 1
-    runner = feature_runner(settings, backbone, prep, settings.model.feature_threads)
+    runner = feature_runner(settings, storage, backbone, prep, settings.model.feature_threads)
     return FeatureCache(
         storage,
         backbone,

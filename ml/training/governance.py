@@ -32,7 +32,7 @@ def lineage_changes(challenger: Mapping[str, str], champion: Mapping[str, str] |
         return []
     changes = []
     for key, what in LINEAGE.items():
-        new, old = challenger.get(key), champion.get(key, LINEAGE_DEFAULTS.get(key))
+        new, old = (run.get(key, LINEAGE_DEFAULTS.get(key)) for run in (challenger, champion))
         if old is None:
             changes.append(f"{what}: not recorded for the champion (challenger: {new})")
         elif new != old:

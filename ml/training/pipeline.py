@@ -56,7 +56,13 @@ from ml.training.model import (
     set_deterministic,
 )
 from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
-from ml.training.quantize import export_int8_serving_graph, int8_parity, int8_runner
+from ml.training.quantize import (
+    export_int8_serving_graph,
+    int8_parity,
+    int8_runner,
+    precision_name,
+    published_backbone,
+)
 from ml.training.reference import build_reference
 from ml.training.scoring import onnx_predict_proba
 from ml.training.train import Hyperparameters, SplitData, TrainResult, split_data, train, training_curves_png
@@ -377,7 +383,7 @@ def log_inputs(
             "architecture": snap.backbone.name,
             "backbone_weights": snap.backbone.weights_id,
             "frozen_backbone": settings.model.freeze_backbone,
-            "precision": settings.model.precision,
+            "precision": precision_name(settings.model.precision),
             "optimizer": hparams.optimizer,
             "scheduler": hparams.scheduler,
             "early_stopping": f"{hparams.monitor}/patience={hparams.patience}",
@@ -491,8 +497,9 @@ def _log_model_and_onnx(
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         if settings.model.precision == "int8":
-            export_int8_serving_graph(backbone, model.head, prep, path)
-            parity = int8_parity(path, int8_runner(backbone, prep), model.head, sample)
+            graph = published_backbone(storage, backbone, prep)
+            export_int8_serving_graph(graph, model.head, backbone.dim, path)
+            parity = int8_parity(path, int8_runner(storage, backbone, prep), model.head, sample)
         else:
             export_onnx(ServingGraph(model), path, prep.image_size, SERVING_OUTPUTS)
             parity = onnx_parity(model, path, sample)

@@ -1,36 +1,37 @@
 """INT8 frozen backbone (``model.precision: int8``): one quantised graph for features and serving.
 
 The backbone's ONNX export is statically quantised by ONNX Runtime (QDQ, uint8 activations, int8
-per-channel weights, min/max calibration). The feature cache embeds with it, and the served ONNX is
-that same quantised graph with the trained head appended, so a head is served the features it was
-trained on: in ``bench/int8.py`` an INT8-trained head scored on FP32 features lost 2.5 points on
-MNIST, while trained and served in INT8 it was within 0.1 point of FP32.
+per-channel weights, min/max calibration) once per store and published there
+(``features/backbones/``): the feature cache embeds with that graph, and the served ONNX is that
+graph with the trained head appended, so a head is served the features it was trained on (in
+``bench/int8.py`` an INT8-trained head scored on FP32 features lost 2.5 points on MNIST).
 
 Calibration uses a built-in, deterministic set of 1/f-noise images (the spectrum of natural
-images, nothing downloaded), so the quantised backbone, and with it the feature cache key, depends
-only on the backbone, its weights and the preprocessing; quantising again gives the same graph.
+images, nothing downloaded), so no data goes into the graph: the cache key names the backbone, its
+weights, the preprocessing and the recipe (``QUANTIZATION``).
 
-Integer kernels differ by instruction set: with AVX-512 VNNI (this machine) uint8 x int8 products
-accumulate exactly; plain AVX2 may saturate them. Features computed on one CPU kind may therefore
-differ slightly from those served on another; ``int8_runner`` refuses a quantised backbone whose
-features stray far from FP32 on this CPU.
+Integer kernels differ by instruction set (AVX-512 VNNI accumulates uint8 x int8 products exactly,
+plain AVX2 may saturate them), so the published graph carries its own features on probe images as
+computed where it was quantised, and ``int8_runner`` refuses to run on a CPU that computes others.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
-import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from ml.layout import quantized_backbone_key
+from ml.storage import Storage
 from ml.training.model import (
-    ONNX_BACKBONE_DIR,
     ONNX_OPSET,
     SERVING_OUTPUTS,
     Backbone,
@@ -40,9 +41,14 @@ from ml.training.model import (
 )
 from ml.training.preprocessing import Preprocessing, batch_arrays
 
+if TYPE_CHECKING:
+    import onnx
+
 QUANTIZATION = "int8-qdq-u8s8-per-channel-minmax-pink-noise-128-v1"  # part of every int8 cache key
 CALIBRATION_IMAGES = 128
-MIN_COSINE = 0.9  # an int8 feature this far from its FP32 feature means the CPU's int8 kernels misbehave
+MIN_COSINE = 0.9  # when quantising: an int8 feature this far from FP32 means a broken quantisation
+FINGERPRINT = "mlops.probe_features"  # the graph's own features on the probe images, as quantised
+FINGERPRINT_MAX_DIFF = 1e-4  # elsewhere: integer kernels agree exactly or differ by far more
 
 
 class QuantizationError(RuntimeError):
@@ -67,13 +73,64 @@ def calibration_images(count: int = CALIBRATION_IMAGES, side: int = 256, seed: i
     return images
 
 
-def quantized_backbone(backbone: Backbone, prep: Preprocessing) -> Path:
-    """The backbone's quantised ONNX export, made once per (backbone, weights, preprocessing) and
-    kept on local disk."""
+def precision_name(precision: str) -> str:
+    """What a run records as its precision: ``fp32``, or ``int8/`` and the quantisation recipe (a new
+    recipe gives other features, so it is a lineage change)."""
+    return precision if precision == "fp32" else f"{precision}/{QUANTIZATION}"
+
+
+def graph_name(backbone: Backbone, prep: Preprocessing) -> str:
     tag = hashlib.sha256(f"{QUANTIZATION}|{prep.version}".encode()).hexdigest()[:12]
-    path = ONNX_BACKBONE_DIR / f"{backbone.name}-{backbone.weights_id}-{prep.image_size}-int8-{tag}.onnx"
-    if path.exists():
-        return path
+    return f"{backbone.name}-{backbone.weights_id}-{prep.image_size}-int8-{tag}"
+
+
+def published_backbone(storage: Storage, backbone: Backbone, prep: Preprocessing) -> bytes:
+    """The store's quantised backbone graph (ONNX bytes): quantised here and published when the store
+    has none yet. Every int8 feature of the store and every int8 model trained on it comes from it."""
+    key = quantized_backbone_key(graph_name(backbone, prep))
+    if not storage.exists(key):
+        with tempfile.TemporaryDirectory(prefix="mlops-quantize-") as folder:
+            path = Path(folder) / "int8.onnx"
+            quantize_backbone(backbone, prep, path)
+            if not storage.exists(key):  # a concurrent first run may have published meanwhile
+                storage.upload(path, key)
+    return storage.read_bytes(key)
+
+
+def quantize_backbone(backbone: Backbone, prep: Preprocessing, path: Path) -> None:
+    """Quantise the backbone's ONNX export into ``path``, with its probe features as a fingerprint;
+    ``QuantizationError`` when it fails or its features are not close to FP32 on this CPU."""
+    import onnx
+
+    calibration = batch_arrays(calibration_images(), prep)
+    try:
+        quantize_onnx(backbone_onnx(backbone, prep.image_size), path, calibration)
+    except Exception as exc:  # quantiser failures vary by graph and version
+        raise QuantizationError(f"cannot quantise the {backbone.name} backbone: {exc}") from exc
+    graph = onnx.load(str(path))
+    probe = probe_arrays(prep)
+    features = _session(graph.SerializeToString(), 1).run(["features"], {"image": probe})[0]
+    cosine = _cosine(features, torch_runner(backbone)(probe))
+    if cosine.min() < MIN_COSINE:
+        raise QuantizationError(
+            f"int8 features of {backbone.name} differ from FP32 on this CPU (cosine {cosine.min():.3f} "
+            f"< {MIN_COSINE}); use model.precision fp32"
+        )
+    onnx.helper.set_model_props(
+        graph, {FINGERPRINT: base64.b64encode(features.astype("<f4").tobytes()).decode()}
+    )
+    onnx.save(graph, str(path))
+
+
+def quantize_onnx(
+    source: Path,
+    target: Path,
+    calibration: np.ndarray,
+    fmt: str = "QDQ",
+    activations: str = "QUInt8",
+) -> None:
+    """ONNX Runtime's static quantisation of an FP32 graph, min/max calibrated on ``calibration``;
+    int8 per-channel weights (the format and activation type are ONNX Runtime's enum names)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -82,27 +139,19 @@ def quantized_backbone(backbone: Backbone, prep: Preprocessing) -> Path:
         quantize_static,
     )
 
-    fp32 = backbone_onnx(backbone, prep.image_size)
-    calibration = batch_arrays(calibration_images(), prep)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as folder:
-        prepared, quantized = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
-        try:
-            quant_pre_process(str(fp32), str(prepared))
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                _Batches(calibration),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-        except Exception as exc:  # quantiser failures vary by graph and version
-            raise QuantizationError(f"cannot quantise the {backbone.name} backbone: {exc}") from exc
-        os.replace(quantized, path)
-    return path
+    with tempfile.TemporaryDirectory(prefix="mlops-quantize-") as folder:
+        prepared = Path(folder) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(target),
+            _Batches(calibration),
+            quant_format=QuantFormat[fmt],
+            activation_type=QuantType[activations],
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
 
 
 class _Batches:
@@ -115,26 +164,40 @@ class _Batches:
         return next(self._batches, None)
 
 
-def int8_runner(backbone: Backbone, prep: Preprocessing, threads: int = 1) -> FeatureRunner:
-    """The quantised backbone through ONNX Runtime; refuses one whose features stray far from FP32."""
+def probe_arrays(prep: Preprocessing) -> np.ndarray:
+    return batch_arrays(calibration_images(8, seed=1), prep)
+
+
+def _session(graph: bytes, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        str(quantized_backbone(backbone, prep)), options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def int8_runner(storage: Storage, backbone: Backbone, prep: Preprocessing, threads: int = 1) -> FeatureRunner:
+    """The store's quantised backbone through ONNX Runtime; refuses to run on a CPU whose int8
+    kernels give other features than the CPU that quantised it (its fingerprint)."""
+    import onnx
+
+    graph = published_backbone(storage, backbone, prep)
+    session = _session(graph, threads)
 
     def run(batch: np.ndarray) -> np.ndarray:
         (features,) = session.run(["features"], {"image": np.ascontiguousarray(batch, dtype=np.float32)})
         return features
 
-    probe = batch_arrays(calibration_images(8, seed=1), prep)
-    cosine = _cosine(run(probe), torch_runner(backbone)(probe))
-    if cosine.min() < MIN_COSINE:
+    props = {prop.key: prop.value for prop in onnx.load_from_string(graph).metadata_props}
+    if FINGERPRINT not in props:
+        raise QuantizationError(f"{graph_name(backbone, prep)} carries no fingerprint: not made by this code")
+    expected = np.frombuffer(base64.b64decode(props[FINGERPRINT]), dtype="<f4").reshape(-1, backbone.dim)
+    gap = float(np.max(np.abs(run(probe_arrays(prep)) - expected)))
+    if gap > FINGERPRINT_MAX_DIFF:
         raise QuantizationError(
-            f"int8 features of {backbone.name} differ from FP32 on this CPU (cosine {cosine.min():.3f} "
-            f"< {MIN_COSINE}); use model.precision fp32"
+            f"this CPU computes other int8 features than the one that quantised {graph_name(backbone, prep)} "
+            f"(max difference {gap:.2e} > {FINGERPRINT_MAX_DIFF:.0e} on the probe images; int8 kernels "
+            "differ by instruction set): run int8 features and serving on that CPU kind, or use fp32"
         )
     return run
 
@@ -143,14 +206,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def export_int8_serving_graph(backbone: Backbone, head: nn.Module, prep: Preprocessing, path: Path) -> None:
-    """The served ONNX for int8: the quantised backbone, then ``head`` (FP32) on its features; outputs
-    ``logits`` and ``features`` like the FP32 serving graph."""
+def export_int8_serving_graph(graph: bytes, head: nn.Module, dim: int, path: Path) -> None:
+    """The served ONNX for int8: the quantised backbone ``graph``, then ``head`` (FP32) on its features;
+    outputs ``logits`` and ``features`` like the FP32 serving graph."""
     import onnx
     from onnx import compose
 
-    quantized = onnx.load(str(quantized_backbone(backbone, prep)))
-    head_graph = compose.add_prefix(_head_onnx(head, backbone.dim), "head/")
+    quantized = onnx.load_from_string(graph)
+    head_graph = compose.add_prefix(_head_onnx(head, dim), "head/")
     head_graph.ir_version = quantized.ir_version
     merged = compose.merge_models(
         quantized, head_graph, io_map=[("features", "head/features")], outputs=["head/logits", "features"]
@@ -170,7 +233,7 @@ def export_int8_serving_graph(backbone: Backbone, head: nn.Module, prep: Preproc
     onnx.save(merged, str(path))
 
 
-def _head_onnx(head: nn.Module, dim: int) -> object:
+def _head_onnx(head: nn.Module, dim: int) -> onnx.ModelProto:
     import onnx
 
     was_training = head.training
@@ -197,8 +260,10 @@ def int8_parity(path: Path, runner: FeatureRunner, head: nn.Module, batch: np.nd
     over its features and its logits."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = np.ascontiguousarray(batch, dtype=np.float32)
+    if not len(inputs):
+        return 0.0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, features = session.run(list(SERVING_OUTPUTS), {"image": inputs})
     expected_features = runner(inputs)
     was_training = head.training
@@ -208,6 +273,4 @@ def int8_parity(path: Path, runner: FeatureRunner, head: nn.Module, batch: np.nd
             expected_logits = head(torch.from_numpy(expected_features)).numpy()
     finally:
         head.train(was_training)
-    if not len(inputs):
-        return 0.0
     return float(max(np.max(np.abs(logits - expected_logits)), np.max(np.abs(features - expected_features))))

@@ -16,8 +16,9 @@ from ml import registry
 from ml.config import Settings
 from ml.data.catalog import dataset_rows
 from ml.storage import Storage
-from ml.training.governance import LINEAGE, LINEAGE_DEFAULTS, approval_decision, lineage_changes
+from ml.training.governance import LINEAGE, approval_decision, lineage_changes
 from ml.training.pipeline import snapshot
+from ml.training.quantize import precision_name
 from ml.training.train import split_data
 from ml.training.validate import (
     candidate_from_training,
@@ -51,6 +52,9 @@ def validate_version(settings: Settings, storage: Storage, version: str | None =
             f"v{version} was trained on backbone weights {params['backbone_weights']}; the config builds "
             f"{snap.backbone.weights_id}"
         )
+    trained_in, configured = params.get("precision", "fp32"), precision_name(settings.model.precision)
+    if trained_in != configured:
+        raise ValueError(f"v{version} was trained in precision {trained_in}; the config uses {configured}")
     data = split_data(rows, snap.features, list(settings.classes))
     champion = registry.version_for_alias(settings, registry.CHAMPION)
     against = champion if champion and champion != version else None
@@ -60,7 +64,7 @@ def validate_version(settings: Settings, storage: Storage, version: str | None =
         report, _ = validate_model(
             settings, candidate, champion_of(settings, against, Path(folder), snap.backbone)
         )
-    lineage = {key: params.get(key, LINEAGE_DEFAULTS.get(key, "")) for key in LINEAGE}
+    lineage = {key: params[key] for key in LINEAGE if key in params}
     approval = approval_decision(
         settings.mlflow.auto_approve, lineage_changes(lineage, version_params(settings, against))
     )

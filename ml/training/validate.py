@@ -58,6 +58,7 @@ from ml.training.governance import approval_decision, lineage_changes
 from ml.training.intervals import share_ci
 from ml.training.model import Backbone, Classifier, load_head, predict_proba
 from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
+from ml.training.quantize import precision_name
 from ml.training.robustness import (
     AttackResult,
     CorruptionSuite,
@@ -153,7 +154,7 @@ def candidate_from_training(
 ) -> Candidate:
     """A trained head on the backbone: cached features give its logits, the backbone scores new images."""
     prep = Preprocessing.from_settings(settings.preprocessing)
-    run = feature_runner(settings, backbone, prep, settings.validation.threads)
+    run = feature_runner(settings, storage, backbone, prep, settings.validation.threads)
     test_rows = split_rows(rows, "test")
     keys = list(test_rows["curated_key"])
     return Candidate(
@@ -437,7 +438,7 @@ def lineage_of(settings: Settings, storage: Storage, backbone: Backbone) -> dict
         "architecture": backbone.name,
         "backbone_weights": backbone.weights_id,
         "preprocessing": Preprocessing.from_settings(settings.preprocessing).version,
-        "precision": settings.model.precision,
+        "precision": precision_name(settings.model.precision),
         "classes": ",".join(settings.classes),
         "storage_root": storage.root_url,
     }
@@ -471,7 +472,7 @@ def champion_of(settings: Settings, version: str | None, folder: Path, backbone:
     run_id = client.get_model_version(settings.mlflow.registered_model, version).run_id
     params = client.get_run(run_id).data.params
     shared = (params.get("architecture"), params.get("backbone_weights"), params.get("precision", "fp32"))
-    if shared == (backbone.name, backbone.weights_id, settings.model.precision):
+    if shared == (backbone.name, backbone.weights_id, precision_name(settings.model.precision)):
         return Champion(version, head=version_head(settings, version, folder))
     own = folder / f"v{version}"
     own.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,9 @@ import onnxruntime as ort
 import pytest
 
 from ml.config import Settings, load_settings
+from ml.layout import quantized_backbone_key
 from ml.storage import LocalStorage
+from ml.training.quantize import QUANTIZATION, graph_name, precision_name
 from tests.conftest import world_env
 
 pytestmark = [pytest.mark.integration]
@@ -61,16 +63,26 @@ def test_the_retrain_records_int8_and_caches_under_its_own_key(world) -> None:
 
     settings, storage, result = world
     run = registry.client(settings).get_run(result["run_id"])
-    assert run.data.params["precision"] == "int8"
+    assert run.data.params["precision"] == precision_name("int8") == f"int8/{QUANTIZATION}"
     assert run.data.metrics["onnx_max_abs_diff"] < 1e-5  # served graph vs quantised runner + torch head
-    assert "validation/robustness_ratio" in run.data.metrics  # validation embedded with the int8 backbone
+    assert "validation/robustness_ratio" in run.data.metrics  # validation ran in the int8 world
     backbone = backbone_from_settings(settings)
     prep = Preprocessing.from_settings(settings.preprocessing)
     kinds = settings.preprocessing.augmentation
     views = settings.training.augmented_views + 1
     int8, fp32 = cache_id(backbone, prep, views, kinds, "int8"), cache_id(backbone, prep, views, kinds)
-    cached = {key.split("/")[1] for key in storage.list("features")}
-    assert cached == {int8} and int8 != fp32
+    shards = {key.split("/")[1] for key in storage.list("features") if key.endswith(".npz")}
+    assert shards == {int8} and int8 != fp32
+    assert storage.exists(quantized_backbone_key(graph_name(backbone, prep)))  # the one graph they came from
+
+
+def test_validating_the_int8_version_under_an_fp32_config_is_refused(world) -> None:
+    from ml.training.revalidate import validate_version
+
+    settings, storage, _ = world
+    fp32 = settings.model_copy(update={"model": settings.model.model_copy(update={"precision": "fp32"})})
+    with pytest.raises(ValueError, match="trained in precision int8/"):
+        validate_version(fp32, storage, "1")
 
 
 def test_the_bundle_serves_the_features_its_head_was_trained_on(world, tmp_path: Path) -> None:
