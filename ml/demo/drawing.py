@@ -7,6 +7,7 @@ knobs (``brightness``, ``blur``, ``class_mix``) simulate a data source that chan
 from __future__ import annotations
 
 import colorsys
+import io
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -723,3 +724,23 @@ def class_weights(classes: Sequence[str], drift: Drift | None) -> list[float]:
         weights[0] = 1.0 + 8.0 * drift.strength
     total = sum(weights)
     return [weight / total for weight in weights]
+
+
+LARGE_JPEG_SIZES = ((640, 480), (1024, 768), (1280, 960), (768, 1024))
+
+
+def large_jpegs(count: int, seed: int) -> tuple[list[bytes], np.ndarray]:
+    """Camera-sized JPEGs of the known classes (enlarged renders with sensor-like noise, quality 90)
+    and their class indices: the images preprocessing and precision parity are measured on."""
+    rng = np.random.default_rng(seed)
+    blobs, labels = [], []
+    for index in range(count):
+        label = int(rng.integers(len(KNOWN_CLASSES)))
+        size = LARGE_JPEG_SIZES[index % len(LARGE_JPEG_SIZES)]
+        image = render_image(KNOWN_CLASSES[label], KNOWN_CLASSES, rng).resize(size, Image.Resampling.BICUBIC)
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size[1], size[0], 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+        labels.append(label)
+    return blobs, np.array(labels)

@@ -9,37 +9,19 @@ same preprocessing, as a model trained and served with it would be.
 from __future__ import annotations
 
 import dataclasses
-import io
 import sys
 
 import numpy as np
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from ml.demo.drawing import KNOWN_CLASSES, render_image
+from ml.demo.drawing import large_jpegs
 from ml.training.features import extract
 from ml.training.model import build_backbone, onnx_runner
 from ml.training.preprocessing import Preprocessing, decode_rgb
 
 FULL = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DRAFT = dataclasses.replace(FULL, jpeg_draft=True)
-SIZES = [(640, 480), (1024, 768), (1280, 960), (768, 1024)]
 TRAIN, HELD_OUT = 300, 800
-
-
-def large_jpegs(count: int, seed: int) -> tuple[list[bytes], np.ndarray]:
-    rng = np.random.default_rng(seed)
-    blobs, labels = [], []
-    for index in range(count):
-        label = int(rng.integers(len(KNOWN_CLASSES)))
-        size = SIZES[index % len(SIZES)]
-        image = render_image(KNOWN_CLASSES[label], KNOWN_CLASSES, rng).resize(size, Image.Resampling.BICUBIC)
-        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size[1], size[0], 3))
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-        blobs.append(buffer.getvalue())
-        labels.append(label)
-    return blobs, np.array(labels)
 
 
 def test_held_out_accuracy_moves_less_than_half_a_point_with_drafted_decodes() -> None:
