@@ -14,9 +14,11 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,40 +251,62 @@ def export_onnx(
 ) -> None:
     """Write ``model`` as one ONNX file: input "image" (N, 3, S, S), the named output(s), dynamic N."""
     outputs = (output,) if isinstance(output, str) else tuple(output)
-    was_training = model.training
-    model.eval()
     example = (torch.zeros(2, 3, image_size, image_size),)
     names = {"input_names": ["image"], "output_names": list(outputs), "opset_version": ONNX_OPSET}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
-        try:
-            batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(
-                model,
-                example,
-                tmp,
-                dynamo=True,
-                external_data=False,
-                dynamic_shapes=({0: batch},),
-                verbose=False,
-                **names,
-            )
-        except Exception:
-            log.warning("dynamo ONNX export failed; falling back to dynamo=False", exc_info=True)
-            torch.onnx.export(
-                model,
-                example,
-                tmp,
-                dynamo=False,
-                dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
-                **names,
-            )
+        with evaluating(model):
+            _export(model, example, tmp, outputs, names)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-        model.train(was_training)
+
+
+def _export(
+    model: nn.Module, example: tuple[torch.Tensor], tmp: str, outputs: tuple[str, ...], names: dict[str, Any]
+) -> None:
+    """torch's ONNX export with dynamo and a dynamic batch, else the TorchScript exporter."""
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(
+            model,
+            example,
+            tmp,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+            **names,
+        )
+    except Exception:
+        log.warning("dynamo ONNX export failed; falling back to dynamo=False", exc_info=True)
+        torch.onnx.export(
+            model,
+            example,
+            tmp,
+            dynamo=False,
+            dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+            **names,
+        )
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block; its training mode is restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def eval_outputs(module: nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """``module``'s output on a float32 array, in eval mode and without autograd."""
+    with evaluating(module), torch.inference_mode():
+        return module(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))).numpy()
 
 
 def onnx_parity(model: Classifier, path: Path, batch: np.ndarray) -> float:
@@ -292,13 +316,7 @@ def onnx_parity(model: Classifier, path: Path, batch: np.ndarray) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = np.ascontiguousarray(batch, dtype=np.float32)
     (onnx_logits,) = session.run(["logits"], {"image": inputs})
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            torch_logits = model(torch.from_numpy(inputs)).numpy()
-    finally:
-        model.train(was_training)
+    torch_logits = eval_outputs(model, inputs)
     return float(np.max(np.abs(torch_logits - onnx_logits))) if len(inputs) else 0.0
 
 

@@ -37,6 +37,8 @@ from ml.training.model import (
     Backbone,
     FeatureRunner,
     backbone_onnx,
+    eval_outputs,
+    evaluating,
     torch_runner,
 )
 from ml.training.preprocessing import Preprocessing, batch_arrays
@@ -236,10 +238,8 @@ def export_int8_serving_graph(graph: bytes, head: nn.Module, dim: int, path: Pat
 def _head_onnx(head: nn.Module, dim: int) -> onnx.ModelProto:
     import onnx
 
-    was_training = head.training
-    head.eval()
     buffer = io.BytesIO()
-    try:
+    with evaluating(head):
         torch.onnx.export(
             head,
             (torch.zeros(2, dim),),
@@ -250,8 +250,6 @@ def _head_onnx(head: nn.Module, dim: int) -> onnx.ModelProto:
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    finally:
-        head.train(was_training)
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -266,11 +264,5 @@ def int8_parity(path: Path, runner: FeatureRunner, head: nn.Module, batch: np.nd
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, features = session.run(list(SERVING_OUTPUTS), {"image": inputs})
     expected_features = runner(inputs)
-    was_training = head.training
-    head.eval()
-    try:
-        with torch.inference_mode():
-            expected_logits = head(torch.from_numpy(expected_features)).numpy()
-    finally:
-        head.train(was_training)
+    expected_logits = eval_outputs(head, expected_features)
     return float(max(np.max(np.abs(logits - expected_logits)), np.max(np.abs(features - expected_features))))

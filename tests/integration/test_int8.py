@@ -22,7 +22,7 @@ from ml.config import Settings, load_settings
 from ml.layout import quantized_backbone_key
 from ml.storage import LocalStorage
 from ml.training.quantize import QUANTIZATION, graph_name, precision_name
-from tests.conftest import world_env
+from tests.conftest import NO_ACCEPTANCE_BAR, world_env
 
 pytestmark = [pytest.mark.integration]
 DAY = dt.date(2026, 6, 1)
@@ -41,10 +41,7 @@ def world(
         root,
         model__precision="int8",
         training__epochs=3,
-        acceptance__accuracy_min=0,
-        acceptance__precision_min=0,
-        acceptance__recall_min=0,
-        acceptance__f1_macro_min=0,
+        **NO_ACCEPTANCE_BAR,
     )
     settings = load_settings(environ=env)
     storage = LocalStorage(root / "store")

@@ -21,7 +21,7 @@ import pytest
 
 from ml.config import Settings, load_settings
 from ml.storage import LocalStorage
-from tests.conftest import world_env
+from tests.conftest import NO_ACCEPTANCE_BAR, world_env
 from tests.hostile import encode, photo
 
 pytestmark = [pytest.mark.integration]
@@ -46,10 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, 
         training__epochs=3,
         training__augmented_views=0,
         validation__enabled=False,
-        acceptance__accuracy_min=0,
-        acceptance__precision_min=0,
-        acceptance__recall_min=0,
-        acceptance__f1_macro_min=0,
+        **NO_ACCEPTANCE_BAR,
     )
     settings = load_settings(environ=env)
     storage = LocalStorage(root / "store")
