@@ -169,6 +169,7 @@ class ServingConfig(_Strict):
     port: int = Field(default=3000, ge=1, le=65535)
     workers: int = Field(default=2, ge=1, le=64)
     threads: int = Field(default=1, ge=0, le=64)
+    balance_connections: bool = True  # a worker holding 2+ more connections than another closes one
     max_batch_size: int = Field(default=16, ge=1, le=512)
     max_latency_ms: float = Field(default=20.0, gt=0, le=1000)
     max_request_bytes: int = Field(default=25_000_000, ge=1024)

@@ -1,5 +1,6 @@
 """The live service under real faults: its storage stalls and goes away mid-stream, its buffer
-fills, its workers are restarted under a steady stream. Each test counts what was kept.
+fills, its workers are restarted under a steady stream, one is paused while clients connect. Each
+test counts what was kept.
 
 The service is a real `mlops serve` (`bentoml serve`, two workers) of tiny real ONNX models in
 the session's BentoML store; storage is a moto S3 server this module starts and stops itself
@@ -300,3 +301,59 @@ def test_restarting_the_service_under_a_steady_stream_fails_no_request(start_ser
     assert during and after, (len(during), len(after))
     assert {answer.body["model_version"] for answer in stream.answers} == {"1"}
     assert "stopping: no new connections here" in service.log_text()  # the old workers drained
+
+
+def _second_worker_share(service: Service, seconds: float = 3.0) -> float:
+    """Pause worker 2 while 8 keep-alive clients connect (worker 1 accepts them all), resume it, let
+    the clients post for a while; then worker 2's share of both workers' CPU over ``seconds``."""
+    import psutil
+    import requests
+
+    tree = psutil.Process(service.process.pid).children(recursive=True)
+    workers = sorted((p for p in tree if "--worker-id" in p.cmdline()), key=lambda p: p.pid)
+    assert len(workers) == 2, [p.cmdline() for p in tree]
+    image = {"image": ("a.jpg", encode(photo(1), "JPEG"))}
+    sessions = [requests.Session() for _ in range(8)]
+    failures: list[object] = []
+    stop = threading.Event()
+
+    def post(session: requests.Session) -> None:
+        response = session.post(f"{service.url}/predict", files=image, headers=AUTH, timeout=30)
+        if response.status_code != 200:
+            failures.append(response.text[:200])
+
+    def keep_posting(session: requests.Session) -> None:
+        while not stop.is_set():
+            try:
+                post(session)
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+
+    workers[1].suspend()
+    try:
+        for session in sessions:
+            post(session)  # each client's connection is accepted by worker 1: worker 2 is paused
+    finally:
+        workers[1].resume()
+    threads = [threading.Thread(target=keep_posting, args=(s,), daemon=True) for s in sessions]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)  # a balancing worker has shed its excess by now
+    before = [sum(p.cpu_times()[:2]) for p in workers]
+    time.sleep(seconds)
+    used = [sum(p.cpu_times()[:2]) - b for p, b in zip(workers, before, strict=True)]
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    assert not failures, failures[:5]  # a closed keep-alive connection is reopened, never a failed request
+    return used[1] / sum(used)
+
+
+def test_connections_a_paused_worker_missed_are_spread_back_to_it(start_service) -> None:
+    """Eight keep-alive clients all land on one worker (the other was paused when they connected):
+    without balancing the second worker stays idle; with it, the first closes its excess after an
+    answer and the reconnecting clients give the second its share of the work."""
+    idle = _second_worker_share(start_service(serving__balance_connections="false"))
+    assert idle < 0.1, idle
+    shared = _second_worker_share(start_service())
+    assert shared > 0.3, shared
