@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-digits bench-int8 lock clean
+.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-balance bench-digits bench-int8 lock clean
 
 install: $(STAMP)
 
@@ -92,6 +92,10 @@ bench-drift: install
 bench-serve: install
 	@command -v wrk >/dev/null || { echo "bench-serve needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python bench/serve.py
+
+bench-balance: install
+	@command -v wrk >/dev/null || { echo "bench-balance needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python bench/balance.py
 
 bench-digits: install
 	$(BIN)/python bench/digits.py
