@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ml.data.spool import process_alive
+
 log = logging.getLogger(__name__)
 
 SLOT = struct.Struct("<dq")  # (monotonic time of the last update, active connections)
@@ -55,7 +57,7 @@ class LoadBoard:
         folder = state_dir / "workers"
         if folder.is_dir():
             for stale in folder.glob("*.load"):
-                if stale.stem.isdigit() and not _alive(int(stale.stem)):
+                if stale.stem.isdigit() and not process_alive(int(stale.stem)):
                     stale.unlink(missing_ok=True)
         return cls(folder / f"{os.getppid()}.load")
 
@@ -69,16 +71,6 @@ class LoadBoard:
 
     def close(self) -> None:
         self._map.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ConnectionBalancer:
