@@ -303,7 +303,8 @@ def current_frame(
     if cache.id != reference.cache_id:
         raise ValueError(
             f"the champion's reference was built with feature cache {reference.cache_id}, the config gives "
-            f"{cache.id} (backbone, weights, preprocessing or views changed): retrain before monitoring"
+            f"{cache.id} (backbone, weights, model.precision, preprocessing or views changed): "
+            "retrain before monitoring"
         )
     features, _ = cache.features_for(rows)
     embeddings = features[:, 0]

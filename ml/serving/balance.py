@@ -6,7 +6,8 @@ them all on one worker while the other core idles (measured: ~145 instead of ~19
 workers; BentoML issue 5426). So each worker counts its active connections (client addresses
 with a request in the last ``window_seconds``) and publishes the count in a small file its
 sibling workers map too (one slot per worker index). A worker holding at least two more than
-the least loaded of the others answers one request with ``Connection: close``, at most one every
+the least loaded of the others (an eighth more, with over 16) answers one request with
+``Connection: close``, at most one every
 ``pace_seconds``: that client reconnects, and the idle worker, waiting in accept, is the likelier
 to take the new connection. Nothing else changes; an answer is never withheld.
 """
@@ -103,13 +104,19 @@ class ConnectionBalancer:
         mine = len(self._seen)
         others = [w for w in range(1, self.workers + 1) if w != self.worker]
         least = min((self.board.count(w, now, self.window) for w in others), default=mine)
-        close = mine >= least + 2 and now - self._closed_at >= self.pace
+        close = mine - least >= excess_allowed(mine) and now - self._closed_at >= self.pace
         if close:
             del self._seen[client]
             mine, self._closed_at = mine - 1, now
             self.closed += 1
         self.board.publish(self.worker, mine, now)
         return close
+
+
+def excess_allowed(mine: int) -> int:
+    """How many more connections than the least loaded sibling make one too many: 2, or an eighth of
+    this worker's own once it holds more than 16 (so a large, randomly split pool is not churned)."""
+    return max(2, mine // 8)
 
 
 class BalancingMiddleware:

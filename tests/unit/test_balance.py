@@ -58,6 +58,17 @@ def test_an_even_or_nearly_even_split_is_never_disturbed(tmp_path: Path) -> None
     assert closes == 0 and first.closed == second.closed == 0
 
 
+def test_a_large_pool_is_left_alone_within_an_eighth(tmp_path: Path) -> None:
+    clock = Clock()
+    first, second = pair(tmp_path, clock)
+    for held, other, closes in ((40, 36, False), (40, 34, True), (16, 14, True), (3, 1, True), (3, 2, False)):
+        first._seen.clear()
+        second.board.publish(2, other, clock.now)
+        clock.now += 0.1  # past the pace of the last close
+        decisions = [first.should_close(("c", port)) for port in range(held)]
+        assert any(decisions) is closes, (held, other)
+
+
 def test_closes_are_paced_and_a_silent_sibling_counts_as_idle(tmp_path: Path) -> None:
     clock = Clock()
     first, second = pair(tmp_path, clock)
