@@ -35,7 +35,7 @@ from starlette.routing import Route
 from ml.config import get_settings
 from ml.data.images import ImageLimits
 from ml.serving.auth import ANONYMOUS, key_table
-from ml.serving.balance import BalancingMiddleware, worker_balancer
+from ml.serving.balance import BalancedConnections, worker_balancer
 from ml.serving.binding import RequestIds, load_secret, secret_path
 from ml.serving.bundle import fetch_bundle
 from ml.serving.guard import KEY_ID_HEADER, OPEN_PATHS, UPLOADS_SCOPE_KEY, Guard, GuardPolicy
@@ -111,16 +111,15 @@ class GuardMiddleware(Guard):
         super().__init__(app, policy, count_error, _record_admin)
 
 
-class BalanceMiddleware(BalancingMiddleware):
-    """``ml.serving.balance``: this worker's share of the keep-alive connections."""
+class BalanceMiddleware(BalancedConnections):
+    """``ml.serving.balance``: this worker's share of the keep-alive connections (inside the guard:
+    only requests it let through count)."""
 
     def __init__(self, app: Any) -> None:
         serving = get_settings().serving
         worker = int(getattr(bentoml.server_context, "worker_index", 0) or 0)
-        balancer = None
-        if serving.balance_connections:
-            balancer = worker_balancer(Path(serving.state_dir), worker, serving.workers)
-        super().__init__(app, balancer)
+        balancing = serving.balance_connections
+        super().__init__(app, worker_balancer(worker, serving.workers) if balancing else None)
 
 
 async def version_endpoint(request: Request) -> Response:
@@ -366,6 +365,6 @@ class ImageClassifier:
             return internal_error(ctx, "feedback")
 
 
+ImageClassifier.add_asgi_middleware(GuardMiddleware)  # the first added is the outermost
 ImageClassifier.add_asgi_middleware(BalanceMiddleware)
-ImageClassifier.add_asgi_middleware(GuardMiddleware)
 ImageClassifier.add_asgi_middleware(BearerSpec, open_paths=OPEN_PATHS)

@@ -298,13 +298,13 @@ def test_adding_never_waits_for_storage_even_when_it_hangs(tmp_path: Path) -> No
         log.add(PREDICTIONS_PREFIX, row(i))
     # the flusher took the first batch and is now stuck in its write (3 tries of a 1 s timeout)
     assert wait_for(lambda: log.pending()[0] == 0, 10)
-    gc.disable()  # a full collection of this big test process would pause any code, not just add
+    gc.disable()  # a long pause of this big test process here could outlast the hanging write
     try:
         accepted = [log.add(PREDICTIONS_PREFIX, row(i)) for i in range(5, 300)]
-        still_hanging = log.write_failures == 0
+        buffered, still_hanging = log.pending()[0], log.write_failures == 0
     finally:
         gc.enable()
-    assert all(accepted) and log.pending()[0] == 295
+    assert all(accepted) and buffered == 295
     assert still_hanging  # every add returned while the write was still waiting on the hung server
     assert wait_for(lambda: log.write_failures >= 1 and log.pending()[0] == 300, 30)  # timed out, kept
     listener.close()
