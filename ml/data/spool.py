@@ -28,8 +28,7 @@ SPOOL_PREFIX = "mlops-ingest-"
 FETCH_THREADS = 16
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (another user's counts too)."""
+def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +53,7 @@ def reap_stale_spools(parent: Path) -> list[Path]:
     removed = []
     for folder in parent.glob(f"{SPOOL_PREFIX}*"):
         pid = _owner_pid(folder, host)
-        if folder.is_dir() and pid is not None and not process_alive(pid):
+        if folder.is_dir() and pid is not None and not _process_alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -2,8 +2,8 @@
 
 The workers share one listening socket, and the worker that wakes first may accept every
 connection a client opens at once: a client with a pool of 4 or 8 persistent connections can pin
-them all on one worker while the other core idles (``bench/balance.py``: 151-161 instead of
-205-218 req/s on 2 workers; BentoML issue 5426). So each worker counts its keep-alive
+them all on one worker while the other core idles (``bench/balance.py``: 138-161 instead of
+188-218 req/s on 2 workers; BentoML issue 5426). So each worker counts its keep-alive
 connections (client addresses of HTTP/1.1 POSTs in the last ``window_seconds``) and publishes the
 count, with a heartbeat, in a small file its sibling workers map too (one slot per circus worker
 id; a reload's new workers take ids up to twice the worker count). After a successful answer, a
@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ml.data.spool import process_alive
 from ml.serving.guard import Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class LoadBoard:
         folder = folder or board_folder()
         if folder.is_dir():
             for stale in folder.glob("*.load"):
-                if stale.stem.isdigit() and not process_alive(int(stale.stem)):
+                if stale.stem.isdigit() and not _process_alive(int(stale.stem)):
                     stale.unlink(missing_ok=True)
         return cls(folder / f"{os.getppid()}.load")
 
@@ -91,6 +90,17 @@ class LoadBoard:
 
     def close(self) -> None:
         self._map.close()
+
+
+def _process_alive(pid: int) -> bool:
+    # ml.data.spool has the same check; the bento carries only the serving code, not the spool
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _stamp(now: float) -> int:
