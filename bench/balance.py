@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,25 +28,16 @@ CONCURRENCY = (4, 8)
 
 
 def measure(
-    layout: str, env: dict[str, str], body: Path, content_type: str, seconds: int
+    layout: str, env: dict[str, str], body: Path, content_type: str, seconds: int, log: Path
 ) -> list[dict[str, Any]]:
-    from ml.http import free_port, wait_ready
+    from ml.http import free_port
     from ml.release.build import SERVICE
-    from ml.release.service import bentoml_command, stop_service
+    from ml.release.service import bentoml_command
 
     port = free_port()
     command = [bentoml_command(), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        command,
-        cwd=bench.REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     rows = []
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", process, 180, path="")
+    with bench.served(command, env, f"http://127.0.0.1:{port}/readyz", log) as process:
         url, auth = f"http://127.0.0.1:{port}/predict", f"Bearer {bench.KEY}"
         bench.wrk(url, body, content_type, auth, 8, 3)  # warm-up
         workers = [
@@ -59,8 +49,6 @@ def measure(
             cpu = [round(sum(p.cpu_times()[:2]) - b, 1) for p, b in zip(workers, before, strict=True)]
             rows.append({"layout": layout, **run, "worker_cpu_s": sorted(cpu)})
             print(json.dumps(rows[-1]), flush=True)
-    finally:
-        stop_service(process)
     return rows
 
 
@@ -96,6 +84,7 @@ def main() -> None:
                 body_file,
                 content_type,
                 args.duration,
+                tmp / f"{layout}.log",
             )
     bench.RESULTS.mkdir(exist_ok=True)
     (bench.RESULTS / "balance.json").write_text(

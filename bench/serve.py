@@ -22,6 +22,7 @@ Usage: python bench/serve.py [--duration 20] [--workers N]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import io
 import json
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +232,23 @@ def stage_profile(
     return found
 
 
+@contextlib.contextmanager
+def served(command: list[str], env: dict[str, str], health: str, log: Path) -> Iterator[subprocess.Popen]:
+    """A server started from ``command`` (output appended to ``log``), ready on ``health``; stopped after."""
+    from ml.http import wait_ready
+    from ml.release.service import stop_service
+
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_ready(health, process, 180, path="")
+        yield process
+    finally:
+        stop_service(process)
+
+
 def measure(
     name: str,
     command: list[str],
@@ -242,15 +261,7 @@ def measure(
     seconds: int,
     log: Path,
 ) -> dict[str, Any]:
-    from ml.http import wait_ready
-    from ml.release.service import stop_service
-
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        wait_ready(health, process, 180, path="")
+    with served(command, env, health, log) as process:
         wrk(predict, body, content_type, auth, 8, 3)  # warm-up
         rows = []
         with PeakRss(process.pid) as memory:
@@ -263,8 +274,6 @@ def measure(
             "peak_rss_mb": round(memory.peak / 2**20),
             "peak_process_rss_mb": round(memory.peak_worker / 2**20),
         }
-    finally:
-        stop_service(process)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

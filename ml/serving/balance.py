@@ -88,9 +88,6 @@ class LoadBoard:
         age_ms = (_stamp(now) - (word >> 32)) & 0xFFFFFFFF
         return word & 0xFFFFFFFF if word and age_ms <= max_age * 1000 else None
 
-    def close(self) -> None:
-        self._map.close()
-
 
 def _process_alive(pid: int) -> bool:
     # ml.data.spool has the same check; the bento carries only the serving code, not the spool
