@@ -10,7 +10,8 @@ A model is trained on generated demo days (or an existing registry is used with 
   image per request, torchvision transforms), loading the same registered version from MLflow.
 
 Reported per server and concurrency: requests/s, p50/p90/p99 latency, non-2xx and socket errors,
-and the peak resident memory of the server's whole process tree. Beside them, measured in the same
+and the peak resident memory of the server's whole process tree (for mlops also the mean images
+per model call at each level, from its batch-size histogram). Beside them, measured in the same
 run: the model-only bound (the served bundle through ONNX Runtime in process, no HTTP and no decode,
 the best of 2 processes x 1 thread, 1 process x 2 threads, batch 1 or 8), each concurrency's share of
 it, and the median time of each in-service stage of one request (multipart check, decode, image
@@ -249,6 +250,19 @@ def served(command: list[str], env: dict[str, str], health: str, log: Path) -> I
         stop_service(process)
 
 
+def model_calls(metrics: str) -> tuple[float, float]:
+    """(model calls, images in them) so far, over every worker and version, from the service's /metrics."""
+    from ml.http import http
+
+    text = http("GET", metrics)[1].decode()
+    found = [0.0, 0.0]
+    for line in text.splitlines():
+        for index, name in enumerate(("mlops_model_batch_images_count{", "mlops_model_batch_images_sum{")):
+            if line.startswith(name):
+                found[index] += float(line.rsplit(" ", 1)[1])
+    return found[0], found[1]
+
+
 def measure(
     name: str,
     command: list[str],
@@ -260,13 +274,18 @@ def measure(
     content_type: str,
     seconds: int,
     log: Path,
+    metrics: str | None = None,
 ) -> dict[str, Any]:
     with served(command, env, health, log) as process:
         wrk(predict, body, content_type, auth, 8, 3)  # warm-up
         rows = []
         with PeakRss(process.pid) as memory:
             for concurrency in CONCURRENCY:
+                before = model_calls(metrics) if metrics else None
                 rows.append(wrk(predict, body, content_type, auth, concurrency, seconds))
+                if before is not None and metrics:
+                    calls, images = (a - b for a, b in zip(model_calls(metrics), before, strict=True))
+                    rows[-1]["images_per_model_call"] = round(images / calls, 2) if calls else None
                 print(name, rows[-1], flush=True)
         return {
             "server": name,
@@ -327,6 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             content_type,
             args.duration,
             tmp / "mlops.log",
+            metrics=f"http://127.0.0.1:{port}/metrics",
         )
     )
     port = free_port()
@@ -375,14 +395,14 @@ def table(report: dict[str, Any]) -> str:
         f"{report['model_only']['layouts']})",
         "",
         "| concurrency | mlops req/s | share of bound | mlops p50 / p99 ms | plain req/s "
-        "| plain p50 / p99 ms | mlops / plain |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| plain p50 / p99 ms | mlops / plain | mlops images per model call |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for a, b in zip(ours["runs"], plain["runs"], strict=True):
         lines.append(
             f"| {a['concurrency']} | {a['rps']} | {100 * a['rps'] / bound:.0f}% "
             f"| {a['p50_ms']} / {a['p99_ms']} | {b['rps']} | {b['p50_ms']} / {b['p99_ms']} "
-            f"| {a['rps'] / b['rps']:.1f}x |"
+            f"| {a['rps'] / b['rps']:.1f}x | {a.get('images_per_model_call', '-')} |"
         )
     lines.append(
         "\nPer-request stages, one thread, median ms: "

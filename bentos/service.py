@@ -68,6 +68,12 @@ PREDICTIONS = Counter(
     "Predictions served, per model version and class.",
     ["model_version", "predicted_class"],
 )
+BATCH_IMAGES = Histogram(
+    "mlops_model_batch_images",
+    "Images per model call (adaptive batching), per model version.",
+    ["model_version"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
 ERRORS = Counter(
     "mlops_request_errors_total", "Requests refused, per error code and status.", ["code", "status"]
 )
@@ -82,6 +88,10 @@ _WORKER: list[Predictor] = []  # this worker process's predictor, for the guard'
 def _observe(version: str, predicted_class: str, seconds: float) -> None:
     LATENCY.labels(version).observe(seconds)
     PREDICTIONS.labels(version, predicted_class).inc()
+
+
+def _observe_batch(version: str, images: int) -> None:
+    BATCH_IMAGES.labels(version).observe(images)
 
 
 def count_error(code: str, status: int) -> None:
@@ -261,6 +271,7 @@ def _predictor() -> Predictor:
         prediction_log=_prediction_log(),
         log_images=settings.serving.log_images,
         observe=_observe,
+        observe_batch=_observe_batch,
         request_ids=RequestIds(secret),
     )
 

@@ -23,9 +23,14 @@ class AdaptiveBatcher:
     """
 
     def __init__(
-        self, run: Callable[[np.ndarray], Outputs], max_batch_size: int, max_latency_ms: float
+        self,
+        run: Callable[[np.ndarray], Outputs],
+        max_batch_size: int,
+        max_latency_ms: float,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._run = run
+        self._on_batch = on_batch  # told the image count of every model call that answered
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000.0
         self._per_image_s = 0.0  # moving average of one image's share of a call
@@ -77,6 +82,8 @@ class AdaptiveBatcher:
             self._per_image_s = took if self._per_image_s == 0 else 0.8 * self._per_image_s + 0.2 * took
             self.batches += 1
             self.images += len(items)
+            if self._on_batch is not None:
+                self._on_batch(len(items))
             for i, (_, future) in enumerate(items):
                 if not future.done():
                     future.set_result((outputs.proba[i], outputs.projected[i]))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ class Predictor:
         prediction_log: PredictionLog | None = None,
         log_images: bool = False,
         observe: Observer | None = None,
+        observe_batch: Callable[[str, int], None] | None = None,
         request_ids: RequestIds | None = None,
     ) -> None:
         self.resolve = resolve
@@ -119,6 +121,7 @@ class Predictor:
         self.prediction_log = prediction_log
         self.log_images = log_images
         self.observe = observe
+        self.observe_batch = observe_batch  # (model version, images in one model call)
         self.request_ids = request_ids or RequestIds(secrets.token_bytes(32))
         self._claimed: set[str] = set()  # where no storage is configured (the log is off)
         self.stable: Lane | None = None
@@ -142,8 +145,9 @@ class Predictor:
         if version not in self._lanes or self._tags.get(version) != tag:
             model = ServingModel(self.resolve(tag), self.threads)
             self._tags[version] = tag
+            on_batch = partial(self.observe_batch, version) if self.observe_batch else None
             self._lanes[version] = Lane(
-                model, AdaptiveBatcher(model.infer, self.max_batch_size, self.max_latency_ms)
+                model, AdaptiveBatcher(model.infer, self.max_batch_size, self.max_latency_ms, on_batch)
             )
         return self._lanes[version]
 

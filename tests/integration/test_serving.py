@@ -9,6 +9,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -283,6 +284,9 @@ def test_metrics_version_and_the_prediction_log(world, live) -> None:
         and "mlops_prediction_latency_seconds_bucket" in text
     )
     assert 'mlops_request_errors_total{code="unauthorized",status="401"}' in text
+    calls = re.search(r'mlops_model_batch_images_count\{model_version="1"\} (\S+)', text)
+    images = re.search(r'mlops_model_batch_images_sum\{model_version="1"\} (\S+)', text)
+    assert calls and images and float(images[1]) >= float(calls[1]) >= 1  # images per model call
     info = json.loads(raw(live, "GET", "/version")[1])
     assert info["model_version"] == "1" and info["dataset_version"].startswith("2026-06-03")
 

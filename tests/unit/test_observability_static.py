@@ -424,6 +424,8 @@ def test_the_service_metrics_are_read_from_its_source() -> None:
         "mlops_predictions_total",
         "mlops_request_errors_total",
         "mlops_prediction_log_dropped_total",
+        "mlops_model_batch_images_count",
+        "mlops_model_batch_images_sum",
     } <= service_metrics()
 
 
@@ -442,6 +444,7 @@ def test_every_metric_a_panel_or_alert_queries_is_exported_by_something_in_the_s
         "mlops_prediction_latency_seconds_bucket",
         "mlops_predictions_total",
         "mlops_request_errors_total",
+        "mlops_model_batch_images_sum",
         "bentoml_service_request_total",
         "airflow_dagrun_duration_seconds_count",
         "airflow_ti_finish_total",

@@ -139,8 +139,10 @@ def test_adaptive_batcher_groups_concurrent_requests_and_keeps_batches_under_the
         time.sleep(0.002 * len(batch))  # 2 ms per image
         return Outputs(batch.reshape(len(batch), -1)[:, :2], batch.reshape(len(batch), -1)[:, :1])
 
+    told: list[int] = []
+
     async def scenario() -> list[tuple[np.ndarray, np.ndarray]]:
-        batcher = AdaptiveBatcher(run, max_batch_size=64, max_latency_ms=20)
+        batcher = AdaptiveBatcher(run, max_batch_size=64, max_latency_ms=20, on_batch=told.append)
         try:
             lone = await batcher.submit(np.full((3,), 7.0))
             assert calls == [1]  # an idle model takes a lone request at once
@@ -153,6 +155,7 @@ def test_adaptive_batcher_groups_concurrent_requests_and_keeps_batches_under_the
     assert [float(proba[0]) for proba, _ in results[1:]] == [float(i) for i in range(60)]  # each gets its own
     assert len(calls) < 30, calls  # concurrent requests share calls
     assert max(calls[2:]) <= 10, calls  # 20 ms budget / 2 ms per image once measured
+    assert told == calls  # every model call's size is reported (the service's batch-size histogram)
 
 
 def test_a_failed_model_call_fails_its_requests_not_the_batcher() -> None:
@@ -164,11 +167,13 @@ def test_a_failed_model_call_fails_its_requests_not_the_batcher() -> None:
         return Outputs(np.ones((len(batch), 2)), np.zeros((len(batch), 1)))
 
     async def scenario() -> None:
-        batcher = AdaptiveBatcher(run, 8, 20)
+        told: list[int] = []
+        batcher = AdaptiveBatcher(run, 8, 20, on_batch=told.append)
         with pytest.raises(RuntimeError, match="model crashed"):
             await batcher.submit(np.zeros(3))
+        assert told == []  # a failed call answered nothing
         proba, _ = await batcher.submit(np.zeros(3))
-        assert proba.tolist() == [1.0, 1.0]
+        assert proba.tolist() == [1.0, 1.0] and told == [1]
         batcher.close()
 
     asyncio.run(scenario())
