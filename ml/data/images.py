@@ -142,16 +142,31 @@ def measured_copy(rgb: Image.Image, scale: int = 1, full_size: tuple[int, int] |
     return rgb.resize((-(-width // factor), -(-height // factor)), Image.Resampling.BOX)
 
 
+def laplacian(pixels: np.ndarray) -> np.ndarray:
+    """The 4-neighbour Laplacian of 8-bit grey pixels (interior only), as float32.
+
+    Computed in int16: every value is an integer within +-1020, so it equals a float32 computation
+    of the same sums to the bit (and so does its variance, the blur), at about a third of the cost.
+    """
+    if pixels.shape[0] <= 2 or pixels.shape[1] <= 2:
+        return np.zeros((0,), dtype=np.float32)
+    wide = pixels.astype(np.int16)
+    lap = wide[1:-1, :-2] + wide[1:-1, 2:]
+    lap += wide[:-2, 1:-1]
+    lap += wide[2:, 1:-1]
+    lap -= 4 * wide[1:-1, 1:-1]
+    return lap.astype(np.float32)
+
+
 def pixel_statistics(
     rgb: Image.Image, phash: bool = True, scale: int = 1, full_size: tuple[int, int] | None = None
 ) -> dict[str, float | str]:
     """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash; of a
     drafted decode at 1/``scale`` of ``full_size`` as of the full image, but for the decoder's filter."""
     grey_image = measured_copy(rgb, scale, full_size).convert("L")  # box average: fast
-    grey = np.asarray(grey_image, dtype=np.float32)
-    lap = np.zeros((0,), dtype=np.float32)
-    if grey.shape[0] > 2 and grey.shape[1] > 2:
-        lap = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
+    pixels = np.asarray(grey_image)
+    grey = pixels.astype(np.float32)
+    lap = laplacian(pixels)
     measured: dict[str, float | str] = {
         "brightness": round(float(grey.mean()), 4),
         "contrast": round(float(grey.std()), 4),

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml.data.images import ImageLimits, hamming_distances, inspect_image, perceptual_hash, to_rgb
+from ml.data.images import (
+    ImageLimits,
+    hamming_distances,
+    inspect_image,
+    laplacian,
+    perceptual_hash,
+    to_rgb,
+)
 from tests.hostile import encode, photo, png_bomb, with_exif_gps
 
 LIMITS = ImageLimits(frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"}), 40_000_000, 25_000_000)
@@ -120,3 +127,24 @@ def test_perceptual_hash_survives_reencoding_but_not_a_different_image() -> None
     other = perceptual_hash(photo(99, (320, 240)).transpose(Image.Transpose.ROTATE_90).convert("L"))
     distances = hamming_distances(h1, np.array([h2, other], dtype=np.uint64))
     assert distances[0] <= 8 < 16 < distances[1]
+
+
+def float32_laplacian(pixels: np.ndarray) -> np.ndarray:
+    """The Laplacian as first written: summed in float32 over the grey image."""
+    grey = pixels.astype(np.float32)
+    return grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (3, 500), (343, 500), (512, 384), (257, 3)])
+def test_the_integer_laplacian_gives_the_float32_blur_to_the_bit(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    noise = rng.integers(0, 256, shape, dtype=np.uint8)
+    extremes = np.where(rng.random(shape) < 0.5, 0, 255).astype(np.uint8)
+    for pixels in (noise, extremes, np.full(shape, 255, dtype=np.uint8)):
+        lap, reference = laplacian(pixels), float32_laplacian(pixels)
+        assert lap.dtype == np.float32 and np.array_equal(lap, reference)
+        assert float(lap.var()) == float(reference.var())  # the blur, to the bit
+    checkerboard = (np.indices((6, 7)).sum(axis=0) % 2 * 255).astype(np.uint8)  # the extremes, +-1020
+    assert laplacian(checkerboard).min() == -1020 and laplacian(checkerboard).max() == 1020
+    assert np.array_equal(laplacian(checkerboard), float32_laplacian(checkerboard))
+    assert laplacian(np.zeros((2, 9), dtype=np.uint8)).size == 0  # no interior: no blur measure
