@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from ml.serving.bundle import Outputs
+
+log = logging.getLogger(__name__)
 
 
 class AdaptiveBatcher:
@@ -82,11 +85,14 @@ class AdaptiveBatcher:
             self._per_image_s = took if self._per_image_s == 0 else 0.8 * self._per_image_s + 0.2 * took
             self.batches += 1
             self.images += len(items)
-            if self._on_batch is not None:
-                self._on_batch(len(items))
             for i, (_, future) in enumerate(items):
                 if not future.done():
                     future.set_result((outputs.proba[i], outputs.projected[i]))
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(len(items))
+                except Exception:  # a metrics failure must not stop the loop every request waits on
+                    log.exception("the batch-size observer failed")
 
     def idle(self) -> bool:
         return self._queue is None or self._queue.empty()

@@ -179,6 +179,26 @@ def test_a_failed_model_call_fails_its_requests_not_the_batcher() -> None:
     asyncio.run(scenario())
 
 
+def test_a_failing_batch_observer_neither_withholds_answers_nor_stops_the_batcher() -> None:
+    def run(batch: np.ndarray):
+        return Outputs(np.ones((len(batch), 2)), np.zeros((len(batch), 1)))
+
+    def broken(images: int) -> None:
+        raise RuntimeError("metrics store gone")
+
+    async def scenario() -> list[tuple[np.ndarray, np.ndarray]]:
+        batcher = AdaptiveBatcher(run, 8, 20, on_batch=broken)
+        try:
+            first = await asyncio.wait_for(batcher.submit(np.zeros(3)), 5)
+            rest = await asyncio.wait_for(asyncio.gather(*(batcher.submit(np.zeros(3)) for _ in range(5))), 5)
+            return [first, *rest]
+        finally:
+            batcher.close()
+
+    answers = asyncio.run(scenario())
+    assert [proba.tolist() for proba, _ in answers] == [[1.0, 1.0]] * 6
+
+
 def test_canary_share_is_honoured_and_sticky_per_client() -> None:
     buckets = [canary_bucket(f"client-{i}") for i in range(20000)]
     share = float(np.mean(np.asarray(buckets) < 0.1))
