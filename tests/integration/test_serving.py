@@ -544,14 +544,15 @@ class Traffic:
         while not self.stop.is_set():
             n += 1
             headers = {**AUTH, "X-Client-Id": f"client-{worker}-{n % 50}"}
+            sent = time.monotonic()  # routing happens on arrival: a request sent after a switch sees it
             try:
                 response = requests.post(
                     self.url + "/predict", files={"image": ("a.jpg", self.data)}, headers=headers, timeout=30
                 )
                 version = response.json().get("model_version") if response.status_code == 200 else None
-                self.answers.append((time.monotonic(), response.status_code, version))
+                self.answers.append((sent, response.status_code, version))
             except Exception as exc:  # noqa: BLE001 - a dropped connection is a failed request
-                self.answers.append((time.monotonic(), repr(exc), None))
+                self.answers.append((sent, repr(exc), None))
 
     def __enter__(self) -> Traffic:
         for thread in self.threads:
