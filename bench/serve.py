@@ -252,15 +252,16 @@ def served(command: list[str], env: dict[str, str], health: str, log: Path) -> I
 
 def model_calls(metrics: str) -> tuple[float, float]:
     """(model calls, images in them) so far, over every worker and version, from the service's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     from ml.http import http
 
-    text = http("GET", metrics)[1].decode()
-    found = [0.0, 0.0]
-    for line in text.splitlines():
-        for index, name in enumerate(("mlops_model_batch_images_count{", "mlops_model_batch_images_sum{")):
-            if line.startswith(name):
-                found[index] += float(line.rsplit(" ", 1)[1])
-    return found[0], found[1]
+    totals = {"mlops_model_batch_images_count": 0.0, "mlops_model_batch_images_sum": 0.0}
+    for family in text_string_to_metric_families(http("GET", metrics)[1].decode()):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["mlops_model_batch_images_count"], totals["mlops_model_batch_images_sum"]
 
 
 def measure(
@@ -283,7 +284,7 @@ def measure(
             for concurrency in CONCURRENCY:
                 before = model_calls(metrics) if metrics else None
                 rows.append(wrk(predict, body, content_type, auth, concurrency, seconds))
-                if before is not None and metrics:
+                if before is not None:
                     calls, images = (a - b for a, b in zip(model_calls(metrics), before, strict=True))
                     rows[-1]["images_per_model_call"] = round(images / calls, 2) if calls else None
                 print(name, rows[-1], flush=True)

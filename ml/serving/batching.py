@@ -43,8 +43,6 @@ class AdaptiveBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.batches = 0
-        self.images = 0
 
     def batch_limit(self) -> int:
         if self._per_image_s <= 0:
@@ -83,8 +81,6 @@ class AdaptiveBatcher:
                 continue
             took = (time.perf_counter() - started) / len(items)
             self._per_image_s = took if self._per_image_s == 0 else 0.8 * self._per_image_s + 0.2 * took
-            self.batches += 1
-            self.images += len(items)
             for i, (_, future) in enumerate(items):
                 if not future.done():
                     future.set_result((outputs.proba[i], outputs.projected[i]))
