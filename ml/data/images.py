@@ -7,8 +7,10 @@ properties (sizes, brightness, contrast) live in the Great Expectations suite
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -123,10 +125,93 @@ def perceptual_hash(grey: Image.Image) -> int:
     """64-bit DCT perceptual hash (the pHash construction): robust to re-encoding and resizing."""
     from scipy.fft import dctn
 
-    pixels = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    pixels = lanczos_resize(np.asarray(grey), (32, 32)).astype(np.float64)
     low = dctn(pixels, norm="ortho")[:8, :8].ravel()
     bits = low > np.median(low[1:])
     return int(np.packbits(bits).view(">u8")[0])
+
+
+LANCZOS_BITS = 22  # Pillow's fixed-point precision for 8-bit resampling (32 - 8 - 2)
+SCRATCH_PIXELS = 1 << 19  # inputs up to this many pixels (4 MB as float64) reuse a per-thread buffer
+_scratch = threading.local()
+
+
+def lanczos_resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pillow's LANCZOS ``resize`` of 8-bit grey ``pixels`` to ``size`` (width, height), to the bit.
+
+    Pillow's integer arithmetic (22-bit weights, 8-bit intermediate) as float64 matrix products: every
+    partial sum is an integer far below 2**53, so the products are exact, and ~1.7x faster than
+    Pillow's scalar loop on one BLAS thread. Pillow 13's pass order too: vertical first when the height
+    shrinks by more than twice the width does. ``tests/unit/test_images.py`` holds it to Pillow.
+    """
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise ValueError(f"lanczos_resize takes 8-bit grey pixels, not {pixels.dtype} {pixels.shape}")
+    width, height = size
+    in_height, in_width = pixels.shape
+    out = _as_float64(pixels)
+    horizontal, vertical = in_width != width, in_height != height
+    shrink = in_height - height
+    vertical_first = horizontal and vertical and shrink > 0 and shrink > 2 * (in_width - width)
+    if vertical and vertical_first:
+        out = _fixed_point(_weights(in_height, height).T @ out)
+    if horizontal:
+        out = _fixed_point(out @ _weights(in_width, width))
+    if vertical and not vertical_first:
+        out = _fixed_point(_weights(in_height, height).T @ out)
+    return out.astype(np.uint8)
+
+
+def _as_float64(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` as float64 in this thread's reusable buffer: a fresh 1.6 MB array for each 500 px
+    image cost ~400 page faults (~0.45 ms), more than the matrix products save."""
+    if pixels.size > SCRATCH_PIXELS:
+        return pixels.astype(np.float64)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.size < pixels.size:
+        buffer = _scratch.buffer = np.empty(pixels.size, dtype=np.float64)
+    out = buffer[: pixels.size].reshape(pixels.shape)
+    np.copyto(out, pixels)
+    return out
+
+
+def _weights(in_size: int, out_size: int) -> np.ndarray:
+    return _lanczos_weights(in_size, out_size).astype(np.float64)
+
+
+def _fixed_point(sums: np.ndarray) -> np.ndarray:
+    """Pillow's rounding of weighted sums back to 8 bits: add half, shift, clip."""
+    sums += 1 << (LANCZOS_BITS - 1)
+    return np.clip(np.floor(sums * (1.0 / (1 << LANCZOS_BITS))), 0, 255)
+
+
+@functools.lru_cache(maxsize=256)  # float32 holds these integers (< 2**23): <= 17 MB at 511 px sides
+def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(in_size, out_size) integer weights of Pillow's LANCZOS resampling along one axis."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    centers = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C's (int) truncates, as astype
+    count = np.minimum((centers + support + 0.5).astype(np.int64), in_size) - first
+    taps = np.arange(int(count.max()))
+    used = taps[None, :] < count[:, None]
+    x = ((taps[None, :] + first[:, None]) - centers[:, None] + 0.5) * (1.0 / filterscale)
+    kernel = np.where(used & (x >= -3.0) & (x < 3.0), _sinc(x) * _sinc(x / 3), 0.0)
+    total = np.cumsum(kernel, axis=1)[:, -1:]  # summed left to right, as Pillow sums them
+    kernel = np.divide(kernel, total, out=kernel.copy(), where=total != 0.0)
+    fixed = kernel * (1 << LANCZOS_BITS)
+    fixed = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))
+    weights = np.zeros((in_size, out_size), dtype=np.float32)
+    rows = taps[None, :] + first[:, None]
+    columns = np.broadcast_to(np.arange(out_size)[:, None], rows.shape)
+    weights[rows[used], columns[used]] = fixed[used]
+    weights.flags.writeable = False
+    return weights
+
+
+def _sinc(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(x == 0.0, 1.0, np.sin(x * np.pi) / (x * np.pi))
 
 
 def measured_copy(rgb: Image.Image, scale: int = 1, full_size: tuple[int, int] | None = None) -> Image.Image:

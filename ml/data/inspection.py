@@ -77,12 +77,21 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def start_worker(parent: int) -> None:
+    """A worker's start: it dies with ``parent`` and runs BLAS (the pHash's resize) on one thread,
+    as the workers already take one core each."""
+    from threadpoolctl import threadpool_limits
+
+    die_with_parent(parent)
+    threadpool_limits(1, user_api="blas")
+
+
 def inspect_chunk(inspect: InspectFile, paths: list[Path], limits: ImageLimits, out_dir: Path) -> list[Any]:
     return [inspect(path, limits, out_dir) for path in paths]
 
 
 def _isolated_child(sender: Any, parent: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    die_with_parent(parent)
+    start_worker(parent)
     try:
         sender.send(("ok", fn(*args)))
     except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
@@ -150,7 +159,7 @@ class Inspection:
             self._pool = ProcessPoolExecutor(
                 max_workers=max(1, min(workers, wanted)),
                 mp_context=get_context("fork"),
-                initializer=die_with_parent,
+                initializer=start_worker,
                 initargs=(os.getpid(),),
             )
             self._pool.submit(int).result()  # a fork pool starts all its workers on its first task

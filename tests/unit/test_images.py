@@ -10,6 +10,7 @@ from ml.data.images import (
     ImageLimits,
     hamming_distances,
     inspect_image,
+    lanczos_resize,
     laplacian,
     perceptual_hash,
     to_rgb,
@@ -148,3 +149,50 @@ def test_the_integer_laplacian_gives_the_float32_blur_to_the_bit(shape: tuple[in
     assert laplacian(checkerboard).min() == -1020 and laplacian(checkerboard).max() == 1020
     assert np.array_equal(laplacian(checkerboard), float32_laplacian(checkerboard))
     assert laplacian(np.zeros((2, 9), dtype=np.uint8)).size == 0  # no interior: no blur measure
+
+
+def pillow_lanczos(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+
+
+def test_the_matrix_lanczos_resize_is_pillows_to_the_bit() -> None:
+    rng = np.random.default_rng(2026)
+    shapes = [(1, 1), (1, 900), (900, 1), (32, 32), (31, 33), (394, 500), (500, 394), (8, 8), (2000, 40)]
+    shapes += [(800, 700)]  # more pixels than the reusable buffer takes
+    shapes += [(int(h), int(w)) for h, w in rng.integers(1, 700, (300, 2))]
+    compared = {"vertical first": 0, "horizontal first": 0}
+    for index, (height, width) in enumerate(shapes):
+        kind = index % 3
+        if kind == 0:
+            pixels = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        elif kind == 1:  # hard edges at 0 and 255: the negative lobes overshoot, so the clipping counts
+            pixels = np.where(rng.random((height, width)) < 0.5, 0, 255).astype(np.uint8)
+        else:
+            rows, columns = np.indices((height, width))
+            pixels = ((np.sin(columns / 3.7) * np.cos(rows / 2.3) + 1) * 127.5).astype(np.uint8)
+        sizes = [(32, 32), (int(rng.integers(1, 300)), int(rng.integers(1, 300)))]
+        for size in sizes:
+            ours, pillows = lanczos_resize(pixels, size), pillow_lanczos(pixels, size)
+            assert np.array_equal(ours, pillows), (pixels.shape, size)
+            shrink = height - size[1]
+            if width != size[0] and height != size[1]:
+                vertical_first = shrink > 0 and shrink > 2 * (width - size[0])
+                compared["vertical first" if vertical_first else "horizontal first"] += 1
+    assert min(compared.values()) > 50, compared  # both of Pillow's pass orders were held to it
+    first = rng.integers(0, 256, (300, 200), dtype=np.uint8)
+    kept = lanczos_resize(first, (32, 32))
+    copied = lanczos_resize(first, (200, 300))  # no pass at all: a copy, never the reused buffer
+    lanczos_resize(rng.integers(0, 256, (300, 200), dtype=np.uint8), (32, 32))
+    assert np.array_equal(kept, pillow_lanczos(first, (32, 32))) and np.array_equal(copied, first)
+    with pytest.raises(ValueError, match="8-bit grey"):
+        lanczos_resize(np.zeros((4, 4, 3), dtype=np.uint8), (2, 2))
+
+
+def test_the_perceptual_hash_is_unchanged_by_the_matrix_resize() -> None:
+    from scipy.fft import dctn
+
+    for seed, size in [(1, (500, 394)), (2, (394, 500)), (3, (256, 256)), (4, (640, 48)), (5, (20, 300))]:
+        grey = photo(seed, size).convert("L")
+        pixels = pillow_lanczos(np.asarray(grey), (32, 32)).astype(np.float64)
+        low = dctn(pixels, norm="ortho")[:8, :8].ravel()
+        assert perceptual_hash(grey) == int(np.packbits(low > np.median(low[1:])).view(">u8")[0])

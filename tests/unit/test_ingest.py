@@ -542,3 +542,34 @@ def test_reconcile_finds_what_the_ledger_lost_or_left_unsettled() -> None:
         f"labels.csv:2 is curated but the file it names ({b}) is not",
     ):
         assert expected in text, (expected, text)
+
+
+def numpy_blas_threads() -> list[int]:
+    """Thread counts of the BLAS numpy's matrix products call (scipy loads a BLAS of its own)."""
+    from threadpoolctl import threadpool_info
+
+    return [info["num_threads"] for info in threadpool_info() if "numpy" in info["filepath"]]
+
+
+def inspect_noting_blas_threads(path: Path, limits: ImageLimits, out_dir: Path) -> FileInspection:
+    """``inspect_file``, noting in ``out_dir`` how many threads numpy's BLAS (the pHash's resize) may use."""
+    (out_dir / f"blas-{os.getpid()}").write_text(json.dumps(numpy_blas_threads()))
+    return inspect_file(path, limits, out_dir)
+
+
+def test_inspection_workers_run_blas_on_one_thread_and_leave_the_parents_alone(tmp_path: Path) -> None:
+    """Two workers already take one core each: a BLAS pool per worker would oversubscribe them."""
+    before = numpy_blas_threads()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    files = {}
+    for index, (name, data, _) in enumerate(good_items(40)):
+        files[name] = spool / f"{index:07d}"
+        files[name].write_bytes(data)
+    limits = ImageLimits(frozenset({"PNG", "JPEG"}), 50_000_000, 20_000_000)
+    with Inspection(files, limits, 2, spool, inspect=inspect_noting_blas_threads) as inspection:
+        found = inspection.results(list(files))
+    assert all(result.report.reason is None for result in found.values())
+    notes = [json.loads(path.read_text()) for path in spool.glob("blas-*")]
+    assert len(notes) == 2 and all(note == [1] for note in notes), notes
+    assert numpy_blas_threads() == before
