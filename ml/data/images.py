@@ -152,7 +152,7 @@ def lanczos_resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     horizontal, vertical = in_width != width, in_height != height
     shrink = in_height - height
     vertical_first = horizontal and vertical and shrink > 0 and shrink > 2 * (in_width - width)
-    if vertical and vertical_first:
+    if vertical_first:
         out = _fixed_point(_weights(in_height, height).T @ out)
     if horizontal:
         out = _fixed_point(out @ _weights(in_width, width))
@@ -198,7 +198,7 @@ def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
     x = ((taps[None, :] + first[:, None]) - centers[:, None] + 0.5) * (1.0 / filterscale)
     kernel = np.where(used & (x >= -3.0) & (x < 3.0), _sinc(x) * _sinc(x / 3), 0.0)
     total = np.cumsum(kernel, axis=1)[:, -1:]  # summed left to right, as Pillow sums them
-    kernel = np.divide(kernel, total, out=kernel.copy(), where=total != 0.0)
+    np.divide(kernel, total, out=kernel, where=total != 0.0)  # a row summing to 0 stays as it is
     fixed = kernel * (1 << LANCZOS_BITS)
     fixed = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))
     weights = np.zeros((in_size, out_size), dtype=np.float32)
