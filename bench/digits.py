@@ -4,12 +4,16 @@ The digits (28x28 grey, sorted by label in the file, so shuffled here) are writt
 56 px into a landing day with labels "0".."9", ingested with the normal checks, and a model is
 trained, evaluated and gated exactly as for product images. Prints the test metrics.
 
-Usage: python bench/digits.py [--limit 5000]
+``--views pillow`` makes the augmented views as issue 18 found them (``bench/pillow_views.py``),
+to compare held-out metrics with today's one-warp views.
+
+Usage: python bench/digits.py [--limit 5000] [--views warp|pillow]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import io
 import json
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pillow_views import issue_views
 
 from ml.config import load_settings
 from ml.data.ingest import ingest_day
@@ -51,6 +56,7 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=5000)
     parser.add_argument("--augmented-views", type=int, default=2, help="training.augmented_views (overlay)")
+    parser.add_argument("--views", choices=["warp", "pillow"], default="warp", help="how views are augmented")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlops-digits-") as tmp:
         overlay = Path(tmp) / "digits.yaml"
@@ -64,7 +70,8 @@ def main() -> None:
         storage = LocalStorage(Path(tmp) / "store")
         landed = land_digits(storage, args.limit)
         ingested = ingest_day(settings, storage, DAY).to_dict()
-        result = retrain(settings, storage).to_dict()
+        with issue_views() if args.views == "pillow" else contextlib.nullcontext():
+            result = retrain(settings, storage).to_dict()
     summary = {
         "landed": landed,
         "curated": ingested["curated"]["new_images"],
@@ -74,6 +81,8 @@ def main() -> None:
         "gate": result["gate"],
         "epochs_run": result["epochs_run"],
         "augmented_views": args.augmented_views,
+        "views": args.views,
+        "feature_cache": result.get("feature_cache"),
     }
     print(json.dumps(summary, indent=2))
 

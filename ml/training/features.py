@@ -6,7 +6,7 @@ quantisation. Anything that changes a feature changes the key, so a stale cache 
 is simply not found.
 
 Views: each image gets V cached views. View 0 is the clean eval view (``to_array`` of the image,
-exactly what serving sees). Views 1..V-1 are ``augmented_view`` of the image with an RNG seeded
+exactly what serving sees). Views 1..V-1 are ``augmented_array`` of the image with an RNG seeded
 from the image's sha256 and the view number, so they are the same on every machine and every run.
 Training draws one view per image per epoch; validation and test use view 0 only.
 
@@ -15,7 +15,7 @@ checked against torch on a probe batch when loaded (features agree to ~1e-5, bel
 they are stored in), so the cache key does not name the runtime; an INT8 backbone
 (``ml.training.quantize``) gives other features and has keys of its own. Missing features are computed
 ``workers`` chunks at a time, each chunk read, decoded, augmented and embedded by its own thread
-(Pillow, NumPy and ONNX Runtime release the GIL, so the chunks run on separate cores).
+(Pillow, NumPy, OpenCV and ONNX Runtime release the GIL, so the chunks run on separate cores).
 
 Layout: ``features/<cache_id>/<day>.npz``, one shard per catalog day partition, holding
 ``sha256`` (str, sorted) and ``features`` (float16, (N, V, D)). A shard is rewritten whole
@@ -30,7 +30,7 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -43,7 +43,14 @@ from ml.layout import feature_shard_key
 from ml.progress import Progress
 from ml.storage import Storage
 from ml.training.model import Backbone, FeatureRunner, onnx_runner, torch_runner
-from ml.training.preprocessing import Preprocessing, augmented_view, batch_arrays, decode_rgb
+from ml.training.preprocessing import (
+    AUGMENTATION_VERSION,
+    Preprocessing,
+    augmented_array,
+    batch_arrays,
+    decode_rgb,
+    to_array,
+)
 from ml.training.quantize import QUANTIZATION, int8_runner
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,8 @@ def cache_id(
     """Short hash naming everything that determines a cached feature."""
     kinds = ",".join(sorted(augmentations)) if views > 1 else ""
     parts = [FEATURES_FORMAT, backbone.name, backbone.weights_id, prep.version, str(views), kinds]
+    if views > 1:  # the way views are augmented; one-view keys stay what they were
+        parts.append(AUGMENTATION_VERSION)
     if precision != "fp32":  # FP32 keys stay what they were before precisions existed
         parts.append(QUANTIZATION if precision == "int8" else precision)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -103,9 +112,12 @@ def view_rng(sha256: str, view: int) -> np.random.Generator:
     return np.random.default_rng([int(sha256, 16), view])
 
 
-def image_views(image: Image.Image, sha256: str, views: int, kinds: Sequence[str]) -> list[Image.Image]:
-    """View 0 is the image itself; views 1..V-1 are seeded augmentations of it."""
-    return [image] + [augmented_view(image, view_rng(sha256, view), kinds) for view in range(1, views)]
+def image_views(
+    image: Image.Image, sha256: str, views: int, kinds: Sequence[str], prep: Preprocessing
+) -> list[np.ndarray]:
+    """Model inputs: view 0 is the image itself, views 1..V-1 are seeded augmentations of it."""
+    augmented = [augmented_array(image, view_rng(sha256, view), kinds, prep) for view in range(1, views)]
+    return [to_array(image, prep), *augmented]
 
 
 def extract(
@@ -116,13 +128,21 @@ def extract(
     runner: FeatureRunner | None = None,
 ) -> np.ndarray:
     """Pooled features (N, D) float32 of RGB images, preprocessed by ``prep``."""
+    batches = (
+        batch_arrays(images[start : start + batch_size], prep) for start in range(0, len(images), batch_size)
+    )
+    return embed(backbone, batches, len(images), runner or torch_runner(backbone))
+
+
+def embed(backbone: Backbone, batches: Iterable[np.ndarray], count: int, runner: FeatureRunner) -> np.ndarray:
+    """Pooled features (count, D) float32 of batches of model inputs (B, 3, size, size)."""
     if backbone.module.training:
         raise ValueError(f"backbone {backbone.name} is in training mode; features need eval mode")
-    run = runner or torch_runner(backbone)
-    out = np.zeros((len(images), backbone.dim), dtype=np.float32)
-    for start in range(0, len(images), batch_size):
-        batch = batch_arrays(images[start : start + batch_size], prep)
-        out[start : start + len(batch)] = run(batch)
+    out = np.zeros((count, backbone.dim), dtype=np.float32)
+    start = 0
+    for batch in batches:
+        out[start : start + len(batch)] = runner(batch)
+        start += len(batch)
     return out
 
 
@@ -221,11 +241,13 @@ class FeatureCache:
 
     def _embed(self, chunk: list[tuple[str, str]]) -> np.ndarray:
         """Features (len(chunk), V, D) float16 of (sha256, curated key) pairs: read, decode, view, embed."""
-        images: list[Image.Image] = []
+        arrays: list[np.ndarray] = []
         for sha, key in chunk:
             image = decode_rgb(self.storage.read_bytes(key), self.prep)
-            images += image_views(image, sha, self.views, self.augmentations)
-        features = extract(self.backbone, images, self.prep, self.batch_size, self.runner)
+            arrays += image_views(image, sha, self.views, self.augmentations, self.prep)
+        size = self.batch_size
+        batches = (np.stack(arrays[start : start + size]) for start in range(0, len(arrays), size))
+        features = embed(self.backbone, batches, len(arrays), self.runner)
         return features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
 
     def _merge(self, shard: _Shard, gained: list[str], computed: dict[str, np.ndarray]) -> _Shard:

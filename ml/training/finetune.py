@@ -33,7 +33,7 @@ from ml.storage import Storage
 from ml.training.evaluate import evaluate
 from ml.training.features import extract
 from ml.training.model import Backbone, Classifier, Head, backbone_from_settings, onnx_runner, predict_proba
-from ml.training.preprocessing import Preprocessing, augmented_view, decode_rgb, to_array
+from ml.training.preprocessing import Preprocessing, augmented_array, decode_rgb, to_array
 from ml.training.train import (
     SPLITS,
     FitResult,
@@ -69,8 +69,11 @@ class ImageRows(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         if self.kinds:
-            image = augmented_view(image, np.random.default_rng([self.seed, self.epoch, index]), self.kinds)
-        return torch.from_numpy(to_array(image, self.prep)), int(self.labels[index])
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            array = augmented_array(image, rng, self.kinds, self.prep)
+        else:
+            array = to_array(image, self.prep)
+        return torch.from_numpy(array), int(self.labels[index])
 
 
 class ImageData(L.LightningDataModule):

@@ -55,7 +55,7 @@ from ml.training.model import (
     save_head,
     set_deterministic,
 )
-from ml.training.preprocessing import Preprocessing, batch_arrays, decode_rgb
+from ml.training.preprocessing import AUGMENTATION_VERSION, Preprocessing, batch_arrays, decode_rgb
 from ml.training.quantize import (
     export_int8_serving_graph,
     int8_parity,
@@ -390,6 +390,7 @@ def log_inputs(
             "dropout_rate": hparams.dropout,
             "seed": hparams.seed,
             "data_augmentation": ",".join(settings.preprocessing.augmentation) or "none",
+            "augmentation_version": AUGMENTATION_VERSION if settings.preprocessing.augmentation else "none",
             "augmented_views": settings.training.augmented_views,
             "preprocessing": prep.version,
             "dataset_version": snap.version["version"],

@@ -10,12 +10,18 @@ before that resize: the decode and the resize then touch a quarter of the pixels
 scale is a function of the image's size only (``draft_scale``), so training, the feature cache,
 the serving check and the service decode the same bytes to the same pixels. A bundle records the
 preprocessing its version was trained with; older versions keep theirs.
+
+Training views (``augmented_array``, training only): the crop is a slice, the flip and rotation one
+bilinear warp (OpenCV) at the crop's resolution, the resize ``to_array``'s; the Pillow steps one at a
+time gave the same views (within half a level of 8 bits on average, as sharp) at twice the cost.
+``AUGMENTATION_VERSION`` names it in feature-cache keys.
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -26,6 +32,8 @@ from ml.data.images import set_draft, to_rgb
 
 PREPROCESSING_VERSION = "resize-bilinear-imagenet-v1"  # part of every feature-cache key
 DRAFT_PREPROCESSING_VERSION = "jpeg-draft-resize-bilinear-imagenet-v2"
+AUGMENTATION_VERSION = "crop-slice-warp-v2"  # part of the key of a feature cache with augmented views
+FILL = (128, 128, 128)  # what a rotation uncovers
 
 
 @dataclass(frozen=True)
@@ -89,10 +97,14 @@ def decode_rgb(data: bytes, prep: Preprocessing | None = None) -> Image.Image:
 def to_array(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     """One RGB image -> float32 array (3, size, size), normalised. The model's input."""
     resized = to_rgb(image).resize((prep.image_size, prep.image_size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(resized)
+    return normalise(np.asarray(resized), prep)
+
+
+def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """8-bit RGB pixels (size, size, 3) -> float32 (3, size, size), (x / 255 - mean) / std."""
     scale, offset = prep.affine()
-    out = np.empty((3, prep.image_size, prep.image_size), dtype=np.float32)
-    for channel in range(3):  # (x / 255 - mean) / std as one multiply-add per channel, written as CHW
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for channel in range(3):  # one multiply-add per channel, written as CHW
         np.multiply(pixels[..., channel], scale[channel], out=out[channel], dtype=np.float32)
         out[channel] += offset[channel]
     return out
@@ -107,25 +119,55 @@ def batch_arrays(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarr
     )
 
 
-def augmented_view(image: Image.Image, rng: np.random.Generator, kinds: Sequence[str]) -> Image.Image:
-    """A random training view (rotation, flip, crop, colour jitter), applied before ``to_array``."""
-    view = to_rgb(image)
+def augmented_array(
+    image: Image.Image, rng: np.random.Generator, kinds: Sequence[str], prep: Preprocessing
+) -> np.ndarray:
+    """The model input of a random training view (crop, flip, rotation, colour jitter), like ``to_array``.
+
+    The crop (75-100% of each side) is a slice of the decoded pixels; the left-right flip and the
+    rotation (+-15 degrees about the crop's centre, uncovered corners grey) are one affine map, sampled
+    by one bilinear warp at the crop's own resolution; then ``to_array`` resizes it as it resizes a
+    clean image (Pillow's antialiased bilinear), so a view is as sharp as the clean view."""
+    import cv2  # training only: the serving image never augments
+
+    pixels = np.asarray(to_rgb(image))
+    height, width = pixels.shape[:2]
+    left, top, crop_w, crop_h = 0, 0, width, height
     if "crop" in kinds:
         scale = rng.uniform(0.75, 1.0)
-        width, height = view.size
         crop_w, crop_h = max(1, int(width * scale)), max(1, int(height * scale))
         left = int(rng.integers(0, width - crop_w + 1))
         top = int(rng.integers(0, height - crop_h + 1))
-        view = view.crop((left, top, left + crop_w, top + crop_h))
-    if "flip" in kinds and rng.random() < 0.5:
-        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if "rotation" in kinds:
-        view = view.rotate(
-            float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR, fillcolor=(128, 128, 128)
+    flip = "flip" in kinds and bool(rng.random() < 0.5)
+    angle = math.radians(float(rng.uniform(-15, 15))) if "rotation" in kinds else 0.0
+    view = pixels[top : top + crop_h, left : left + crop_w]
+    if flip or angle:
+        view = cv2.warpAffine(
+            view,
+            flip_and_turn(crop_w, crop_h, angle, flip),
+            (crop_w, crop_h),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=FILL,
         )
     if "color_jitter" in kinds:
-        view = view.point(jitter_table(rng.uniform(0.8, 1.2), rng.uniform(-20, 20)) * 3)
-    return view
+        view = cv2.LUT(
+            view, np.asarray(jitter_table(rng.uniform(0.8, 1.2), rng.uniform(-20, 20)), dtype=np.uint8)
+        )
+    return to_array(Image.fromarray(np.ascontiguousarray(view)), prep)
+
+
+def flip_and_turn(width: int, height: int, angle: float, flip: bool) -> np.ndarray:
+    """2x3 affine map from a pixel of the view to where it is sampled in the source (OpenCV's pixel
+    coordinates, centres at integers): turned back by ``angle`` (radians, counter-clockwise as
+    Pillow's ``rotate``) about the centre, then mirrored left-right when ``flip``: the view is the
+    source flipped, then rotated."""
+    turn = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    centre = np.array([width / 2, height / 2])
+    shift = centre - turn @ centre + (turn @ [0.5, 0.5])  # pixel centres sit at i + 0.5
+    if flip:
+        turn, shift = np.diag([-1.0, 1.0]) @ turn, np.array([width - shift[0], shift[1]])
+    return np.hstack([turn, (shift - 0.5)[:, None]])
 
 
 def jitter_table(gain: float, shift: float) -> list[int]:

@@ -68,6 +68,7 @@ def test_retrain_registers_tracks_and_promotes(
         "architecture",
         "optimizer",
         "data_augmentation",
+        "augmentation_version",
         "dataset_version",
         "git_commit",
         "airflow_run_id",
