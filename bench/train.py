@@ -7,7 +7,8 @@ images on day 1, the new share on day 2. Then, on all N images:
   views, the frozen backbone through ONNX Runtime), one chunk at a time, each augmented view made
   one Pillow step at a time (crop, flip, rotate the crop, resize: ``pil_augmented_view``, a copy of
   the code the issue measured), then the head trained for ``--epochs`` epochs;
-- mlops cold, 1 worker: the same with today's views (one warp per view), still one chunk at a time;
+- mlops cold, 1 worker: the same with today's views (``augmented_array``: the flip and rotation one
+  OpenCV warp), still one chunk at a time;
 - mlops cold: the same from an empty cache again, ``model.feature_workers`` chunks at a time (one
   thread per core by default);
 - mlops cold, int8: the same with ``model.precision: int8`` (the quantised backbone, its own cache
@@ -16,6 +17,8 @@ images on day 1, the new share on day 2. Then, on all N images:
   are embedded, then the same training;
 - plain loop: what users write first: every epoch decodes, augments and runs the frozen backbone
   (eager torch) on every training image, then updates the head, for the same epochs.
+
+First it times one clean view and one augmented view made each way (ms per image, one thread).
 
 Usage: python bench/train.py [--images 5000] [--new-share 0.1] [--epochs 5] [--no-plain]
 """
@@ -41,7 +44,7 @@ from ml.demo.landing import land_day
 from ml.storage import LocalStorage
 from ml.training.features import feature_cache
 from ml.training.model import Head, build_backbone
-from ml.training.preprocessing import Preprocessing, decode_rgb, to_array
+from ml.training.preprocessing import Preprocessing, augmented_array, decode_rgb, to_array
 from ml.training.quantize import published_backbone
 from ml.training.train import Hyperparameters, fit_head, split_data
 
@@ -70,6 +73,31 @@ def mlops_retrain(storage, settings, backbone, prep, hparams, workers=None) -> t
         "workers": cache.workers,
         "views_per_s": round(stats.misses * cache.views / max(feature_seconds, 1e-9), 1),
     }
+
+
+def view_costs(storage: LocalStorage, settings, prep: Preprocessing, count: int = 300) -> dict[str, float]:
+    """Milliseconds per image (best of 3, one thread) of the clean view and of one augmented view made
+    each way, on the first ``count`` curated images."""
+    _, rows = dataset_rows(storage)
+    images = [decode_rgb(storage.read_bytes(key), prep) for key in rows["curated_key"].head(count)]
+    kinds = list(settings.preprocessing.augmentation)
+    ways = {
+        "clean_view_ms": lambda image, rng: to_array(image, prep),
+        "augmented_view_pillow_steps_ms": lambda image, rng: to_array(
+            pil_augmented_view(image, rng, kinds), prep
+        ),
+        "augmented_view_ms": lambda image, rng: augmented_array(image, rng, kinds, prep),
+    }
+    costs = {}
+    for name, make in ways.items():
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for index, image in enumerate(images):
+                make(image, np.random.default_rng(index))
+            best = min(best, time.perf_counter() - started)
+        costs[name] = round(best / len(images) * 1000, 3)
+    return costs
 
 
 def empty(storage: LocalStorage, cache_id: str) -> None:
@@ -129,6 +157,8 @@ def main() -> None:
             land_day(storage, DAY + dt.timedelta(days=offset), settings.classes, count=count, seed=seed)
             ingest_day(settings, storage, DAY + dt.timedelta(days=offset))
         cache = feature_cache(settings, storage, backbone, prep)
+        costs = view_costs(storage, settings, prep)
+        print(f"views, ms per image: {costs}", flush=True)
         with issue_views():
             issue, issue_info = mlops_retrain(storage, settings, backbone, prep, hparams, workers=1)
         print(f"mlops cold as at the issue, {args.images} images: {issue:.1f} s {issue_info}", flush=True)
@@ -153,6 +183,7 @@ def main() -> None:
         "new_images": new,
         "epochs": args.epochs,
         "views": cache.views,
+        "view_costs": costs,
         "feature_runtime": settings.model.feature_runtime,
         "mlops_cold_as_at_issue_s": round(issue, 1),
         "mlops_cold_1_worker_s": round(serial, 1),

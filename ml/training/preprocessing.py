@@ -142,14 +142,17 @@ def augmented_array(
     angle = math.radians(float(rng.uniform(-15, 15))) if "rotation" in kinds else 0.0
     view = pixels[top : top + crop_h, left : left + crop_w]
     if flip or angle:
-        view = cv2.warpAffine(
-            view,
-            flip_and_turn(crop_w, crop_h, angle, flip),
-            (crop_w, crop_h),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=FILL,
+        warp = flip_and_turn(crop_w, crop_h, angle, flip)
+        inverse = cv2.WARP_INVERSE_MAP
+        # as Pillow's rotate: a pixel whose source is off the crop is grey; one inside interpolates
+        # with the crop's edge pixels repeated (blending in the grey would frame every view)
+        inside = cv2.warpAffine(
+            np.ones_like(view[..., 0]), warp, (crop_w, crop_h), flags=cv2.INTER_NEAREST | inverse
         )
+        view = cv2.warpAffine(
+            view, warp, (crop_w, crop_h), flags=cv2.INTER_LINEAR | inverse, borderMode=cv2.BORDER_REPLICATE
+        )
+        view[inside == 0] = FILL
     if "color_jitter" in kinds:
         view = cv2.LUT(
             view, np.asarray(jitter_table(rng.uniform(0.8, 1.2), rng.uniform(-20, 20)), dtype=np.uint8)
