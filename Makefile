@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-balance bench-digits bench-int8 lock clean
+.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-balance bench-digits bench-views bench-int8 lock clean
 
 install: $(STAMP)
 
@@ -99,6 +99,9 @@ bench-balance: install
 
 bench-digits: install
 	$(BIN)/python bench/digits.py
+
+bench-views: install
+	$(BIN)/python bench/view_parity.py
 
 bench-int8: install
 	$(BIN)/python bench/int8.py

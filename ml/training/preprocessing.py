@@ -12,9 +12,9 @@ the serving check and the service decode the same bytes to the same pixels. A bu
 preprocessing its version was trained with; older versions keep theirs.
 
 Training views (``augmented_array``, training only): the crop is a slice, the flip and rotation one
-bilinear warp (OpenCV) at the crop's resolution, the resize ``to_array``'s; the Pillow steps one at a
-time gave the same views (within half a level of 8 bits on average, as sharp) at twice the cost.
-``AUGMENTATION_VERSION`` names it in feature-cache keys.
+bilinear warp (OpenCV) at the crop's resolution, the resize ``to_array``'s. The Pillow steps one at
+a time made the same views (the same pixels without a rotation; with one, within half a level of 8
+bits on average, as sharp) at twice the cost. ``AUGMENTATION_VERSION`` names it in feature-cache keys.
 """
 
 from __future__ import annotations
