@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from ml.config import load_settings
-from ml.http import free_port, wait_ready
+from ml.http import free_port, http, wait_ready
 from ml.serving.state import DeploymentState, write_state
 from ml.storage import storage_from_settings
 from tests.hostile import encode, photo
@@ -246,12 +246,21 @@ def test_a_storage_outage_answers_every_prediction_and_loses_no_logged_row(start
     assert "could not write" in service.log_text()  # the outage was real, and seen by the service
 
 
+def every_worker_ready(url: str, in_a_row: int = 20, timeout: float = 60) -> None:
+    """Until ``in_a_row`` readiness checks, each on a new connection (either worker may accept it),
+    answer 200 one after another."""
+    deadline, ready = time.monotonic() + timeout, 0
+    while ready < in_a_row:
+        assert time.monotonic() < deadline, f"not every worker behind {url} became ready"
+        ready = ready + 1 if http("GET", f"{url}/readyz", timeout=2)[0] == 200 else 0
+        if not ready:
+            time.sleep(0.3)
+
+
 def test_a_full_buffer_drops_rows_answers_anyway_and_counts_the_drops(start_service, moto_s3) -> None:
     """Storage goes away once the service has read its deployment state, and the buffer holds 10 rows
     per worker: 40 predictions are all answered, at least 20 rows are dropped, /metrics says how many."""
     from prometheus_client.parser import text_string_to_metric_families
-
-    from ml.http import http
 
     service = start_service(
         storage__root="s3://fault-log/full",
@@ -261,6 +270,7 @@ def test_a_full_buffer_drops_rows_answers_anyway_and_counts_the_drops(start_serv
         serving__log_images="true",
         serving__log_max_buffer_bytes=1000,  # smaller than one image: every image is dropped
     )
+    every_worker_ready(service.url)  # wait_ready saw one; a worker still starting answers 503
     moto_s3.take_away()  # every write from here on fails: the buffer fills
     with Stream(service.url, clients=2) as stream:
         while len(stream.answers) < 40:
