@@ -121,12 +121,13 @@ def set_draft(image: Image.Image, side: int | None) -> int:
     return scale
 
 
-def perceptual_hash(grey: Image.Image) -> int:
-    """64-bit DCT perceptual hash (the pHash construction): robust to re-encoding and resizing."""
+def perceptual_hash(grey: Image.Image | np.ndarray) -> int:
+    """64-bit DCT perceptual hash (the pHash construction) of a grey image or its 8-bit pixels: robust
+    to re-encoding and resizing."""
     from scipy.fft import dctn
 
-    pixels = lanczos_resize(np.asarray(grey), (32, 32)).astype(np.float64)
-    low = dctn(pixels, norm="ortho")[:8, :8].ravel()
+    small = lanczos_resize(np.asarray(grey), (32, 32)).astype(np.float64)
+    low = dctn(small, norm="ortho")[:8, :8].ravel()
     bits = low > np.median(low[1:])
     return int(np.packbits(bits).view(">u8")[0])
 
@@ -248,17 +249,17 @@ def pixel_statistics(
 ) -> dict[str, float | str]:
     """Brightness (mean grey), contrast (grey std), blur (Laplacian variance), perceptual hash; of a
     drafted decode at 1/``scale`` of ``full_size`` as of the full image, but for the decoder's filter."""
-    grey_image = measured_copy(rgb, scale, full_size).convert("L")  # box average: fast
-    pixels = np.asarray(grey_image)
+    pixels = np.asarray(measured_copy(rgb, scale, full_size).convert("L"))  # box average: fast
     grey = pixels.astype(np.float32)
+    mean = grey.mean(keepdims=True)  # the very sum ``std`` would compute again
     lap = laplacian(pixels)
     measured: dict[str, float | str] = {
-        "brightness": round(float(grey.mean()), 4),
-        "contrast": round(float(grey.std()), 4),
+        "brightness": round(float(mean.item()), 4),
+        "contrast": round(float(grey.std(mean=mean)), 4),
         "blur": round(float(lap.var()) if lap.size else 0.0, 4),
     }
     if phash:
-        measured["phash"] = f"{perceptual_hash(grey_image):016x}"
+        measured["phash"] = f"{perceptual_hash(pixels):016x}"
     return measured
 
 

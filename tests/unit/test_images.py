@@ -12,7 +12,9 @@ from ml.data.images import (
     inspect_image,
     lanczos_resize,
     laplacian,
+    measured_copy,
     perceptual_hash,
+    pixel_statistics,
     to_rgb,
 )
 from tests.hostile import encode, photo, png_bomb, with_exif_gps
@@ -196,3 +198,26 @@ def test_the_perceptual_hash_is_unchanged_by_the_matrix_resize() -> None:
         pixels = pillow_lanczos(np.asarray(grey), (32, 32)).astype(np.float64)
         low = dctn(pixels, norm="ortho")[:8, :8].ravel()
         assert perceptual_hash(grey) == int(np.packbits(low > np.median(low[1:])).view(">u8")[0])
+
+
+def test_pixel_statistics_are_the_plain_numpy_figures_to_the_bit() -> None:
+    """Brightness, contrast and blur reuse one mean and one grey array: the same float32 figures as
+    ``grey.mean()``, ``grey.std()`` and ``laplacian(...).var()`` computed each on its own, and the same
+    hash as the grey image's. Hundreds of noise images, as a float64 mean or a float64 std differs
+    from float32's in the fourth decimal for about one image in fifty."""
+    rng = np.random.default_rng(7)
+    sizes = [(500, 375), (333, 517), (64, 3), (255, 256)]
+    images = [photo(seed, size) for seed, size in enumerate(sizes)]
+    for _ in range(300):
+        height, width = rng.integers(3, 200, 2)
+        images.append(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)))
+    for image in images:
+        grey_image = measured_copy(image).convert("L")
+        grey = np.asarray(grey_image).astype(np.float32)
+        lap = laplacian(np.asarray(grey_image))
+        assert pixel_statistics(image) == {
+            "brightness": round(float(grey.mean()), 4),
+            "contrast": round(float(grey.std()), 4),
+            "blur": round(float(lap.var()) if lap.size else 0.0, 4),
+            "phash": f"{perceptual_hash(grey_image):016x}",
+        }
