@@ -152,6 +152,7 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
     finally:
         stopped = found.run("down")
         found.log.append(stopped.stdout)
+        print(stopped.stdout)  # what stopping each component took
         flush_broker()
         drop_databases(databases)
 

@@ -51,6 +51,10 @@ def test_components_start_with_celery_on_postgres_and_their_own_hostnames(settin
     assert "--queues" in workers[0].argv and "default,worker-1" in workers[0].argv
     names = production.component_names(settings)
     assert names[:2] == ["s3", "mlflow-server"] and names[-2:] == ["replica-3101", "replica-3102"]
+    tiers = production.stop_order(settings)  # every component stops, serving and tasks before what they use
+    assert sorted(name for tier in tiers for name in tier) == sorted(names)
+    assert tiers[0] == ["replica-3101", "replica-3102", "worker-worker-1", "worker-worker-2"]
+    assert tiers[-1] == ["mlflow-server", "s3"]
 
 
 def test_a_task_records_the_worker_that_ran_it(monkeypatch: pytest.MonkeyPatch) -> None:
