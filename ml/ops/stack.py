@@ -5,8 +5,10 @@
 triggerer; the project's DAGs unpaused so schedules and Asset triggers run), the MLflow UI
 (127.0.0.1:5000, ``MLOPS_MLFLOW_UI_PORT``) on the configured tracking store, the report server
 (a local storage root's ``reports/`` on 127.0.0.1:``reports.port``, what alert links open) and the
-prediction service (``mlops serve``, 127.0.0.1:3000) once a champion exists. ``down`` stops them: SIGINT
-for ``airflow standalone`` (the signal it shuts its children down on), SIGTERM for the others.
+prediction service (``mlops serve``, 127.0.0.1:3000) once a champion exists. ``down`` stops them with
+SIGTERM to each group, ``airflow standalone``'s included: each of its processes exits on it. After
+SIGINT (Ctrl-C's signal) the LocalExecutor's workers that have run a task stay, and the scheduler waits
+for them, until SIGTERM and SIGKILL follow 20 and 30 s later (measured: 30.6 s to stop, against 7.4 s).
 """
 
 from __future__ import annotations
@@ -316,7 +318,7 @@ class Api:
 def down(wait_seconds: float = 20.0) -> int:
     """Stop the service, the report server, the MLflow UI and Airflow (whatever of them runs)."""
     stopped = [name for name in ("service", "reports", "mlflow") if stop_group(name)]
-    if stop_group("standalone", signal.SIGINT, wait_seconds):
+    if stop_group("standalone", signal.SIGTERM, wait_seconds):
         stopped.append("airflow")
     print(f"stopped {', '.join(stopped)}" if stopped else "not running")
     return 0
