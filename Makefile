@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED := 1
 
 install: $(STAMP)
 
-# --no-compile: byte-compiling all ~45,000 installed modules takes ~40 s; Python compiles those it imports.
+# --no-compile: byte-compiling all ~45,000 installed modules takes ~60 s; Python compiles those it imports.
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
