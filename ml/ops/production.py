@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import sys
 import time
 import urllib.parse
@@ -399,7 +398,7 @@ def stop_order(settings: Settings) -> list[list[str]]:
 def stop_timed(name: str, wait_seconds: float) -> str | None:
     """Stop one component: ``name (seconds)``, or None when it was not running."""
     started = time.monotonic()
-    if stack.stop_group(name, signal.SIGTERM, wait_seconds):
+    if stack.stop_group(name, wait_seconds):
         return f"{name} ({time.monotonic() - started:.1f} s)"
     return None
 

@@ -148,19 +148,15 @@ def _signal_and_wait(name: str, pid: int, sig: int, wait_seconds: float) -> bool
     return True
 
 
-def stop_group(name: str, sig: int = signal.SIGTERM, wait_seconds: float = 30.0) -> bool:
-    """Signal the process group in ``<name>.pid``, wait until none of it lives; True when it was running.
+def stop_group(name: str, wait_seconds: float = 30.0) -> bool:
+    """SIGTERM the process group in ``<name>.pid``, wait until none of it lives; True when it was running.
 
-    A group still alive after ``wait_seconds`` gets SIGTERM (children that ignore the first signal,
-    e.g. airflow standalone's log servers after SIGINT), then SIGKILL."""
+    A group still alive after ``wait_seconds`` gets SIGKILL."""
     pid = running_pid(name)
     if pid is None:
         _pidfile(name).unlink(missing_ok=True)
         return False
-    gone = _signal_and_wait(name, pid, sig, wait_seconds)
-    if not gone and sig != signal.SIGTERM:
-        gone = _signal_and_wait(name, pid, signal.SIGTERM, 10.0)
-    if not gone:
+    if not _signal_and_wait(name, pid, signal.SIGTERM, wait_seconds):
         _signal_and_wait(name, pid, signal.SIGKILL, 5.0)  # children that outlived their leader go too
     running_pid(name)  # reap it
     _pidfile(name).unlink(missing_ok=True)
@@ -318,7 +314,7 @@ class Api:
 def down(wait_seconds: float = 20.0) -> int:
     """Stop the service, the report server, the MLflow UI and Airflow (whatever of them runs)."""
     stopped = [name for name in ("service", "reports", "mlflow") if stop_group(name)]
-    if stop_group("standalone", signal.SIGTERM, wait_seconds):
+    if stop_group("standalone", wait_seconds):
         stopped.append("airflow")
     print(f"stopped {', '.join(stopped)}" if stopped else "not running")
     return 0
