@@ -18,13 +18,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ml.config import Settings
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +293,51 @@ def _export(
             dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             **names,
         )
+
+
+def compose_serving_graph(backbone_graph: bytes, head: nn.Module, dim: int, path: Path) -> None:
+    """The served ONNX as a backbone graph (input ``image``, output ``features``) with ``head`` (FP32)
+    appended on its features: outputs ``logits`` and ``features`` like ``ServingGraph``'s export."""
+    import onnx
+    from onnx import compose
+
+    backbone = onnx.load_from_string(backbone_graph)
+    head_graph = compose.add_prefix(_head_onnx(head, dim), "head/")
+    head_graph.ir_version = backbone.ir_version
+    merged = compose.merge_models(
+        backbone, head_graph, io_map=[("features", "head/features")], outputs=["head/logits", "features"]
+    )
+    for node in merged.graph.node:
+        node.output[:] = ["logits" if name == "head/logits" else name for name in node.output]
+    for output in merged.graph.output:
+        output.name = "logits" if output.name == "head/logits" else output.name
+    outputs = {output.name: output for output in merged.graph.output}
+    ordered = [type(outputs["logits"])() for _ in SERVING_OUTPUTS]
+    for copy, name in zip(ordered, SERVING_OUTPUTS, strict=True):
+        copy.CopyFrom(outputs[name])
+    del merged.graph.output[:]
+    merged.graph.output.extend(ordered)
+    onnx.checker.check_model(merged)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(merged, str(path))
+
+
+def _head_onnx(head: nn.Module, dim: int) -> onnx.ModelProto:
+    import onnx
+
+    buffer = io.BytesIO()
+    with evaluating(head):
+        torch.onnx.export(
+            head,
+            (torch.zeros(2, dim),),
+            buffer,
+            input_names=["features"],
+            output_names=["logits"],
+            dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    return onnx.load_from_string(buffer.getvalue())
 
 
 @contextmanager

@@ -19,32 +19,25 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import nn
 
 from ml.layout import quantized_backbone_key
 from ml.storage import Storage
 from ml.training.model import (
-    ONNX_OPSET,
     SERVING_OUTPUTS,
     Backbone,
     FeatureRunner,
     backbone_onnx,
     eval_outputs,
-    evaluating,
     torch_runner,
 )
 from ml.training.preprocessing import Preprocessing, batch_arrays
-
-if TYPE_CHECKING:
-    import onnx
 
 QUANTIZATION = "int8-qdq-u8s8-per-channel-minmax-pink-noise-128-v1"  # part of every int8 cache key
 CALIBRATION_IMAGES = 128
@@ -206,51 +199,6 @@ def int8_runner(storage: Storage, backbone: Backbone, prep: Preprocessing, threa
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-
-
-def export_int8_serving_graph(graph: bytes, head: nn.Module, dim: int, path: Path) -> None:
-    """The served ONNX for int8: the quantised backbone ``graph``, then ``head`` (FP32) on its features;
-    outputs ``logits`` and ``features`` like the FP32 serving graph."""
-    import onnx
-    from onnx import compose
-
-    quantized = onnx.load_from_string(graph)
-    head_graph = compose.add_prefix(_head_onnx(head, dim), "head/")
-    head_graph.ir_version = quantized.ir_version
-    merged = compose.merge_models(
-        quantized, head_graph, io_map=[("features", "head/features")], outputs=["head/logits", "features"]
-    )
-    for node in merged.graph.node:
-        node.output[:] = ["logits" if name == "head/logits" else name for name in node.output]
-    for output in merged.graph.output:
-        output.name = "logits" if output.name == "head/logits" else output.name
-    outputs = {output.name: output for output in merged.graph.output}
-    ordered = [type(outputs["logits"])() for _ in SERVING_OUTPUTS]
-    for copy, name in zip(ordered, SERVING_OUTPUTS, strict=True):
-        copy.CopyFrom(outputs[name])
-    del merged.graph.output[:]
-    merged.graph.output.extend(ordered)
-    onnx.checker.check_model(merged)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(merged, str(path))
-
-
-def _head_onnx(head: nn.Module, dim: int) -> onnx.ModelProto:
-    import onnx
-
-    buffer = io.BytesIO()
-    with evaluating(head):
-        torch.onnx.export(
-            head,
-            (torch.zeros(2, dim),),
-            buffer,
-            input_names=["features"],
-            output_names=["logits"],
-            dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-        )
-    return onnx.load_from_string(buffer.getvalue())
 
 
 def int8_parity(path: Path, runner: FeatureRunner, head: nn.Module, batch: np.ndarray) -> float:

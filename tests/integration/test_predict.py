@@ -231,6 +231,11 @@ def test_the_run_logs_its_onnx_export_as_an_onnx_model_with_its_signature(world,
     for name, value in zip(("logits", "features"), expected, strict=True):
         assert np.allclose(flavour.run([name], {"image": batch})[0], value, atol=1e-6)
         assert np.allclose(pyfunc[name], value, atol=1e-6)
+    from importlib.metadata import version
+
+    requirements = mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt", dst_path=str(tmp_path))
+    pinned = set(Path(requirements).read_text().split())  # what a pyfunc server of this model installs
+    assert {f"onnx=={version('onnx')}", f"onnxruntime=={version('onnxruntime')}"} <= pinned
     registered = mlflow.models.get_model_info(
         client.get_model_version(settings.mlflow.registered_model, "1").source
     )

@@ -15,11 +15,16 @@ from torch import nn
 from ml.demo.drawing import KNOWN_CLASSES, render_image
 from ml.training.model import (
     RANDOM_INIT,
+    SERVING_OUTPUTS,
     Backbone,
     Classifier,
     Head,
+    ServingGraph,
     WeightsError,
+    backbone_onnx,
     build_backbone,
+    compose_serving_graph,
+    eval_outputs,
     export_onnx,
     load_weights,
     onnx_parity,
@@ -187,6 +192,31 @@ def test_onnx_export_matches_torch(
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # weights inside, no temp files
     images, _ = labelled_batch
     assert onnx_parity(model, path, images[:4]) < 1e-3  # batch of 4, exported with a batch of 2
+
+
+def test_the_composed_serving_graph_answers_as_the_serving_graph_does(
+    lite0: Backbone, labelled_batch: tuple[np.ndarray, torch.Tensor], tmp_path: Path
+) -> None:
+    """What a retrain serves: the backbone's cached export with the head appended, not a new export of
+    the whole classifier; the same outputs, in the same order, at any batch size."""
+    import onnxruntime as ort
+
+    set_deterministic(0)
+    model = Classifier(lite0.module, Head(lite0.dim, len(CLASSES)))
+    path = tmp_path / "model.onnx"
+    compose_serving_graph(backbone_onnx(lite0, 224).read_bytes(), model.head, lite0.dim, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert tuple(o.name for o in session.get_outputs()) == SERVING_OUTPUTS
+    images, _ = labelled_batch
+    reference = ServingGraph(model)
+    for batch in (images[:1], images[:5]):
+        logits, features = session.run(None, {"image": batch})
+        with torch.inference_mode():
+            expected = [out.numpy() for out in reference.eval()(torch.from_numpy(batch))]
+        assert np.abs(logits - expected[0]).max() < 1e-4
+        assert np.abs(features - expected[1]).max() < 1e-4
+        assert np.array_equal(logits.argmax(1), eval_outputs(model, batch).argmax(1))
 
 
 @pytest.mark.filterwarnings("ignore:Constant folding:UserWarning")

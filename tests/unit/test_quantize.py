@@ -15,13 +15,19 @@ import torch
 from ml.layout import quantized_backbone_key
 from ml.storage import LocalStorage
 from ml.training import quantize
-from ml.training.model import SERVING_OUTPUTS, Backbone, Head, build_backbone, torch_runner
+from ml.training.model import (
+    SERVING_OUTPUTS,
+    Backbone,
+    Head,
+    build_backbone,
+    compose_serving_graph,
+    torch_runner,
+)
 from ml.training.preprocessing import Preprocessing, batch_arrays
 from ml.training.quantize import (
     FINGERPRINT,
     QuantizationError,
     calibration_images,
-    export_int8_serving_graph,
     graph_name,
     int8_parity,
     int8_runner,
@@ -81,7 +87,7 @@ def test_the_served_graph_answers_with_the_features_the_head_was_trained_on(
     torch.manual_seed(0)
     head = Head(lite0.dim, 5)
     path = tmp_path / "model.onnx"
-    export_int8_serving_graph(published_backbone(store, lite0, PREP), head, lite0.dim, path)
+    compose_serving_graph(published_backbone(store, lite0, PREP), head, lite0.dim, path)
     runner = int8_runner(store, lite0, PREP)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert tuple(output.name for output in session.get_outputs()) == SERVING_OUTPUTS
