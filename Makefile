@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-balance bench-digits bench-views bench-int8 lock clean
+.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-balance bench-digits bench-views bench-int8 bench-export lock clean
 
 install: $(STAMP)
 
@@ -107,6 +107,9 @@ bench-views: install
 
 bench-int8: install
 	$(BIN)/python bench/int8.py
+
+bench-export: install
+	$(BIN)/python bench/export.py
 
 lock:
 	rm -rf /tmp/mlops-lock && $(PYTHON) -m venv /tmp/mlops-lock
