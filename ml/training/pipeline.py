@@ -47,9 +47,8 @@ from ml.training.model import (
     Backbone,
     Classifier,
     backbone_from_settings,
-    backbone_onnx,
     compose_serving_graph,
-    onnx_parity,
+    export_serving_graph,
     predict_proba,
     save_head,
     set_deterministic,
@@ -503,9 +502,8 @@ def _log_model_and_onnx(
             compose_serving_graph(graph, model.head, backbone.dim, path)
             parity = int8_parity(path, int8_runner(storage, backbone, prep), model.head, sample)
         else:
-            graph = backbone_onnx(backbone, prep.image_size).read_bytes()
-            compose_serving_graph(graph, model.head, backbone.dim, path)
-            parity = onnx_parity(model, path, sample)
+            limit = settings.acceptance.onnx_max_abs_diff
+            parity = export_serving_graph(model, backbone, prep.image_size, path, sample, limit)
         mlflow.log_artifact(str(path), ONNX_ARTIFACT.rsplit("/", 1)[0])  # what release and monitoring read
         log_onnx_model(path, sample)
     return float(parity)

@@ -26,6 +26,7 @@ from ml.training.model import (
     compose_serving_graph,
     eval_outputs,
     export_onnx,
+    export_serving_graph,
     load_weights,
     onnx_parity,
     packaged_efficientnet_lite0_weights,
@@ -217,6 +218,34 @@ def test_the_composed_serving_graph_answers_as_the_serving_graph_does(
         assert np.abs(logits - expected[0]).max() < 1e-4
         assert np.abs(features - expected[1]).max() < 1e-4
         assert np.array_equal(logits.argmax(1), eval_outputs(model, batch).argmax(1))
+
+
+def test_a_kept_backbone_export_of_other_weights_is_never_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad or planted file under the backbone's name in the export folder: the served graph is the
+    model's own (exported whole), not that file with the head appended."""
+    from ml.training import model as model_module
+
+    monkeypatch.setattr(model_module, "ONNX_BACKBONE_DIR", tmp_path / "kept")
+    backbone = build_backbone("resnet18", pretrained=False)
+    other = build_backbone("resnet18", pretrained=False)
+    with torch.no_grad():
+        next(other.module.parameters()).add_(1.0)
+    export_onnx(other.module, tmp_path / "kept" / f"resnet18-{backbone.weights_id}-64.onnx", 64, "features")
+    set_deterministic(0)
+    model = Classifier(backbone.module, Head(backbone.dim, len(CLASSES)))
+    sample = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    planted_gap = onnx_parity(model, compose_to(tmp_path / "planted.onnx", backbone, model, 64), sample)
+    assert planted_gap > 1e-3  # the planted graph would have answered otherwise
+
+    gap = export_serving_graph(model, backbone, 64, tmp_path / "served.onnx", sample, max_abs_diff=1e-3)
+    assert gap < 1e-4 and onnx_parity(model, tmp_path / "served.onnx", sample) == gap
+
+
+def compose_to(path: Path, backbone: Backbone, model: Classifier, size: int) -> Path:
+    compose_serving_graph(backbone_onnx(backbone, size).read_bytes(), model.head, backbone.dim, path)
+    return path
 
 
 @pytest.mark.filterwarnings("ignore:Constant folding:UserWarning")
