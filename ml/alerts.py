@@ -23,7 +23,6 @@ from ml.config import AlertRule, Settings
 log = logging.getLogger(__name__)
 
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com"
-SEND_TIMEOUT_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -244,7 +243,7 @@ def connection_from_env(conn_id: str, environ: Mapping[str, str] | None = None) 
     )
 
 
-def _post_json(url: str, body: dict[str, Any]) -> None:
+def _post_json(url: str, body: dict[str, Any], timeout: float) -> None:
     from ml.http import http
 
     status, answer = http(
@@ -252,36 +251,38 @@ def _post_json(url: str, body: dict[str, Any]) -> None:
         url,
         body=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
-        timeout=SEND_TIMEOUT_SECONDS,
+        timeout=timeout,
     )
     if status >= 300:
         raise OSError(f"{url.split('?')[0]} answered HTTP {status}: {answer[:200]!r}")
 
 
-def slack_webhook_sender(connection: Connection) -> Sender:
+def slack_webhook_sender(connection: Connection, timeout: float) -> Sender:
     """Posts the alert as Block Kit to the webhook URL (the connection's password, or https://host)."""
     url = connection.password or (f"https://{connection.host}" if connection.host else "")
     if not url.startswith(("http://", "https://")):
         raise ValueError("the Slack webhook connection holds no webhook URL (put it in the password)")
-    return lambda alert: _post_json(url, alert.slack_message())
+    return lambda alert: _post_json(url, alert.slack_message(), timeout)
 
 
-def pagerduty_sender(connection: Connection) -> Sender:
+def pagerduty_sender(connection: Connection, timeout: float) -> Sender:
     """Enqueues an Events API v2 event; the routing key is the password, ``events_url`` an extra."""
     base = str(connection.extra.get("events_url") or PAGERDUTY_EVENTS_URL).rstrip("/")
-    return lambda alert: _post_json(f"{base}/v2/enqueue", alert.pagerduty_event(connection.password))
+    return lambda alert: _post_json(f"{base}/v2/enqueue", alert.pagerduty_event(connection.password), timeout)
 
 
 def env_senders(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Sender | None]:
     """Senders for the CLI, from the same connections the DAGs use."""
-    factories: dict[str, Callable[[Connection], Sender]] = {
+    factories: dict[str, Callable[[Connection, float], Sender]] = {
         "slack": slack_webhook_sender,
         "pagerduty": pagerduty_sender,
     }
     senders: dict[str, Sender | None] = {}
     for channel, conn_id in channel_connections(settings).items():
         connection = connection_from_env(conn_id, environ)
-        senders[channel] = factories[channel](connection) if connection else None
+        senders[channel] = (
+            factories[channel](connection, settings.alerts.send_timeout_seconds) if connection else None
+        )
     return senders
 
 

@@ -435,6 +435,7 @@ class AlertsConfig(_Strict):
     slack_conn_id: str
     pagerduty_conn_id: str
     failure_severity: Severity
+    send_timeout_seconds: float = Field(10, gt=0)  # a channel that hangs costs at most this, per alert
     channels: dict[Severity, list[Channel]]
     rules: list[AlertRule]
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from ml.alerts import (
     PAGERDUTY_EVENTS_URL,
-    SEND_TIMEOUT_SECONDS,
     Alert,
     Sender,
     channel_connections,
@@ -41,7 +40,7 @@ def _connection(conn_id: str) -> Any | None:
         return None
 
 
-def slack_sender(conn_id: str) -> Sender:
+def slack_sender(conn_id: str, timeout: float) -> Sender:
     def send(alert: Alert) -> None:
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
@@ -51,14 +50,14 @@ def slack_sender(conn_id: str) -> Sender:
             slack_webhook_conn_id=conn_id,
             text=message["text"],
             blocks=message["blocks"],
-            timeout=SEND_TIMEOUT_SECONDS,
+            timeout=timeout,
         )
         notifier.notify({})
 
     return send
 
 
-def pagerduty_sender(conn_id: str, conn: Any) -> Sender:
+def pagerduty_sender(conn_id: str, conn: Any, timeout: float) -> Sender:
     """Events through the provider's hook; the ``events_url`` extra overrides the Events API host.
 
     The async hook is used because the sync client only accepts the https PagerDuty host (a
@@ -82,18 +81,18 @@ def pagerduty_sender(conn_id: str, conn: Any) -> Sender:
             links=event.get("links"),
         )
         # the hook has no timeout of its own: a stuck Events API must cost seconds, not the task
-        asyncio.run(asyncio.wait_for(sending, timeout=SEND_TIMEOUT_SECONDS))
+        asyncio.run(asyncio.wait_for(sending, timeout=timeout))
 
     return send
 
 
 def airflow_senders(settings: Settings) -> dict[str, Sender | None]:
     """A sender per channel whose Airflow connection exists (None where it does not)."""
-    connections = channel_connections(settings)
+    connections, timeout = channel_connections(settings), settings.alerts.send_timeout_seconds
     slack, pagerduty = _connection(connections["slack"]), _connection(connections["pagerduty"])
     return {
-        "slack": slack_sender(connections["slack"]) if slack else None,
-        "pagerduty": pagerduty_sender(connections["pagerduty"], pagerduty) if pagerduty else None,
+        "slack": slack_sender(connections["slack"], timeout) if slack else None,
+        "pagerduty": pagerduty_sender(connections["pagerduty"], pagerduty, timeout) if pagerduty else None,
     }
 
 
