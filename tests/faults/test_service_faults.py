@@ -105,10 +105,11 @@ class Answer:
 
 
 class Stream:
-    """Valid images posted to /predict by ``clients`` threads, one after another; every answer kept."""
+    """Valid images posted to /predict by ``clients`` threads, one after another (``pause`` seconds
+    apart, per client); every answer kept."""
 
-    def __init__(self, url: str, clients: int = 3) -> None:
-        self.url, self.answers, self.stop = url, [], threading.Event()
+    def __init__(self, url: str, clients: int = 3, pause: float = 0.0) -> None:
+        self.url, self.answers, self.stop, self.pause = url, [], threading.Event(), pause
         self.images = [encode(photo(seed), "JPEG") for seed in range(5)]
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(clients)]
 
@@ -125,6 +126,7 @@ class Stream:
                 self.answers.append(Answer(time.monotonic(), response.status_code, body))
             except Exception as exc:  # noqa: BLE001 - a dropped connection is a failed request
                 self.answers.append(Answer(time.monotonic(), repr(exc)))
+            self.stop.wait(self.pause)
 
     def __enter__(self) -> Stream:
         for thread in self.threads:
@@ -215,7 +217,8 @@ def test_a_storage_outage_answers_every_prediction_and_loses_no_logged_row(start
         serving__log_flush_rows=20,
         serving__log_images="true",
     )
-    with Stream(service.url) as stream:
+    # paced: every answered request leaves a row and an image to write once storage is back
+    with Stream(service.url, pause=0.05) as stream:
         time.sleep(3)
         stalled_at = time.monotonic()
         moto_s3.stall()
