@@ -300,22 +300,29 @@ def replica_components(settings: Settings) -> list[Component]:
     ]
 
 
-def start(component: Component, env: dict[str, str], wait_seconds: float) -> bool:
-    """Start ``component`` unless it runs; True once it is ready."""
-    if stack.running_pid(component.name):
-        return True
-    process = stack.spawn(component.name, component.argv, {**os.environ, **env, **component.env})
+def start(components: list[Component], env: dict[str, str], wait_seconds: float) -> bool:
+    """Start those of ``components`` that do not run, all at once (each waits for what it needs by
+    itself: a worker for the broker, the scheduler for the database); True once every one is ready."""
+    processes = {
+        component.name: stack.spawn(component.name, component.argv, {**os.environ, **env, **component.env})
+        for component in components
+        if not stack.running_pid(component.name)
+    }
+    waiting = [component for component in components if component.name in processes]
     deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        if component.ready():
-            if component.shown:
-                print(component.shown, flush=True)
-            return True
-        if process.poll() is not None:
-            break
-        time.sleep(1)
-    print(f"{component.name} did not become ready; see {stack.airflow_home() / f'{component.name}.log'}")
-    return False
+    while waiting and time.monotonic() < deadline:
+        for component in list(waiting):
+            if component.ready():
+                if component.shown:
+                    print(component.shown, flush=True)
+                waiting.remove(component)
+            elif processes[component.name].poll() is not None:
+                deadline = 0  # it exited: the profile cannot come up
+        if waiting:
+            time.sleep(1)
+    for component in waiting:
+        print(f"{component.name} did not become ready; see {stack.airflow_home() / f'{component.name}.log'}")
+    return not waiting
 
 
 # -------------------------------------------------------------------------------- up and down
@@ -349,7 +356,8 @@ def prepare(settings: Settings) -> None:
 
 
 def up(wait_seconds: float = 240.0) -> int:
-    """Every component of the profile, in dependency order; 1 when one does not come up."""
+    """The S3 API, databases and buckets, then MLflow and Airflow's parts at once, then the replicas;
+    1 when one does not come up."""
     settings = use_profile()
     problem = backing_services_problem(settings)
     if problem:
@@ -357,14 +365,14 @@ def up(wait_seconds: float = 240.0) -> int:
         return 1
     env = profile_env(settings)
     config = profile(settings)
-    if config.start_s3_endpoint and not start(s3_component(settings), env, 60):
+    if config.start_s3_endpoint and not start([s3_component(settings)], env, 60):
         return 1
     prepare(settings)
-    for component in [mlflow_component(settings), *airflow_components(settings)]:
-        if not start(component, env, wait_seconds):
-            return 1
-    if not all(stack.unpause(dag_id, time.monotonic() + 120) for dag_id in stack.DAG_IDS):
-        print(f"could not unpause the DAGs; see {stack.airflow_home() / 'dag-processor.log'}")
+    if not start([mlflow_component(settings), *airflow_components(settings)], env, wait_seconds):
+        return 1
+    still_paused = stack.unpause_dags(time.monotonic() + 120)
+    if still_paused:
+        print(f"could not unpause {sorted(still_paused)}; see {stack.airflow_home() / 'dag-processor.log'}")
         return 1
     return start_replicas(settings, env, wait_seconds)
 
@@ -377,7 +385,7 @@ def start_replicas(settings: Settings, env: dict[str, str], wait_seconds: float 
             "replicas:    not started (no champion yet; `make up PROFILE=production` after the first retrain)"
         )
         return 0
-    return 0 if all(start(replica, env, wait_seconds) for replica in replica_components(settings)) else 1
+    return 0 if start(replica_components(settings), env, wait_seconds) else 1
 
 
 def component_names(settings: Settings) -> list[str]:
