@@ -304,7 +304,7 @@ class Api:
             state = self.call(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
             if state in ("success", "failed"):
                 return state
-            time.sleep(3)
+            time.sleep(1)
         return state
 
     def wait_new_run(self, dag_id: str, known: set[str], seconds: float = 120) -> dict[str, Any] | None:
@@ -313,7 +313,7 @@ class Api:
             new = [run for run in self.runs(dag_id) if run["dag_run_id"] not in known]
             if new:
                 return new[-1]
-            time.sleep(3)
+            time.sleep(1)
         return None
 
 

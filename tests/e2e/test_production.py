@@ -176,7 +176,7 @@ def wait_state(runs: Any, dag_id: str, run_id: str, seconds: float = 600) -> str
         state = str(runs.get_dag_run(dag_id, run_id).state.value)
         if state in ("success", "failed"):
             return state
-        time.sleep(3)
+        time.sleep(1)
     return state
 
 
@@ -188,7 +188,7 @@ def new_run(runs: Any, dag_id: str, known: set[str], seconds: float = 300) -> st
         ]
         if found:
             return found[0]
-        time.sleep(3)
+        time.sleep(1)
     raise AssertionError(f"no new {dag_id} run in {seconds:.0f} s")
 
 
@@ -298,7 +298,7 @@ def test_the_loop_runs_on_the_production_profile(profile: Profile) -> None:
                 detail = instances.get_hitl_detail("retrain", retrain_run, "approve", -1)
             except Exception:  # noqa: BLE001 - 404 until the approval task asks
                 assert runs.get_dag_run("retrain", retrain_run).state.value != "failed"
-                time.sleep(5)
+                time.sleep(2)
         assert detail is not None, "the retrain never asked for approval"
         report["canary"] = wait_replicas(profile, "1", "2")  # the canary reached every replica first
         instances.update_hitl_detail(
