@@ -212,21 +212,6 @@ def run_day(api: Any, storage: Storage, day: dt.date, train_after: bool) -> tupl
     return "-", True
 
 
-def settle_unpause_runs(api: Any, seconds: float = 60) -> None:
-    """Unpausing runs the latest cron tick of ``retrain`` and ``monitor_serving`` once; let them finish."""
-    deadline, pending = time.monotonic() + seconds, {"retrain", "monitor_serving"}
-    while pending and time.monotonic() < deadline:
-        for dag_id in sorted(pending):
-            runs = api.runs(dag_id)
-            for run in runs:
-                if run["state"] in ("queued", "running"):
-                    state = api.wait(dag_id, run["dag_run_id"])
-                    print(f"{dag_id} run {run['dag_run_id']} (started by the unpause): {state}")
-            if runs:
-                pending.discard(dag_id)
-        time.sleep(2)
-
-
 def land(storage: Storage, settings: Settings) -> None:
     from ml.demo.landing import land_day
 
@@ -319,7 +304,7 @@ def main() -> int:
     ok, started = True, time.perf_counter()
     try:
         api = Api.as_admin()
-        settle_unpause_runs(api)
+        stack.settle_unpause_runs(api)
         header = ROW.format(**HEADER)
         print(f"\n{header}\n{'-' * len(header)}")
         for offset in range(DEMO_DAYS):

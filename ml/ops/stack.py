@@ -107,6 +107,22 @@ def unpause_dags(deadline: float) -> list[str]:
     return waiting
 
 
+def settle_unpause_runs(api: Api, seconds: float = 60) -> None:
+    """Unpausing runs the latest cron tick of ``retrain`` and ``monitor_serving`` once; let them finish
+    (before anything is ingested: a retrain that starts later trains on whatever is there by then)."""
+    deadline, pending = time.monotonic() + seconds, {"retrain", "monitor_serving"}
+    while pending and time.monotonic() < deadline:
+        for dag_id in sorted(pending):
+            runs = api.runs(dag_id)
+            for run in runs:
+                if run["state"] in ("queued", "running"):
+                    state = api.wait(dag_id, run["dag_run_id"])
+                    print(f"{dag_id} run {run['dag_run_id']} (started by the unpause): {state}")
+            if runs:
+                pending.discard(dag_id)
+        time.sleep(2)
+
+
 def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group, output to ``$AIRFLOW_HOME/<name>.log``, pid in a file."""
     home = airflow_home()
