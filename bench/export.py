@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from ml.training.model import (
     eval_outputs,
     export_onnx,
 )
+from ml.training.pipeline import ONNX_MODEL_PACKAGES, pinned
 
 SIZE = 224
 
@@ -75,27 +75,16 @@ def main() -> None:
     cached = backbone_onnx(backbone, SIZE)
     cached.unlink(missing_ok=True)  # the cold row makes it
 
+    def compose() -> None:
+        compose_serving_graph(backbone_onnx(backbone, SIZE).read_bytes(), model.head, backbone.dim, composed)
+
     rows = [
         (
             "whole classifier (torch.onnx.export)",
             timed(lambda: export_onnx(ServingGraph(model), whole, SIZE, SERVING_OUTPUTS)),
         ),
-        (
-            "backbone export, then head appended",
-            timed(
-                lambda: compose_serving_graph(
-                    backbone_onnx(backbone, SIZE).read_bytes(), model.head, backbone.dim, composed
-                )
-            ),
-        ),
-        (
-            "head appended to the kept backbone",
-            timed(
-                lambda: compose_serving_graph(
-                    backbone_onnx(backbone, SIZE).read_bytes(), model.head, backbone.dim, composed
-                )
-            ),
-        ),
+        ("backbone export, then head appended", timed(compose)),
+        ("head appended to the kept backbone", timed(compose)),
     ]
     print(f"{'served ONNX written by':42s} {'seconds':>8s}")
     for label, seconds in rows:
@@ -124,7 +113,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
     graph = onnx.load(str(composed))
-    named = [f"{name}=={version(name)}" for name in ("numpy", "onnx", "onnxruntime")]
+    named = pinned(ONNX_MODEL_PACKAGES)
     with mlflow.start_run():
         mlflow.onnx.log_model(graph, name="warm-up", save_as_external_data=False, pip_requirements=named)
         inferred = timed(lambda: mlflow.onnx.log_model(graph, name="inferred", save_as_external_data=False))

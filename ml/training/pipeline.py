@@ -66,6 +66,8 @@ from ml.training.train import Hyperparameters, SplitData, TrainResult, split_dat
 from ml.training.validate import validate_in_run
 
 ONNX_MODEL = "onnx_model"  # the ONNX export as an MLflow ``onnx`` model: runs:/<run_id>/onnx_model
+ONNX_MODEL_PACKAGES = ("numpy", "onnx", "onnxruntime")  # what the ONNX model needs to run
+TORCH_MODEL_PACKAGES = ("torch", "torchvision", "efficientnet-lite-pytorch")  # ...and the PyTorch one
 
 # split data, classes, hyperparameters, per-epoch sink -> a fitted head and its test evaluation
 TrainFn = Callable[
@@ -486,11 +488,7 @@ def _log_model_and_onnx(
         serialization_format="pickle",
         signature=infer_signature(sample, logits),
         input_example=sample[:1],
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            "torchvision==0.29.1",
-            "efficientnet-lite-pytorch==0.1.0",
-        ],
+        pip_requirements=pinned(TORCH_MODEL_PACKAGES),
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
@@ -509,11 +507,18 @@ def _log_model_and_onnx(
     return float(parity)
 
 
+def pinned(packages: tuple[str, ...]) -> list[str]:
+    """``name==version`` of each installed package, without a local label (torch's ``+cpu``): a logged
+    model's requirements, named, as MLflow would infer them (its inference imports the model in a
+    subprocess, ~5 s)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
 def log_onnx_model(path: Path, sample: np.ndarray) -> Any:
     """The ONNX export as an MLflow ``onnx`` model (``ONNX_MODEL``) in the active run, its signature
     from ``sample``: ``image`` -> ``logits``, ``features``; returns its ``ModelInfo``."""
-    from importlib.metadata import version
-
     import mlflow.onnx
     import onnx
     import onnxruntime as ort
@@ -527,8 +532,7 @@ def log_onnx_model(path: Path, sample: np.ndarray) -> Any:
         name=ONNX_MODEL,
         signature=infer_signature({"image": sample}, outputs),
         save_as_external_data=False,  # one model.onnx, byte-for-byte a valid standalone export
-        # what MLflow would infer, named: its inference imports the model in a subprocess (~5 s)
-        pip_requirements=[f"{name}=={version(name)}" for name in ("numpy", "onnx", "onnxruntime")],
+        pip_requirements=pinned(ONNX_MODEL_PACKAGES),
     )
 
 

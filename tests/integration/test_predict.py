@@ -240,3 +240,6 @@ def test_the_run_logs_its_onnx_export_as_an_onnx_model_with_its_signature(world,
         client.get_model_version(settings.mlflow.registered_model, "1").source
     )
     assert "pytorch" in registered.flavors  # the version registers the PyTorch model, not the export
+    installed = [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision")]
+    torch_pins = set(Path(mlflow.pyfunc.get_model_dependencies(registered.model_uri)).read_text().split())
+    assert {*installed, f"efficientnet-lite-pytorch=={version('efficientnet-lite-pytorch')}"} <= torch_pins
