@@ -83,3 +83,29 @@ def test_a_missing_backing_service_is_named(settings) -> None:
         }
     )
     assert production.backing_services_problem(broken) == f"PostgreSQL does not answer at 127.0.0.1:{port}"
+
+
+def test_components_start_together_and_one_that_exits_ends_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from ml.ops import stack
+    from ml.ops.production import Component, start
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    marker = tmp_path / "second-started"
+    ready = Component("ready", ["sleep", "60"], lambda: marker.exists(), shown="ready: up")
+    # never ready: it leaves the marker, then exits
+    second = Component("second", ["sh", "-c", f"touch {marker}; sleep 3; exit 1"], lambda: False)
+    began = time.monotonic()
+    try:
+        assert start([ready, second], {}, wait_seconds=60) is False
+        took = time.monotonic() - began
+        assert took < 15, took  # not the 60 s wait: the exit ended it
+        assert marker.exists()  # both were started before either was waited for
+        out = capsys.readouterr().out
+        assert "ready: up" in out and "second did not become ready" in out
+        assert start([ready], {}, wait_seconds=1) is True  # already running: ready, not started again
+    finally:
+        stack.stop_group("ready", 5)
