@@ -120,7 +120,8 @@ def settle_unpause_runs(api: Api, seconds: float = 60) -> None:
                     print(f"{dag_id} run {run['dag_run_id']} (started by the unpause): {state}")
             if runs:
                 pending.discard(dag_id)
-        time.sleep(2)
+        if pending:
+            time.sleep(2)
 
 
 def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -299,10 +300,11 @@ class Api:
         return None
 
     @classmethod
-    def as_admin(cls) -> Api:
-        """A client logged in as the simple auth manager's ``admin`` (password file in AIRFLOW_HOME)."""
-        passwords = json.loads((airflow_home() / PASSWORDS_FILE).read_text())
-        api = cls(api_url())
+    def as_admin(cls, url: str | None = None, home: Path | None = None) -> Api:
+        """A client of the API server at ``url`` (this environment's by default), logged in as the simple
+        auth manager's ``admin`` (password file in ``home``, by default AIRFLOW_HOME)."""
+        passwords = json.loads(((home or airflow_home()) / PASSWORDS_FILE).read_text())
+        api = cls(url or api_url())
         api.token = api.call("/auth/token", {"username": "admin", "password": passwords["admin"]})[
             "access_token"
         ]

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from ml.http import free_port
-from ml.ops.stack import settle_unpause_runs
+from ml.ops.stack import Api, settle_unpause_runs
 from tests.conftest import QUICK_VALIDATION, REPO, setting_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -144,7 +144,8 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
         started = found.run("up")
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         found.log.append(started.stdout)
-        settle_unpause_runs(stack_api(found))  # their retrain must not train on the days landed next
+        # the unpause's runs finish first: their retrain must not train on the days landed next
+        settle_unpause_runs(Api.as_admin(found.api_url, found.home))
         with pytest.MonkeyPatch.context() as patch:  # this process talks to the profile's S3 and MLflow
             for key, value in env.items():
                 patch.setenv(key, value)
@@ -159,21 +160,12 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
         drop_databases(databases)
 
 
-def stack_api(profile: Profile) -> Any:
-    """``ml.ops.stack.Api`` on the profile's API server, logged in as the simple auth manager's admin."""
-    from ml.ops.stack import PASSWORDS_FILE, Api
-
-    password = json.loads((profile.home / PASSWORDS_FILE).read_text())["admin"]
-    api = Api(profile.api_url)
-    api.token = api.call("/auth/token", {"username": "admin", "password": password})["access_token"]
-    return api
-
-
 def client(profile: Profile) -> Any:
-    """Airflow's own Python client, logged in as admin."""
+    """Airflow's own Python client, logged in as the simple auth manager's admin."""
     import airflow_client.client as airflow_client
 
-    configuration = airflow_client.Configuration(host=profile.api_url, access_token=stack_api(profile).token)
+    token = Api.as_admin(profile.api_url, profile.home).token
+    configuration = airflow_client.Configuration(host=profile.api_url, access_token=token)
     return airflow_client.ApiClient(configuration)
 
 
