@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.data.images import ImageLimits, ImageReport, inspect_image
+from ml.memory import keep_freed_memory
 from ml.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,12 @@ def die_with_parent(parent: int) -> None:
 
 
 def start_worker(parent: int) -> None:
-    """A worker's start: it dies with ``parent`` and runs BLAS (the pHash's resize) on one thread,
-    as the workers already take one core each."""
+    """A worker's start: it dies with ``parent``, keeps the memory it frees and runs BLAS (the pHash's
+    resize) on one thread, as the workers already take one core each."""
     from threadpoolctl import threadpool_limits
 
     die_with_parent(parent)
+    keep_freed_memory()
     threadpool_limits(1, user_api="blas")
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -30,6 +32,7 @@ from ml.data.ingest import (
     reconcile,
 )
 from ml.data.inspection import FileInspection, Inspection, inspect_file, inspect_files
+from ml.demo.drawing import render_image
 from ml.storage import LocalStorage, S3Storage
 from tests.hostile import (
     CLASSES,
@@ -573,3 +576,45 @@ def test_inspection_workers_run_blas_on_one_thread_and_leave_the_parents_alone(t
     notes = [json.loads(path.read_text()) for path in spool.glob("blas-*")]
     assert len(notes) == 2 and all(note == [1] for note in notes), notes
     assert numpy_blas_threads() == before
+
+
+def inspect_counting_page_faults(path: Path, limits: ImageLimits, out_dir: Path) -> FileInspection:
+    """``inspect_file``, noting in ``out_dir`` the page faults it cost the worker that ran it."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    found = inspect_file(path, limits, out_dir)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    with (out_dir / f"faults-{os.getpid()}").open("a") as notes:
+        notes.write(f"{faults}\n")
+    return found
+
+
+FAULTS_PROBE = """
+import sys
+from pathlib import Path
+from ml.data.images import ImageLimits
+from ml.data.inspection import Inspection
+from tests.unit.test_ingest import inspect_counting_page_faults
+
+spool = Path(sys.argv[1])
+files = {path.name: path for path in sorted(spool.glob("*.jpg"))}
+limits = ImageLimits(frozenset({"JPEG"}), 50_000_000, 20_000_000)
+with Inspection(files, limits, 2, spool, inspect=inspect_counting_page_faults, chunk=4) as inspection:
+    assert all(found.report.reason is None for found in inspection.results(list(files)).values())
+"""
+
+
+def test_inspection_workers_reuse_the_memory_of_one_image_for_the_next(tmp_path: Path) -> None:
+    """A worker that hands each image's memory back to the kernel faults it in again for the next
+    (hundreds of page faults per 500 px image, a third of the inspection's time on a VM). The workers
+    of a fresh process (this one's malloc has grown its thresholds) inspect the demo's ~500 px images."""
+    rng = np.random.default_rng(7)
+    for index in range(48):  # as bench/ingest.py lands them
+        image = render_image(CLASSES[index % 5], CLASSES, rng)
+        scale = 500 / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)))
+        (tmp_path / f"p{index:02d}.jpg").write_bytes(encode(image, "JPEG", quality=90))
+    subprocess.run([sys.executable, "-c", FAULTS_PROBE, str(tmp_path)], timeout=300, check=True)
+    per_worker = [[int(n) for n in path.read_text().split()] for path in tmp_path.glob("faults-*")]
+    assert len(per_worker) == 2 and all(len(faults) > 8 for faults in per_worker), per_worker
+    after_warm_up = sorted(n for faults in per_worker for n in faults[4:])
+    assert after_warm_up[len(after_warm_up) // 2] < 20, per_worker  # the median image: none
