@@ -295,17 +295,17 @@ def _label(value: Any) -> str:
 def check_manifest(batch: Batch, quality: QualityRunner, settings: Settings) -> None:
     """Run the manifest suite on the rows (exact duplicate rows collapsed) and record row reasons."""
     frame = batch.manifest
-    for line in frame.index:
-        label = _label(frame.at[line, "label"]) if "label" in frame else ""
-        batch.rows[int(line)] = LedgerEntry("row", row_ref(int(line)), label=label)
+    labels = frame["label"] if "label" in frame else pd.Series("", index=frame.index)
+    for line, label in zip(frame.index.tolist(), labels.tolist(), strict=True):
+        batch.rows[line] = LedgerEntry("row", row_ref(line), label=_label(label))
     has_columns = all(column in frame for column in REQUIRED_COLUMNS)
     collapsed = frame.drop_duplicates(subset=list(REQUIRED_COLUMNS)) if has_columns else frame
     if has_columns:
-        first_line = {
-            (row.filename, row.label): int(line) for line, row in collapsed[list(REQUIRED_COLUMNS)].iterrows()
-        }
-        for line, row in frame[list(REQUIRED_COLUMNS)].iterrows():
-            primary = first_line[(row.filename, row.label)]
+        first_line: dict[tuple[Any, ...], int] = {}
+        for line, *key in collapsed[list(REQUIRED_COLUMNS)].itertuples(name=None):
+            first_line[tuple(key)] = int(line)
+        for line, *key in frame[list(REQUIRED_COLUMNS)].itertuples(name=None):
+            primary = first_line[tuple(key)]
             if primary != int(line):
                 batch.rows[int(line)].duplicate_of_line = primary
     outcome = quality.validate("manifest", collapsed, manifest_parameters(settings))
@@ -376,8 +376,9 @@ def pair_rows_and_files(batch: Batch) -> dict[str, int]:
         else:
             claimed[name] = valid[0]
             entry.label = batch.rows[valid[0]].label
+    names = batch.manifest["filename"].to_dict() if "filename" in batch.manifest else {}
     for line, entry in batch.rows.items():
-        name = batch.manifest.at[line, "filename"] if "filename" in batch.manifest else None
+        name = names.get(line)
         if entry.outcome == "curated" and name is not None and str(name) not in batch.files:
             _quarantine(entry, "file_missing", f"images/{name} was not landed")
     return claimed
