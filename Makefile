@@ -62,10 +62,14 @@ services:
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
 	  echo "starting Redis"; redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true; }
 
+# Two pytest-xdist workers, one test file at a time each, in collection order (the long e2e files
+# first): most tests wait on servers and subprocesses, so two share the 2-core machine.
+TEST_WORKERS ?= 2
+
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(BIN)/pytest tests/unit tests/dags
