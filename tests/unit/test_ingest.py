@@ -616,5 +616,7 @@ def test_inspection_workers_reuse_the_memory_of_one_image_for_the_next(tmp_path:
     subprocess.run([sys.executable, "-c", FAULTS_PROBE, str(tmp_path)], timeout=300, check=True)
     per_worker = [[int(n) for n in path.read_text().split()] for path in tmp_path.glob("faults-*")]
     assert len(per_worker) == 2 and all(len(faults) > 8 for faults in per_worker), per_worker
-    after_warm_up = sorted(n for faults in per_worker for n in faults[4:])
-    assert after_warm_up[len(after_warm_up) // 2] < 20, per_worker  # the median image: none
+    # Each worker on its own: without the setting glibc's sliding threshold spares one worker now and
+    # then (its early frees raise it), while the other faults ~600 times per image.
+    medians = [sorted(faults[4:])[len(faults[4:]) // 2] for faults in per_worker]
+    assert all(median < 20 for median in medians), per_worker  # the median image of each: none
