@@ -10,7 +10,6 @@ process; the object that still crashes is rejected as ``decoder_crashed``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.data.images import ImageLimits, ImageReport, inspect_image
-from ml.memory import keep_freed_memory
+from ml.memory import keep_freed_memory, libc
 from ml.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,9 @@ def crashed(path: Path, detail: str) -> FileInspection:
 
 def die_with_parent(parent: int) -> None:
     """Ask the kernel to kill this process when its parent dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    with contextlib.suppress(AttributeError):
+        if c := libc():
+            c.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
