@@ -295,19 +295,19 @@ def _label(value: Any) -> str:
 def check_manifest(batch: Batch, quality: QualityRunner, settings: Settings) -> None:
     """Run the manifest suite on the rows (exact duplicate rows collapsed) and record row reasons."""
     frame = batch.manifest
-    labels = frame["label"] if "label" in frame else pd.Series("", index=frame.index)
-    for line, label in zip(frame.index.tolist(), labels.tolist(), strict=True):
+    labels = frame["label"].tolist() if "label" in frame else [""] * len(frame)
+    for line, label in zip(frame.index.tolist(), labels, strict=True):
         batch.rows[line] = LedgerEntry("row", row_ref(line), label=_label(label))
     has_columns = all(column in frame for column in REQUIRED_COLUMNS)
     collapsed = frame.drop_duplicates(subset=list(REQUIRED_COLUMNS)) if has_columns else frame
     if has_columns:
         first_line: dict[tuple[Any, ...], int] = {}
         for line, *key in collapsed[list(REQUIRED_COLUMNS)].itertuples(name=None):
-            first_line[tuple(key)] = int(line)
+            first_line[tuple(key)] = line
         for line, *key in frame[list(REQUIRED_COLUMNS)].itertuples(name=None):
             primary = first_line[tuple(key)]
-            if primary != int(line):
-                batch.rows[int(line)].duplicate_of_line = primary
+            if primary != line:
+                batch.rows[line].duplicate_of_line = primary
     outcome = quality.validate("manifest", collapsed, manifest_parameters(settings))
     batch.suites["manifest"] = outcome
     batch.gate_reasons += [f"manifest suite: {reason}" for reason in outcome.gate_failures]
