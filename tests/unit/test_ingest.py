@@ -574,7 +574,9 @@ def test_inspection_workers_run_blas_on_one_thread_and_leave_the_parents_alone(t
         found = inspection.results(list(files))
     assert all(result.report.reason is None for result in found.values())
     notes = [json.loads(path.read_text()) for path in spool.glob("blas-*")]
-    assert len(notes) == 2 and all(note == [1] for note in notes), notes
+    # both workers, or one that took every chunk while the other waited for a core (make test runs two
+    # test workers beside each other)
+    assert 1 <= len(notes) <= 2 and all(note == [1] for note in notes), notes
     assert numpy_blas_threads() == before
 
 
