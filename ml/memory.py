@@ -12,10 +12,16 @@ MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 
 @functools.cache
 def libc() -> ctypes.CDLL | None:
-    """This process's C library, or None where it is not glibc."""
+    """This process's C library, or None where ``libc.so.6`` cannot be loaded."""
     with contextlib.suppress(OSError):
         return ctypes.CDLL("libc.so.6", use_errno=True)
     return None
+
+
+def glibc_call(name: str, *args: int) -> int | None:
+    """``name(*args)`` from glibc: its return value, or None where there is no such C function."""
+    function = getattr(libc(), name, None)
+    return None if function is None else int(function(*args))
 
 
 def keep_freed_memory() -> None:
@@ -26,7 +32,5 @@ def keep_freed_memory() -> None:
     for the next image: ~200-800 page faults per image, measured at 30-40% of an inspection's time on
     this VM. The cost is up to 128 MB kept in the process. Without glibc nothing changes.
     """
-    with contextlib.suppress(AttributeError):
-        if c := libc():
-            c.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-            c.mallopt(M_TRIM_THRESHOLD, 4 * MMAP_THRESHOLD_MAX)
+    glibc_call("mallopt", M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    glibc_call("mallopt", M_TRIM_THRESHOLD, 4 * MMAP_THRESHOLD_MAX)

@@ -9,7 +9,6 @@ process; the object that still crashes is rejected as ``decoder_crashed``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.data.images import ImageLimits, ImageReport, inspect_image
-from ml.memory import keep_freed_memory, libc
+from ml.memory import glibc_call, keep_freed_memory
 from ml.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -71,9 +70,7 @@ def crashed(path: Path, detail: str) -> FileInspection:
 
 def die_with_parent(parent: int) -> None:
     """Ask the kernel to kill this process when its parent dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(AttributeError):
-        if c := libc():
-            c.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    glibc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
