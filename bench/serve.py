@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -418,6 +419,11 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stop_on_term(signum: int, _frame: object) -> None:
+    """SIGTERM as an exit: the ``finally`` that stops a started server runs."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -426,6 +432,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="service worker processes (default: serving.workers)")
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="model.precision")
     args = parser.parse_args()
+    # a `kill` of the benchmark stops the server it started too (each runs in its own session)
+    signal.signal(signal.SIGTERM, stop_on_term)
     report = run(args)
     RESULTS.mkdir(exist_ok=True)
     name = "serve.json" if args.precision == "fp32" else f"serve-{args.precision}.json"
