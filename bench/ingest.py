@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -179,16 +180,14 @@ def ceiling_vs_plain(plain_s: float, one_process_s: float, day_parent_cpu_s: flo
     return cores * plain_s / (one_process_s + day_parent_cpu_s)
 
 
-def write_report(rows: list[dict], header: dict[str, object]) -> None:
+def write_report(rows: list[dict], header: dict[str, Any]) -> None:
     """``bench/results/ingest.json`` and the README table."""
     baseline = rows[0]["images_per_s"]
     for row in rows:
         row["vs_plain"] = round(float(row["images_per_s"]) / float(baseline), 2)
     plain, one_process, day = rows[0], rows[1], rows[-1]
-    cores = int(str(header["cores"]))
-    ceiling = ceiling_vs_plain(
-        float(plain["seconds"]), float(one_process["seconds"]), float(day["parent_cpu_s"]), cores
-    )
+    cores = header["cores"]
+    ceiling = ceiling_vs_plain(plain["seconds"], one_process["seconds"], day["parent_cpu_s"], cores)
     report = {
         **header,
         "python": platform.python_version(),
