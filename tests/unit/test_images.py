@@ -190,6 +190,24 @@ def test_the_matrix_lanczos_resize_is_pillows_to_the_bit() -> None:
         lanczos_resize(np.zeros((4, 4, 3), dtype=np.uint8), (2, 2))
 
 
+def test_the_bands_hold_every_lanczos_weight_once_and_skip_most_zeros() -> None:
+    from ml.data.images import _bands, _lanczos_weights
+
+    sizes = [(500, 32), (394, 32), (32, 32), (1, 32), (20, 300), (700, 1), (2000, 40), (33, 31)]
+    for in_size, out_size in sizes:
+        dense = _lanczos_weights(in_size, out_size)
+        rebuilt = np.zeros((in_size, out_size))
+        covered = np.zeros(out_size, dtype=int)
+        for first, last, start, stop, block in _bands(in_size, out_size):
+            assert block.shape == (last - first, stop - start) and block.dtype == np.float64
+            rebuilt[first:last, start:stop] += block
+            covered[start:stop] += 1
+        assert np.array_equal(rebuilt, dense), (in_size, out_size)  # every weight, in one band only
+        assert (covered == 1).all(), (in_size, out_size)
+    read = sum((last - first) * (stop - start) for first, last, start, stop, _ in _bands(500, 32))
+    assert read < 0.4 * 500 * 32  # the reason for the bands: a 500 -> 32 px pass skips most zero weights
+
+
 def test_the_perceptual_hash_is_unchanged_by_the_matrix_resize() -> None:
     from scipy.fft import dctn
 
