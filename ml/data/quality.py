@@ -63,16 +63,16 @@ def _outcome_from(suite: str, validation: Any, priority: list[str]) -> SuiteOutc
 
 
 class QualityRunner:
-    """One ephemeral GX context per run; every suite validated writes into one Data Docs site."""
+    """One ephemeral GX context per run; every suite validated goes into one Data Docs site, built once
+    when it is published (a build per suite rendered the index and compiled GX's templates again)."""
 
     def __init__(self, run_name: str, run_time: dt.datetime) -> None:
         import great_expectations as gx
-        from great_expectations.checkpoint import UpdateDataDocsAction
         from great_expectations.core.run_identifier import RunIdentifier
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self._gx = gx
-        self._docs_action = UpdateDataDocsAction
+        self._documented: list[Any] = []  # the validation results and suites the site shows
         self._run_id = RunIdentifier(run_name=run_name, run_time=run_time)
         self._tmp = tempfile.TemporaryDirectory(prefix="mlops-gx-")
         self.docs_dir = Path(self._tmp.name) / "site"
@@ -93,6 +93,7 @@ class QualityRunner:
 
     def validate(self, suite_name: str, frame: pd.DataFrame, parameters: dict[str, Any]) -> SuiteOutcome:
         from great_expectations.core.expectation_suite import ExpectationSuite
+        from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
         from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
         spec = load_suite_spec(suite_name)
@@ -115,19 +116,21 @@ class QualityRunner:
             self._gx.Checkpoint(
                 name=f"{suite_name}-checkpoint",
                 validation_definitions=[definition],
-                actions=[self._docs_action(name="data_docs")],
                 result_format={"result_format": "COMPLETE"},
             )
         )
         result = checkpoint.run(
             batch_parameters={"dataframe": frame}, expectation_parameters=parameters, run_id=self._run_id
         )
-        (validation,) = result.run_results.values()
+        ((identifier, validation),) = result.run_results.items()
+        self._documented += [identifier, ExpectationSuiteIdentifier(name=spec["name"])]
         priority = [e.get("meta", {}).get("reason", e["type"]) for e in spec["expectations"]]
         return _outcome_from(suite_name, validation, priority)
 
     def publish_docs(self, storage: Storage, prefix: str) -> str:
-        """Copy the Data Docs site under ``prefix`` in storage; return the URL of its index."""
+        """Build the Data Docs site of the suites validated so far and copy it under ``prefix`` in
+        storage; return the URL of its index."""
+        self.context.build_data_docs(resource_identifiers=self._documented, build_index=True)
         for path in sorted(self.docs_dir.rglob("*")):
             if path.is_file():
                 storage.write_bytes(

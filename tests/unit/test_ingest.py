@@ -216,7 +216,12 @@ def test_gate_rejects_a_bad_batch_and_publishes_nothing(storage: LocalStorage, s
     assert "Data Docs: file://" in str(caught.value)
     assert caught.value.result.to_dict()["gate"]["passed"] is False
     assert not storage.list("curated") and not storage.list("catalog") and not storage.list("quarantine")
-    assert storage.exists(f"reports/data_docs/{DAY}/index.html")
+    docs = f"reports/data_docs/{DAY}"
+    index = storage.read_bytes(f"{docs}/index.html").decode()
+    for suite in ("manifest", "image_properties"):  # one site, built once, shows both suites' runs
+        (page,) = [key for key in storage.list(f"{docs}/validations/{suite}") if key.endswith(".html")]
+        assert page.removeprefix(f"{docs}/") in index and f"expectations/{suite}.html" in index
+        assert storage.exists(f"{docs}/expectations/{suite}.html")
     result = json.loads(storage.read_bytes(f"reports/ingest/{DAY}/result.json"))
     assert result["status"] == "rejected" and result["reconciled"]
 
