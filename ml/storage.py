@@ -21,10 +21,11 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, unquote, urlparse
 
 from ml.config import REPO_ROOT, Settings
@@ -94,6 +95,25 @@ class Storage(Protocol):
     def delete_many(self, keys: Sequence[str]) -> None: ...
     def copy(self, source: str, target: str) -> None: ...
     def url(self, key: str) -> str: ...
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def io_map(
+    storage: Storage, fn: Callable[[Item], Result], items: Iterable[Item], most: int
+) -> Iterator[Result]:
+    """``fn`` over ``items``, results in order: up to ``most`` at a time on threads where ``storage``
+    gains from them (its ``io_threads``), else one by one in this thread (a thread pool's hand-off per
+    item cost a local store ~0.1 ms per object, more than its file operations). A failure is raised
+    once the calls in flight have ended."""
+    threads = min(most, storage.io_threads)
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="io") as pool:
+        yield from pool.map(fn, items)
 
 
 def content_tag(data: bytes) -> str:

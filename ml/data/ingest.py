@@ -20,7 +20,6 @@ import io
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -35,7 +34,7 @@ from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
 from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
-from ml.storage import ObjectInfo, Storage, StorageError, UnsafeKeyError, join_key, safe_key
+from ml.storage import ObjectInfo, Storage, StorageError, UnsafeKeyError, io_map, join_key, safe_key
 
 __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
 
@@ -717,9 +716,8 @@ def _write_curated(storage: Storage, key: str, inspected: FileInspection) -> Non
 def in_flight(write: Callable[[Any], None], items: Iterable[Any], storage: Storage) -> None:
     """``write`` each item to ``storage``, as many at a time as it gains from (up to ``PUBLISH_THREADS``);
     the first failure is raised once the writes in flight have ended."""
-    with ThreadPoolExecutor(min(PUBLISH_THREADS, storage.io_threads), thread_name_prefix="write") as pool:
-        for _ in pool.map(write, items):
-            pass
+    for _ in io_map(storage, write, items, PUBLISH_THREADS):
+        pass
 
 
 def publish(

@@ -18,11 +18,10 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ml.storage import LocalStorage, Storage
+from ml.storage import LocalStorage, Storage, io_map
 
 SPOOL_PREFIX = "mlops-ingest-"
 FETCH_THREADS = 16
@@ -98,11 +97,12 @@ class Spool:
         key -> file. ``ready(key, file)`` is called for each in order, in this thread, as soon as it
         and those before it are down."""
         targets = {key: self.new_file() for key in keys}
-        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, storage.io_threads)) as pool:
-            downloads = pool.map(lambda item: storage.download(*item, link=True), targets.items())
-            for key, _ in zip(targets, downloads, strict=True):
-                if ready is not None:
-                    ready(key, targets[key])
+        downloads = io_map(
+            storage, lambda item: storage.download(*item, link=True), targets.items(), FETCH_THREADS
+        )
+        for key, _ in zip(targets, downloads, strict=True):
+            if ready is not None:
+                ready(key, targets[key])
         return targets
 
     def keep(self, data: bytes) -> Path:

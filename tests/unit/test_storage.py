@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,12 @@ import pytest
 from ml.storage import (
     LocalStorage,
     S3Storage,
+    Storage,
     StorageError,
     UnsafeKeyError,
     WriteConflict,
     append_jsonl,
+    io_map,
     open_storage,
     safe_key,
     update_json,
@@ -249,3 +252,51 @@ def test_s3_copies_take_one_request_and_deletes_go_a_thousand_keys_per_request(
     local.write_bytes("s/1", b"1")
     local.delete_many(["s/1", "s/2"])
     assert local.list("s") == []
+
+
+class RecordedWrites:
+    """Writes key ``k/NN`` per call (the thirteenth fails), noting the threads that ran the calls and the
+    most in flight at once; with ``together`` the first four calls wait for each other."""
+
+    def __init__(self, storage: Storage, together: threading.Barrier | None = None) -> None:
+        self.storage, self.together = storage, together
+        self.lock, self.threads, self.active, self.peak = threading.Lock(), set(), 0, 0
+
+    def __call__(self, index: int) -> int:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.threads.add(threading.get_ident())
+        try:
+            if self.together is not None and index < 4:
+                self.together.wait()
+            if index == 13:
+                raise StorageError("the thirteenth write fails")
+            self.storage.write_bytes(f"k/{index:02d}", b"x")
+            return index
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def run_writes(writes: RecordedWrites) -> None:
+    assert list(io_map(writes.storage, writes, range(12), 4)) == list(range(12))  # results in order
+    with pytest.raises(StorageError, match="thirteenth"):
+        for _ in io_map(writes.storage, writes, range(12, 20), 4):
+            pass
+    assert writes.active == 0  # raised once the calls in flight had ended
+
+
+def test_io_map_calls_a_local_store_in_this_thread_and_s3_on_threads_in_order(
+    tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    local = RecordedWrites(LocalStorage(tmp_path))
+    run_writes(local)  # io_threads 1: no thread hand-offs, and nothing after the failure ran
+    assert local.threads == {threading.get_ident()} and local.peak == 1
+    assert local.storage.list("k") == [f"k/{i:02d}" for i in range(13)]
+    s3 = RecordedWrites(
+        open_storage(f"s3://{s3_bucket}/io", endpoint_url=s3_endpoint), threading.Barrier(4, timeout=10)
+    )
+    run_writes(s3)  # io_threads 16, at most 4 asked for: four in flight at once, never more
+    assert threading.get_ident() not in s3.threads and s3.peak == 4
+    assert {f"k/{i:02d}" for i in range(13)} <= set(s3.storage.list("k"))
