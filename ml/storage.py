@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -62,9 +63,12 @@ class UnsafeKeyError(ValueError):
     """A key would escape its folder (``..``, absolute path, backslash, control characters)."""
 
 
+UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\\]")  # control characters and the backslash
+
+
 def safe_key(key: str) -> str:
     """Return ``key`` normalised, or raise if it could escape the storage root."""
-    if not key or "\x00" in key or "\\" in key or any(ord(c) < 32 for c in key):
+    if not key or UNSAFE_CHARACTERS.search(key):
         raise UnsafeKeyError(f"unsafe key {key!r}: empty or contains control characters/backslash")
     if key.startswith("/") or (len(key) > 1 and key[1] == ":"):
         raise UnsafeKeyError(f"unsafe key {key!r}: absolute path")

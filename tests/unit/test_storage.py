@@ -24,10 +24,17 @@ from ml.storage import (
 )
 
 
-@pytest.mark.parametrize("key", ["../x", "a/../../b", "/etc/passwd", "a\\b", "", "a//b", "c:/win", "a/\x00"])
+@pytest.mark.parametrize(
+    "key", ["../x", "a/../../b", "/etc/passwd", "a\\b", "", "a//b", "c:/win", "a/\x00", "a\nb", "a/\x1fb"]
+)
 def test_unsafe_keys_are_refused(key: str) -> None:
     with pytest.raises(UnsafeKeyError):
         safe_key(key)
+
+
+def test_keys_with_any_printable_character_are_kept() -> None:
+    for key in ("a/b c.jpg", "a/\x7f~!@#$%^&()[]{};',=+.png", "images/été-日本.jpg", "a/ b"):
+        assert safe_key(key) == key
 
 
 def test_local_roundtrip_list_and_delete(tmp_path: Path) -> None:
