@@ -185,11 +185,8 @@ def _resample_rows(pixels: np.ndarray, in_size: int, out_size: int) -> np.ndarra
 
 
 def _resample_columns(pixels: np.ndarray, in_size: int, out_size: int) -> np.ndarray:
-    """The vertical pass: each column resampled from ``in_size`` to ``out_size`` rows, in 8 bits."""
-    out = np.empty((out_size, pixels.shape[1]))
-    for first, last, start, stop, block in _bands(in_size, out_size):
-        np.matmul(block.T, pixels[first:last], out=out[start:stop])
-    return _fixed_point(out)
+    """The vertical pass: the horizontal pass of the transpose (matmul takes the strided views)."""
+    return _resample_rows(pixels.T, in_size, out_size).T
 
 
 Band = tuple[int, int, int, int, np.ndarray]  # inputs first:last, outputs start:stop, their weights
@@ -197,21 +194,22 @@ Band = tuple[int, int, int, int, np.ndarray]  # inputs first:last, outputs start
 
 @functools.lru_cache(maxsize=256)
 def _bands(in_size: int, out_size: int) -> tuple[Band, ...]:
-    """Pillow's LANCZOS weights along one axis (``_lanczos_weights``) as float64 blocks of adjacent
-    outputs, each with the span of inputs it reads. An output reads ~6 x scale inputs, so shrinking 500
-    px to 32 the dense product multiplies ~80% zeros; blocks of ~6 outputs skip most of them."""
-    weights = _lanczos_weights(in_size, out_size)
-    used = weights != 0
-    taps = int(used.sum(axis=0).max()) if weights.size else 1
+    """Pillow's LANCZOS weights along one axis (``lanczos_taps``) as float64 blocks of adjacent outputs,
+    each with the span of inputs it reads. An output reads ~6 x scale inputs, so shrinking 500 px to 32
+    a dense (in x out) product would multiply ~80% zeros; blocks of ~6 outputs skip most of them."""
+    first, count, fixed = lanczos_taps(in_size, out_size)
+    taps = int(count.max()) if out_size else 1
     per_block = max(1, round(taps * out_size / in_size))  # outputs whose inputs span ~2 x taps
     bands = []
     for start in range(0, out_size, per_block):
         stop = min(start + per_block, out_size)
-        rows = np.flatnonzero(used[:, start:stop].any(axis=1))
-        first, last = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
-        block = weights[first:last, start:stop].astype(np.float64)
+        low, high = int(first[start:stop].min()), int((first + count)[start:stop].max())
+        block = np.zeros((high - low, stop - start))
+        for output in range(start, stop):
+            offset = first[output] - low
+            block[offset : offset + count[output], output - start] = fixed[output, : count[output]]
         block.flags.writeable = False
-        bands.append((first, last, start, stop, block))
+        bands.append((low, high, start, stop, block))
     return tuple(bands)
 
 
@@ -221,9 +219,9 @@ def _fixed_point(sums: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(sums * (1.0 / (1 << LANCZOS_BITS))), 0, 255)
 
 
-@functools.lru_cache(maxsize=256)  # float32 holds these integers (< 2**23): <= 17 MB at 511 px sides
-def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(in_size, out_size) integer weights of Pillow's LANCZOS resampling along one axis."""
+def lanczos_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's LANCZOS resampling along one axis: each output's first input, its number of inputs,
+    and their integer (22-bit fixed point) weights, one row per output (zero past its count)."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 3.0 * filterscale
@@ -237,13 +235,7 @@ def _lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
     total = np.cumsum(kernel, axis=1)[:, -1:]  # summed left to right, as Pillow sums them
     np.divide(kernel, total, out=kernel, where=total != 0.0)  # a row summing to 0 stays as it is
     fixed = kernel * (1 << LANCZOS_BITS)
-    fixed = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))
-    weights = np.zeros((in_size, out_size), dtype=np.float32)
-    rows = taps[None, :] + first[:, None]
-    columns = np.broadcast_to(np.arange(out_size)[:, None], rows.shape)
-    weights[rows[used], columns[used]] = fixed[used]
-    weights.flags.writeable = False
-    return weights
+    return first, count, np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))
 
 
 def _sinc(x: np.ndarray) -> np.ndarray:
