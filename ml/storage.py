@@ -193,6 +193,9 @@ class LocalStorage:
         copy, never written again: on the same filesystem the object becomes a hard link to it (no
         bytes copied), elsewhere a copy."""
         target = self._path(key)
+        with contextlib.suppress(OSError):  # a new key on this filesystem: one atomic link, no temporary
+            os.link(path, target)
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".tmp-{uuid.uuid4().hex}")
         try:

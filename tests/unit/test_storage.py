@@ -117,6 +117,15 @@ def test_a_linked_download_is_a_snapshot_and_an_upload_links_on_one_filesystem(t
     assert storage.read_bytes("curated/x.jpg") == b"curated"
     assert os.stat(storage.root / "curated/x.jpg").st_ino == os.stat(own).st_ino
     assert [p.name for p in (storage.root / "curated").iterdir()] == ["x.jpg"]  # no temporary left
+    newer = tmp_path / "newer"
+    newer.write_bytes(b"recurated")
+    storage.upload(newer, "curated/x.jpg")  # another file onto a key: it replaces the object
+    assert storage.read_bytes("curated/x.jpg") == b"recurated" and own.read_bytes() == b"curated"
+    storage.upload(own, "curated/deep/new/folder/z.jpg")  # a folder not there yet is made
+    assert os.stat(storage.root / "curated/deep/new/folder/z.jpg").st_ino == os.stat(own).st_ino
+    with pytest.raises(FileNotFoundError):
+        storage.upload(tmp_path / "missing", "curated/m.jpg")
+    assert not storage.exists("curated/m.jpg")
 
     other = Path(tempfile.mkdtemp(dir="/dev/shm"))  # another filesystem: no link can be made
     try:
