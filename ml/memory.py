@@ -1,10 +1,13 @@
-"""Process-wide settings through glibc for the processes that decode images in a loop."""
+"""Process-wide memory settings: glibc's for the processes that decode images in a loop, and Python's
+cyclic garbage collector for a batch job's burst of long-lived objects."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
+import gc
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
@@ -34,3 +37,21 @@ def keep_freed_memory() -> None:
     """
     glibc_call("mallopt", M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
     glibc_call("mallopt", M_TRIM_THRESHOLD, 4 * MMAP_THRESHOLD_MAX)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block, and as it was after it.
+
+    For a batch job whose objects live to its end (a day's ledger, reports and catalog rows, and Great
+    Expectations' import): each full collection walks every tracked object, 0.12-0.21 s once GE is
+    imported, six times in a 10,000-image day for ~1 s of the parent's CPU, and finds almost nothing
+    to free (0-54 objects each). Reference counting still frees everything not in a cycle at once.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

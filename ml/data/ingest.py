@@ -34,6 +34,7 @@ from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
 from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
+from ml.memory import collector_paused
 from ml.storage import ObjectInfo, Storage, StorageError, UnsafeKeyError, io_map, join_key, safe_key
 
 __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
@@ -807,6 +808,7 @@ def spool_parent(settings: Settings) -> Path | None:
     return Path(settings.ingest.spool_dir).expanduser() if settings.ingest.spool_dir else None
 
 
+@collector_paused()  # the day's objects live to its end; its workers collect as usual (start_worker)
 def ingest_day(
     settings: Settings,
     storage: Storage,

@@ -9,6 +9,7 @@ process; the object that still crashes is rejected as ``decoder_crashed``.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -76,13 +77,15 @@ def die_with_parent(parent: int) -> None:
 
 
 def start_worker(parent: int) -> None:
-    """A worker's start: it dies with ``parent``, keeps the memory it frees and runs BLAS (the pHash's
-    resize) on one thread, as the workers already take one core each."""
+    """A worker's start: it dies with ``parent``, keeps the memory it frees, runs BLAS (the pHash's
+    resize) on one thread, as the workers already take one core each, and collects garbage cycles
+    (a fork inherits a parent's paused collector: ``ml.memory.collector_paused``)."""
     from threadpoolctl import threadpool_limits
 
     die_with_parent(parent)
     keep_freed_memory()
     threadpool_limits(1, user_api="blas")
+    gc.enable()
 
 
 def inspect_chunk(inspect: InspectFile, paths: list[Path], limits: ImageLimits, out_dir: Path) -> list[Any]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import gc
 import hashlib
 import io
 import json
@@ -583,6 +584,45 @@ def test_inspection_workers_run_blas_on_one_thread_and_leave_the_parents_alone(t
     # test workers beside each other)
     assert 1 <= len(notes) <= 2 and all(note == [1] for note in notes), notes
     assert numpy_blas_threads() == before
+
+
+def inspect_noting_the_collector(path: Path, limits: ImageLimits, out_dir: Path) -> FileInspection:
+    """``inspect_file``, noting in the folder ``$COLLECTOR_NOTES`` whether the worker's collector is on."""
+    (Path(os.environ["COLLECTOR_NOTES"]) / f"gc-{os.getpid()}").write_text(json.dumps(gc.isenabled()))
+    return inspect_file(path, limits, out_dir)
+
+
+def test_a_day_runs_with_the_collector_paused_and_its_workers_collect(
+    storage: LocalStorage, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No automatic collection in the parent during a day (each walks every object: ~1 s of a 10,000-image
+    day's CPU), the collector on again after it, accepted or rejected; the workers collect as ever."""
+    collections: list[int] = []
+    day = getattr(ingest_day, "__wrapped__", ingest_day).__code__
+
+    def note(phase: str, info: dict) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not day:
+            frame = frame.f_back
+        if phase == "start" and frame is not None:  # a collection while the day runs
+            collections.append(info["generation"])
+
+    land(storage, DAY, good_items(30))
+    notes_dir = tmp_path / "notes"
+    notes_dir.mkdir()
+    monkeypatch.setenv("COLLECTOR_NOTES", str(notes_dir))  # the forked workers inherit it
+    gc.callbacks.append(note)
+    try:
+        ingest_day(settings, storage, DAY, inspect=inspect_noting_the_collector)
+    finally:
+        gc.callbacks.remove(note)
+    assert collections == [] and gc.isenabled()
+    notes = [json.loads(path.read_text()) for path in notes_dir.glob("gc-*")]
+    assert notes and all(notes), notes
+    land(storage, DAY + dt.timedelta(days=1), [(f"j{i}.jpg", b"garbage", "books") for i in range(5)])
+    with pytest.raises(BatchRejected):
+        ingest_day(settings, storage, DAY + dt.timedelta(days=1))
+    assert gc.isenabled()
 
 
 def inspect_counting_page_faults(path: Path, limits: ImageLimits, out_dir: Path) -> FileInspection:
