@@ -243,3 +243,12 @@ def test_pixel_statistics_are_the_plain_numpy_figures_to_the_bit() -> None:
             "blur": round(float(lap.var()) if lap.size else 0.0, 4),
             "phash": f"{perceptual_hash(grey_image):016x}",
         }
+
+
+def test_a_reports_properties_are_its_fields_but_the_reason_and_detail() -> None:
+    from dataclasses import asdict, fields
+
+    report = inspect_image(encode(photo(3), "PNG"), LIMITS).report
+    expected = {k: v for k, v in asdict(report).items() if k not in ("reason", "detail")}
+    assert report.properties() == expected
+    assert set(expected) == {f.name for f in fields(report)} - {"reason", "detail"} and expected["phash"]
