@@ -30,7 +30,7 @@ import pandas as pd
 from ml.config import Settings, resolve_workers
 from ml.data import catalog
 from ml.data.images import ImageLimits
-from ml.data.inspection import FileInspection, InspectFile, Inspection, inspect_all, inspect_file
+from ml.data.inspection import FileInspection, InspectFile, Inspection, chunk_for, inspect_all, inspect_file
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
 from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
@@ -775,6 +775,7 @@ def local_inspection(
         limits,
         workers,
         spool.curated,
+        chunk=chunk_for(len(batch.files), workers),
         inspect=inspect,
         progress_every=settings.progress_every,
         more_to_come=not images and bool(batch.files),

@@ -44,6 +44,15 @@ class FileInspection:
 
 InspectFile = Callable[[Path, ImageLimits, Path], FileInspection]
 
+CHUNK, MAX_CHUNK = 16, 64  # files per task sent to a worker: the default, and the most ``chunk_for`` gives
+
+
+def chunk_for(files: int, workers: int) -> int:
+    """Files per task for a day of ``files``: ~8 tasks per worker, so none waits long for the last
+    one, and no more than ``MAX_CHUNK``; each task costs the parent a round trip (pickling, a wake-up),
+    and a 10,000-image day sent ~630 tasks of 16 for ~0.3 s of the parent's CPU against ~160 of 64."""
+    return min(MAX_CHUNK, max(CHUNK, files // (8 * max(1, workers))))
+
 
 class InspectionError(RuntimeError):
     """The inspect function raised in an isolated process (a bug, not a decoder crash)."""
@@ -143,7 +152,7 @@ class Inspection:
         workers: int,
         out_dir: Path,
         *,
-        chunk: int = 16,
+        chunk: int = CHUNK,
         inspect: InspectFile = inspect_file,
         progress_every: int = 0,
         more_to_come: bool = False,

@@ -32,7 +32,7 @@ from ml.data.ingest import (
     read_manifest,
     reconcile,
 )
-from ml.data.inspection import FileInspection, Inspection, inspect_file, inspect_files
+from ml.data.inspection import FileInspection, Inspection, chunk_for, inspect_file, inspect_files
 from ml.demo.drawing import render_image
 from ml.storage import LocalStorage, S3Storage
 from tests.hostile import (
@@ -670,3 +670,11 @@ def test_inspection_workers_reuse_the_memory_of_one_image_for_the_next(tmp_path:
     assert len(faults) == 48, faults
     after_warm_up = sorted(faults[4:])
     assert after_warm_up[len(after_warm_up) // 2] < 20, faults  # the median image: none (~1,600 without)
+
+
+def test_a_large_day_goes_to_the_workers_in_larger_chunks() -> None:
+    """Fewer round trips for the parent on a large day, ~8 chunks a worker on a middling one, and the
+    usual 16 on a small one."""
+    assert chunk_for(10_000, 2) == 64  # ~160 tasks, not ~630
+    assert chunk_for(500, 2) == 31
+    assert chunk_for(30, 2) == 16 and chunk_for(0, 0) == 16
