@@ -94,6 +94,18 @@ def plain_loop(storage: LocalStorage, names: list[str], out_dir: Path, min_side:
     return accepted
 
 
+def file_creation_ms(folder: Path, count: int = 300) -> float:
+    """Milliseconds to create one empty file in ``folder`` now. On this VM's ext4 without a journal an
+    inode freed in the last 60-360 s is passed over, and looked up, by every allocation: ~0.02 ms in a
+    quiet state, up to ~0.7 ms within minutes of a large delete (a bench run before this one), which
+    every contender that writes files pays."""
+    folder.mkdir()
+    started = time.perf_counter()
+    for index in range(count):
+        (folder / str(index)).touch()
+    return (time.perf_counter() - started) / count * 1000
+
+
 def accepted(results: dict) -> int:
     return sum(result.report.reason is None for result in results.values())
 
@@ -146,6 +158,8 @@ def main() -> None:
         paths = {n: storage.root / f"landing/{DAY}/images/{n}" for n in names}
         curated_out = Path(tmp) / "curated"
         curated_out.mkdir()
+        creation = {"start": file_creation_ms(Path(tmp) / "probe-start")}
+        print(f"  creating a file here: {creation['start']:.3f} ms", flush=True)
         rows = [
             timed(
                 "plain PIL loop (1 image at a time)",
@@ -164,15 +178,18 @@ def main() -> None:
                 len(names),
                 lambda: accepted(inspect_files(paths, limits, cores, curated_out)),
             ),
+        ]
+        creation["before_the_day"] = file_creation_ms(Path(tmp) / "probe-day")
+        print(f"  creating a file here: {creation['before_the_day']:.3f} ms", flush=True)
+        rows.append(
             timed(
                 "mlops ingest_day (end to end)",
                 len(names),
                 lambda: ingest_day(settings, storage, DAY).curated.files,
-            ),
-        ]
-    write_report(
-        rows, {"images": args.images, "side_px": args.side, "mean_kib": round(mean_kb, 1), "cores": cores}
-    )
+            )
+        )
+    header = {"images": args.images, "side_px": args.side, "mean_kib": round(mean_kb, 1), "cores": cores}
+    write_report(rows, {**header, "file_creation_ms": {k: round(v, 3) for k, v in creation.items()}})
 
 
 def ceiling_vs_plain(plain_s: float, one_process_s: float, day_parent_cpu_s: float, cores: int) -> float:
