@@ -47,6 +47,7 @@ def collector_paused() -> Iterator[None]:
     Expectations' import): each full collection walks every tracked object, 0.12-0.21 s once GE is
     imported, six times in a 10,000-image day for ~1 s of the parent's CPU, and finds almost nothing
     to free (0-54 objects each). Reference counting still frees everything not in a cycle at once.
+    The collector is process-wide: blocks in two threads at once end the pause at the first one's end.
     """
     was_enabled = gc.isenabled()
     gc.disable()
