@@ -47,11 +47,12 @@ InspectFile = Callable[[Path, ImageLimits, Path], FileInspection]
 CHUNK, MAX_CHUNK = 16, 64  # files per task sent to a worker: the default, and the most ``chunk_for`` gives
 
 
-def chunk_for(files: int, workers: int) -> int:
-    """Files per task for a day of ``files``: ~8 tasks per worker, so none waits long for the last
-    one, and no more than ``MAX_CHUNK``; each task costs the parent a round trip (pickling, a wake-up),
-    and a 10,000-image day sent ~630 tasks of 16 for ~0.3 s of the parent's CPU against ~160 of 64."""
-    return min(MAX_CHUNK, max(CHUNK, files // (8 * max(1, workers))))
+def chunk_for(file_count: int, workers: int) -> int:
+    """Files per task for a day of ``file_count`` files: ~8 tasks per worker, so none waits long for
+    the last one, and no more than ``MAX_CHUNK``, as each task costs the parent a round trip (pickling,
+    a wake-up). A chunk that crashes its worker twice is redone one file per process, so a larger
+    chunk makes that rare recovery longer."""
+    return min(MAX_CHUNK, max(CHUNK, file_count // (8 * max(1, workers))))
 
 
 class InspectionError(RuntimeError):
@@ -94,6 +95,7 @@ def start_worker(parent: int) -> None:
     die_with_parent(parent)
     keep_freed_memory()
     threadpool_limits(1, user_api="blas")
+    gc.freeze()  # what the fork inherited is the parent's: collections here never walk (and copy) it
     gc.enable()
 
 
