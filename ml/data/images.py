@@ -162,7 +162,7 @@ def lanczos_resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         out = _resample_rows(out, in_width, width)
     if vertical and not vertical_first:
         out = _resample_columns(out, in_height, height)
-    return out.astype(np.uint8)
+    return out.astype(np.uint8, order="C")
 
 
 def _as_float64(pixels: np.ndarray) -> np.ndarray:
@@ -200,7 +200,7 @@ def _bands(in_size: int, out_size: int) -> tuple[Band, ...]:
     each with the span of inputs it reads. An output reads ~6 x scale inputs, so shrinking 500 px to 32
     a dense (in x out) product would multiply ~80% zeros; blocks of ~6 outputs skip most of them."""
     first, count, fixed = lanczos_taps(in_size, out_size)
-    taps = int(count.max()) if out_size else 1
+    taps = int(count.max())
     per_block = max(1, round(taps * out_size / in_size))  # outputs whose inputs span ~2 x taps
     bands = []
     for start in range(0, out_size, per_block):

@@ -820,6 +820,8 @@ def ingest_day(
 ) -> IngestResult:
     """Validate, curate or quarantine, and version one landing day; return the run's result.
 
+    Runs with Python's cyclic garbage collector paused (``ml.memory.collector_paused``): process-wide,
+    so other threads of the process do not collect until the day ends either.
     ``inspect`` checks one spooled file in a worker process (module-level, so it can be pickled).
     ``staged``: a sharded ingest's merge (``ml.data.shards``): the plan's listing, and the images as
     its shards inspected and staged them, instead of downloading and inspecting them here.

@@ -99,7 +99,9 @@ def test_listing_reports_sizes_and_downloads_stream_to_a_file(tmp_path: Path) ->
     assert (tmp_path / "copy").read_bytes() == b"x" * 3_000_000
 
 
-def test_a_linked_download_is_a_snapshot_and_an_upload_links_on_one_filesystem(tmp_path: Path) -> None:
+def test_a_linked_download_is_a_snapshot_and_an_upload_links_on_one_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage = LocalStorage(tmp_path / "store")
     storage.write_bytes("landing/a.jpg", b"first")
     landed = storage.root / "landing/a.jpg"
@@ -126,6 +128,10 @@ def test_a_linked_download_is_a_snapshot_and_an_upload_links_on_one_filesystem(t
     with pytest.raises(FileNotFoundError):
         storage.upload(tmp_path / "missing", "curated/m.jpg")
     assert not storage.exists("curated/m.jpg")
+    with monkeypatch.context() as patched:  # a new key takes one link: no temporary renamed into place
+        patched.setattr(os, "replace", lambda *_: pytest.fail("a new key was renamed into place"))
+        storage.upload(own, "curated/new.jpg")
+    assert os.stat(storage.root / "curated/new.jpg").st_ino == os.stat(own).st_ino
 
     other = Path(tempfile.mkdtemp(dir="/dev/shm"))  # another filesystem: no link can be made
     try:
