@@ -44,7 +44,7 @@ class FileInspection:
 
 InspectFile = Callable[[Path, ImageLimits, Path], FileInspection]
 
-CHUNK, MAX_CHUNK = 16, 64  # files per task sent to a worker: the default, and the most ``chunk_for`` gives
+CHUNK, MAX_CHUNK = 16, 64  # files per task sent to a worker: the fewest and the most ``chunk_for`` gives
 
 
 def chunk_for(file_count: int, workers: int) -> int:
@@ -154,11 +154,12 @@ class Inspection:
         workers: int,
         out_dir: Path,
         *,
-        chunk: int = CHUNK,
+        chunk: int | None = None,
         inspect: InspectFile = inspect_file,
         progress_every: int = 0,
         more_to_come: bool = False,
     ) -> None:
+        chunk = chunk or chunk_for(len(files), workers)  # streamed files: the caller knows how many
         self._files: dict[str, Path] = {}
         self._limits, self._out, self._inspect, self._chunk = limits, out_dir, inspect, chunk
         self._progress_every = progress_every  # a log line every this many images inspected (0: none)

@@ -672,9 +672,18 @@ def test_inspection_workers_reuse_the_memory_of_one_image_for_the_next(tmp_path:
     assert after_warm_up[len(after_warm_up) // 2] < 20, faults  # the median image: none (~1,600 without)
 
 
-def test_a_large_day_goes_to_the_workers_in_larger_chunks() -> None:
+def test_a_large_day_goes_to_the_workers_in_larger_chunks(tmp_path: Path) -> None:
     """Fewer round trips for the parent on a large day, ~8 chunks a worker on a middling one, and the
-    usual 16 on a small one."""
+    usual 16 on a small one; an inspection of files it is given sizes its chunks so."""
     assert chunk_for(10_000, 2) == 64  # ~160 tasks, not ~630
     assert chunk_for(500, 2) == 31
     assert chunk_for(30, 2) == 16 and chunk_for(0, 0) == 16
+    files = {}
+    for index in range(400):
+        files[f"f{index}"] = tmp_path / f"{index:04d}"
+        files[f"f{index}"].write_bytes(b"not an image")
+    limits = ImageLimits(frozenset({"JPEG"}), 50_000_000, 20_000_000)
+    with Inspection(files, limits, 2, tmp_path) as inspection:
+        assert inspection._chunk == chunk_for(400, 2) == 25
+        found = inspection.results(list(files))
+    assert {result.report.reason for result in found.values()} == {"not_an_image"}
