@@ -176,10 +176,8 @@ def test_the_matrix_lanczos_resize_is_pillows_to_the_bit() -> None:
         for size in sizes:
             ours, pillows = lanczos_resize(pixels, size), pillow_lanczos(pixels, size)
             assert np.array_equal(ours, pillows), (pixels.shape, size)
-            assert ours.flags.c_contiguous, (
-                pixels.shape,
-                size,
-            )  # as Pillow's pixels come, whatever the pass order
+            # C-ordered, as Pillow's pixels come, whatever the pass order
+            assert ours.flags.c_contiguous, (pixels.shape, size)
             shrink = height - size[1]
             if width != size[0] and height != size[1]:
                 vertical_first = shrink > 0 and shrink > 2 * (width - size[0])
