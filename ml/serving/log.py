@@ -97,9 +97,17 @@ class PredictionLog:
         return not dropped
 
     def pending(self) -> tuple[int, int]:
-        """(rows, blobs) waiting to be written."""
+        """(rows, blobs) not written yet: buffered, or taken by a write still in progress."""
         with self._lock:
-            return self._buffer.row_count, len(self._buffer.blobs)
+            return (
+                self._buffer.row_count + self._writing.row_count,
+                len(self._buffer.blobs) + len(self._writing.blobs),
+            )
+
+    def in_flight(self) -> tuple[int, int]:
+        """(rows, blobs) taken by a write still in progress (a hung storage holds them here)."""
+        with self._lock:
+            return self._writing.row_count, len(self._writing.blobs)
 
     # -- the flusher ----------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -133,7 +141,7 @@ class PredictionLog:
     def _take(self) -> _Buffer:
         with self._lock:
             taken, self._buffer = self._buffer, _Buffer()
-            self._writing = _Buffer(row_count=taken.row_count, blob_bytes=taken.blob_bytes)
+            self._writing = _Buffer(row_count=taken.row_count, blob_bytes=taken.blob_bytes, blobs=taken.blobs)
             self._last_flush = time.monotonic()
             return taken
 
