@@ -7,7 +7,10 @@ import contextlib
 import ctypes
 import functools
 import gc
+import importlib
+import sys
 from collections.abc import Iterator
+from types import ModuleType
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
@@ -56,3 +59,18 @@ def collector_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def import_long_lived(name: str) -> ModuleType:
+    """Import ``name``; on its first import in this process, move every object alive then out of the
+    collector's reach (``gc.freeze``), since a big library's classes, functions and caches live as long
+    as the process. Great Expectations makes ~475,000 tracked objects; after a day run with the collector
+    paused they were all still in the youngest generation, and the first collection after it walked them
+    (0.19-0.20 s at the end of each 10,000-image day, against 0.02 s frozen), as every full collection in
+    a long-lived process does. Objects frozen are still freed by reference counting; only a reference
+    cycle among objects alive at that first import is never collected (once per process)."""
+    first = name not in sys.modules
+    module = importlib.import_module(name)
+    if first:
+        gc.freeze()
+    return module

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ml.config import REPO_ROOT
+from ml.memory import import_long_lived
 from ml.storage import Storage, join_key
 
 EXPECTATIONS_DIR = REPO_ROOT / "expectations"
@@ -67,7 +68,7 @@ class QualityRunner:
     when it is published (a build per suite rendered the index and compiled GX's templates again)."""
 
     def __init__(self, run_name: str, run_time: dt.datetime) -> None:
-        import great_expectations as gx
+        gx = import_long_lived("great_expectations")
         from great_expectations.core.run_identifier import RunIdentifier
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
