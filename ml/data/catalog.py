@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ml.data.images import hamming_distances
+from ml.data.near_duplicates import NearestHash
 from ml.layout import (
     CATALOG_DAYS_PREFIX,
     CATALOG_ERASURES_KEY,
@@ -144,21 +144,16 @@ def assign_splits(
     each assignment becomes known to the next, so near-duplicates within a batch share a split.
     """
     ordered = sorted(candidates, key=lambda c: c.sha256)
-    hashes = np.zeros(len(known_phashes) + len(ordered), dtype=np.uint64)
-    hashes[: len(known_phashes)] = [int(h, 16) for h in known_phashes]
+    known = np.array([int(h, 16) for h in known_phashes], dtype=np.uint64)
+    hashes = NearestHash(known, max_distance, adds=len(ordered))
     splits = list(known_splits)
     assigned: dict[str, str] = {}
     for candidate in ordered:
         target = int(candidate.phash, 16)
-        split = split_from_hash(candidate.sha256, fractions)
-        filled = len(splits)
-        if filled:
-            distances = hamming_distances(target, hashes[:filled])
-            nearest = int(np.argmin(distances))
-            if int(distances[nearest]) <= max_distance:
-                split = splits[nearest]
+        nearest = hashes.nearest(target)
+        split = splits[nearest] if nearest is not None else split_from_hash(candidate.sha256, fractions)
         assigned[candidate.sha256] = split
-        hashes[filled] = target
+        hashes.add(target)
         splits.append(split)
     return assigned
 
