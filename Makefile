@@ -27,7 +27,7 @@ export PYTHONUNBUFFERED := 1
 unexport PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
 
-.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-balance bench-digits bench-views bench-int8 bench-export bench-near-duplicates lock clean
+.PHONY: install services browser test test-fast lint demo up down serve bench-ingest bench-train bench-drift bench-serve bench-balance bench-digits bench-views bench-int8 bench-export bench-catalog lock clean
 
 install: $(STAMP)
 
@@ -120,8 +120,8 @@ bench-int8: install
 bench-export: install
 	$(BIN)/python bench/export.py
 
-bench-near-duplicates: install
-	$(BIN)/python bench/near_duplicates.py
+bench-catalog: install
+	$(BIN)/python bench/catalog_growth.py
 
 lock:
 	rm -rf /tmp/mlops-lock && $(PYTHON) -m venv /tmp/mlops-lock

