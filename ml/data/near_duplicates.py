@@ -47,7 +47,7 @@ class NearestHash:
         self._sorted = []  # per band: the known hashes' band values, sorted, and their numbers in that order
         for shift, mask in self._bands:
             values = (self._hashes[: self._count] >> np.uint64(shift)) & np.uint64(mask)
-            order = np.argsort(values, kind="stable")
+            order = np.argsort(values, kind="stable").astype(np.int32)  # 4 bytes a hash and band
             self._sorted.append((values[order], order))
         self._added: list[dict[int, list[int]]] = [defaultdict(list) for _ in self._bands]
 

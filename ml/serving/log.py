@@ -97,7 +97,7 @@ class PredictionLog:
         return not dropped
 
     def pending(self) -> tuple[int, int]:
-        """(rows, blobs) not written yet: buffered, or taken by a write still in progress."""
+        """(rows, blobs) not confirmed written: buffered, or taken by a write still in progress."""
         with self._lock:
             return (
                 self._buffer.row_count + self._writing.row_count,

@@ -24,7 +24,7 @@ def near(rng: np.random.Generator, value: int, bits: int) -> int:
     return value
 
 
-@pytest.mark.parametrize("max_distance", [0, 1, 2, 4, 7, 8, 12])
+@pytest.mark.parametrize("max_distance", [0, 1, 2, 3, 4, 5, 6, 7, 8, 12])  # bands up to 7, a scan beyond
 def test_the_banded_search_answers_as_a_scan_of_every_hash(max_distance: int) -> None:
     rng = np.random.default_rng(max_distance)
     roots = [int(v) for v in rng.integers(0, 1 << 63, 40, dtype=np.uint64) * 2 + 1]
@@ -49,9 +49,11 @@ def test_the_banded_search_answers_as_a_scan_of_every_hash(max_distance: int) ->
 
 
 def test_an_empty_index_finds_nothing_and_grows_past_what_it_was_sized_for() -> None:
-    hashes = NearestHash(np.zeros(0, dtype=np.uint64), 2, scan_up_to=0)
+    hashes = NearestHash(np.zeros(0, dtype=np.uint64), 2, adds=1, scan_up_to=0)
+    assert hashes._bands  # searched through its bands: none known, added ones only
     assert hashes.nearest(12345) is None
-    numbers = [hashes.add(value) for value in (5, 6, 1 << 63, (1 << 64) - 1)]
-    assert numbers == [0, 1, 2, 3]
-    assert hashes.nearest(4) == 0 and hashes.nearest(7) == 0  # both 1 bit from 5 (and 7 is 1 from 6)
-    assert hashes.nearest((1 << 64) - 2) == 3 and hashes.nearest(0xFFFF_0000) is None
+    numbers = [hashes.add(value) for value in (5, 6, 1 << 63, (1 << 64) - 1, 0)]
+    assert numbers == [0, 1, 2, 3, 4]
+    assert hashes.nearest(4) == 0 and hashes.nearest(7) == 0  # 1 bit from 5 (and 7 is 1 from 6): the first
+    assert hashes.nearest((1 << 64) - 2) == 3 and hashes.nearest(1 << 62) == 4  # 1 bit from 0
+    assert hashes.nearest(0xFFFF_0000_0000) is None
