@@ -110,8 +110,8 @@ def load_catalog(
 ) -> pd.DataFrame:
     """Concatenate partitions (strictly before ``before`` and/or up to ``upto`` inclusive), of ``columns``
     only when given (a parquet file decodes only the columns asked for: a day's lookups need 4 of 16, at
-    a third of the memory and half the CPU). Partitions are read ``READ_THREADS`` at a time where the
-    storage gains from it (S3: one request each)."""
+    about a third of the CPU and memory, ``bench/catalog_growth.py``). Partitions are read
+    ``READ_THREADS`` at a time where the storage gains from it (S3: one request each)."""
     wanted = list(columns) if columns is not None else None
     days = [
         day
