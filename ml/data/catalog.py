@@ -93,11 +93,16 @@ def partition_days(storage: Storage) -> list[dt.date]:
     return sorted(days)
 
 
+def empty_catalog(columns: Sequence[str] = CATALOG_COLUMNS) -> pd.DataFrame:
+    """No rows, with ``columns`` (the catalog's by default)."""
+    return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
+
+
 def read_partition(storage: Storage, day: dt.date) -> pd.DataFrame:
     """One day's curated rows (empty, with the catalog's columns, when the day has none)."""
     key = partition_key(day)
     if not storage.exists(key):
-        return pd.DataFrame({column: pd.Series(dtype=object) for column in CATALOG_COLUMNS})
+        return empty_catalog()
     return pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
 
 
@@ -112,7 +117,6 @@ def load_catalog(
     only when given (a parquet file decodes only the columns asked for: a day's lookups need 4 of 16, at
     about a third of the CPU and memory, ``bench/catalog_growth.py``). Partitions are read
     ``READ_THREADS`` at a time where the storage gains from it (S3: one request each)."""
-    wanted = list(columns) if columns is not None else None
     days = [
         day
         for day in partition_days(storage)
@@ -120,11 +124,12 @@ def load_catalog(
     ]
 
     def read(day: dt.date) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(storage.read_bytes(partition_key(day))), columns=wanted)
+        data = storage.read_bytes(partition_key(day))
+        return pd.read_parquet(io.BytesIO(data), columns=None if columns is None else list(columns))
 
     frames = list(io_map(storage, read, days, READ_THREADS))
     if not frames:
-        return pd.DataFrame({column: pd.Series(dtype=object) for column in wanted or CATALOG_COLUMNS})
+        return empty_catalog(CATALOG_COLUMNS if columns is None else columns)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -311,7 +316,7 @@ def version_rows(storage: Storage, version: dict[str, Any]) -> pd.DataFrame:
             )
         frames.append(pd.read_parquet(io.BytesIO(data)))
     if not frames:
-        return pd.DataFrame({column: pd.Series(dtype=object) for column in CATALOG_COLUMNS})
+        return empty_catalog()
     return pd.concat(frames, ignore_index=True)
 
 
