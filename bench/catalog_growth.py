@@ -153,7 +153,7 @@ def main() -> None:
         scan_s, scanned = timed(scan_splits, *day)
         mlops_s, indexed = timed(assign_splits, *day)
         same = scanned == indexed
-        inherited = sum(indexed[c.sha256] != split_from_hash(c.sha256, fractions) for c in new)
+        moved = sum(indexed[c.sha256] != split_from_hash(c.sha256, fractions) for c in new)
         rows.append(
             {
                 "known": known_count,
@@ -164,7 +164,7 @@ def main() -> None:
                 "scan_s": round(scan_s, 2),
                 "mlops_s": round(mlops_s, 2),
                 "same_splits": same,
-                "splits_from_a_near_duplicate": inherited,
+                "splits_moved_by_a_near_duplicate": moved,  # one of the same split is not counted
             }
         )
         print(
