@@ -20,6 +20,7 @@ from ml.memory import import_long_lived
 from ml.storage import Storage, join_key
 
 EXPECTATIONS_DIR = REPO_ROOT / "expectations"
+DOCS_SITE = "local"
 
 
 @dataclass
@@ -79,8 +80,12 @@ class QualityRunner:
         self.docs_dir = Path(self._tmp.name) / "site"
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        # An ephemeral context comes with a site in a temporary folder it has already deleted: a build
+        # of every site rendered this run's docs twice and left the second copy (~4 MB a day) behind.
+        for site in self.context.get_site_names():
+            self.context.delete_data_docs_site(site)
         self.context.add_data_docs_site(
-            "local",
+            DOCS_SITE,
             {
                 "class_name": "SiteBuilder",
                 "store_backend": {
@@ -131,7 +136,9 @@ class QualityRunner:
     def publish_docs(self, storage: Storage, prefix: str) -> str:
         """Build the Data Docs site of the suites validated so far and copy it under ``prefix`` in
         storage; return the URL of its index."""
-        self.context.build_data_docs(resource_identifiers=self._documented, build_index=True)
+        self.context.build_data_docs(
+            site_names=[DOCS_SITE], resource_identifiers=self._documented, build_index=True
+        )
         for path in sorted(self.docs_dir.rglob("*")):
             if path.is_file():
                 storage.write_bytes(
