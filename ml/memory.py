@@ -1,5 +1,5 @@
-"""Process-wide memory settings: glibc's for the processes that decode images in a loop, and Python's
-cyclic garbage collector for a batch job's burst of long-lived objects."""
+"""Process-wide memory settings: glibc's for the processes that decode images in a loop, Python's
+cyclic garbage collector for a batch job's burst of long-lived objects, and a big library's import."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import ctypes
 import functools
 import gc
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import ModuleType
+from typing import Any
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
@@ -61,9 +65,52 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def import_long_lived(name: str) -> ModuleType:
-    """Import ``name``; on its first import in this process, move every object alive then to the oldest
-    generation, where only full collections walk it (``gc.freeze`` then ``gc.unfreeze``).
+class _DeferringFinder(importlib.abc.MetaPathFinder):
+    """Finds ``names`` as the finders after it do, with a loader that runs them on first use."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+
+    def find_spec(
+        self, name: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name not in self.names:
+            return None
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(name, path, target)
+            if spec is None:
+                continue
+            if isinstance(spec.loader, importlib.machinery.SourceFileLoader):  # not C extensions
+                spec.loader = importlib.util.LazyLoader(spec.loader)
+            return spec
+        return None
+
+
+@contextlib.contextmanager
+def deferred_imports(names: Iterable[str]) -> Iterator[None]:
+    """Inside the block, a first import of one of ``names`` (Python source modules) binds the module
+    without running it; it runs on the first use of one of its attributes (``importlib.util.LazyLoader``).
+
+    For a library that imports, at its own import, modules that only some of its features use. Already
+    imported modules, and imports after the block, are as usual. A deferred module is then the same
+    object to everyone who imports it; on this Python (3.11) its first use must not race another
+    thread's (LazyLoader took a lock only in 3.12).
+    """
+    finder = _DeferringFinder(names)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def import_long_lived(name: str, defer: Iterable[str] = ()) -> ModuleType:
+    """Import ``name`` (its imports of ``defer`` deferred to their first use: ``deferred_imports``); on its
+    first import in this process, move every object alive then to the oldest generation, where only full
+    collections walk it (``gc.freeze`` then ``gc.unfreeze``).
 
     A big library's classes, functions and caches live as long as the process. Great Expectations makes
     ~488,000 tracked objects; imported in a day run with the collector paused, they were all still in
@@ -73,7 +120,8 @@ def import_long_lived(name: str) -> ModuleType:
     Objects something froze before (a parent before a fork) go back to the oldest generation as well.
     """
     first = name not in sys.modules
-    module = importlib.import_module(name)
+    with deferred_imports(defer):
+        module = importlib.import_module(name)
     if first:
         gc.freeze()
         gc.unfreeze()

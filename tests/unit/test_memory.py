@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 import pytest
 
 from ml.config import REPO_ROOT
-from ml.memory import collector_paused, glibc_call, libc
+from ml.memory import collector_paused, deferred_imports, glibc_call, libc
 
 FIRST_IMPORT = """
 import datetime as dt, gc, json, sys, weakref
@@ -80,3 +83,33 @@ def test_great_expectations_first_import_moves_to_the_oldest_generation() -> Non
     assert young < oldest / 20  # left to young collections: what the runner made after the import
     assert frozen == 0 and freed
     assert later_young
+
+
+def probe_module(folder: Path, name: str) -> Path:
+    """A module ``name`` in ``folder`` that leaves a file ``name.ran`` when it runs; the file's path."""
+    ran = folder / f"{name}.ran"
+    (folder / f"{name}.py").write_text(f"from pathlib import Path\nPath({str(ran)!r}).touch()\nVALUE = 42\n")
+    return ran
+
+
+def test_deferred_imports_run_a_listed_module_on_first_use_and_others_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    deferred, listed_later, unlisted = (f"probe_{uuid.uuid4().hex}" for _ in range(3))
+    ran = {name: probe_module(tmp_path, name) for name in (deferred, listed_later, unlisted)}
+    try:
+        with deferred_imports([deferred, listed_later]):
+            module = importlib.import_module(deferred)
+            importlib.import_module(unlisted)
+        assert sys.modules[deferred] is module
+        assert not ran[deferred].exists()  # bound, not run
+        assert ran[unlisted].exists()  # not listed: run at its import
+        assert module.VALUE == 42 and ran[deferred].exists()  # the first use runs it
+        assert importlib.import_module(deferred).VALUE == 42
+        importlib.import_module(listed_later)
+        assert ran[listed_later].exists()  # imported after the block: at once
+    finally:
+        for name in ran:
+            sys.modules.pop(name, None)
+    assert not any(hasattr(finder, "names") for finder in sys.meta_path)  # the finder is gone
