@@ -10,8 +10,8 @@ import gc
 import importlib
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import Any
@@ -65,46 +65,91 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+class Deferred(ModuleType):
+    """Stands in for a module not run yet: the first use of one of its attributes imports the module
+    (as usual, once, under the import system's locks) and every use reads it from there."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute == "__path__":  # a submodule import through the stand-in would run it twice
+            raise AttributeError(f"{self.__name__} is deferred: import it before its submodules")
+        return getattr(_import_deferred(self), attribute)
+
+
+_swapping = threading.Lock()
+
+
+def _import_deferred(stand_in: Deferred) -> ModuleType:
+    name = stand_in.__name__
+    with _swapping:  # out of sys.modules once, and never a real module put there meanwhile
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+    return importlib.import_module(name)
+
+
+class _StandInLoader(importlib.abc.Loader):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        return Deferred(spec.name)
+
+    def exec_module(self, module: ModuleType) -> None:
+        """Nothing to run: the stand-in imports the module on first use."""
+
+
 class _DeferringFinder(importlib.abc.MetaPathFinder):
-    """Finds ``names`` as the finders after it do, with a loader that runs them on first use."""
+    """For a first import of one of ``names`` that the other finders can find: a stand-in."""
 
     def __init__(self, names: Iterable[str]) -> None:
-        self.names = frozenset(names)
+        self.names = set(names)
+        self.deferred: list[str] = []
 
     def find_spec(
         self, name: str, path: Any = None, target: Any = None
     ) -> importlib.machinery.ModuleSpec | None:
         if name not in self.names:
             return None
-        for finder in sys.meta_path:
+        self.names.discard(name)  # the stand-in's own import of it, and any later one, is the real one
+        if not any(self._others_find(name, path, target)):
+            return None  # not installed: the import raises ImportError as it would have
+        self.deferred.append(name)
+        return importlib.machinery.ModuleSpec(name, _StandInLoader())
+
+    def _others_find(self, name: str, path: Any, target: Any) -> Iterator[bool]:
+        for finder in list(sys.meta_path):
             find_spec = getattr(finder, "find_spec", None)
-            if finder is self or find_spec is None:
-                continue
-            spec = find_spec(name, path, target)
-            if spec is None:
-                continue
-            if isinstance(spec.loader, importlib.machinery.SourceFileLoader):  # not C extensions
-                spec.loader = importlib.util.LazyLoader(spec.loader)
-            return spec
-        return None
+            if finder is not self and find_spec is not None:
+                yield find_spec(name, path, target) is not None
+
+    def remove_stand_ins(self) -> None:
+        """Out of ``sys.modules`` and their parent packages: a later import there is the real one."""
+        for name in self.deferred:
+            stand_in = sys.modules.get(name)
+            if isinstance(stand_in, Deferred):
+                with _swapping:
+                    if sys.modules.get(name) is stand_in:
+                        del sys.modules[name]
+                parent, _, child = name.rpartition(".")
+                if parent and getattr(sys.modules.get(parent), child, None) is stand_in:
+                    delattr(sys.modules[parent], child)
 
 
 @contextlib.contextmanager
 def deferred_imports(names: Iterable[str]) -> Iterator[None]:
-    """Inside the block, a first import of one of ``names`` (Python source modules) binds the module
-    without running it; it runs on the first use of one of its attributes (``importlib.util.LazyLoader``).
+    """Inside the block, a first import of one of ``names`` binds a stand-in (``Deferred``) and runs
+    nothing; the first use of one of the stand-in's attributes imports the module.
 
-    For a library that imports, at its own import, modules that only some of its features use. Already
-    imported modules, and imports after the block, are as usual. A deferred module is then the same
-    object to everyone who imports it; on this Python (3.11) its first use must not race another
-    thread's (LazyLoader took a lock only in 3.12).
+    For a library that imports, at its own import, modules that only some of its features use: its
+    references keep the stand-ins, which forward every attribute to the real module once imported.
+    After the block the stand-ins are out of ``sys.modules``, so any later import is the usual one.
+    Already imported modules are as usual; a missing one raises ImportError at its import, as before.
+    The finder is process-wide while the block runs (import from one thread inside it).
     """
     finder = _DeferringFinder(names)
     sys.meta_path.insert(0, finder)
     try:
         yield
     finally:
-        sys.meta_path.remove(finder)
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(finder)
+        finder.remove_stand_ins()
 
 
 def import_long_lived(name: str, defer: Iterable[str] = ()) -> ModuleType:
@@ -113,9 +158,9 @@ def import_long_lived(name: str, defer: Iterable[str] = ()) -> ModuleType:
     collections walk it (``gc.freeze`` then ``gc.unfreeze``).
 
     A big library's classes, functions and caches live as long as the process. Great Expectations makes
-    ~488,000 tracked objects; imported in a day run with the collector paused, they were all still in
-    the youngest generation at its end, and the first collection after it walked them: 0.19-0.20 s at the
-    end of each 10,000-image day, 0.03 s with them moved. The day's objects alive at that import move too:
+    ~360,000 tracked objects (~470,000 with altair and scipy.stats run); imported in a day run with the
+    collector paused, they were all still in the youngest generation at its end, and the first collection
+    after it walked them: 0.19-0.20 s at the end of each 10,000-image day, 0.03 s with them moved. The day's objects alive at that import move too:
     any cycle among them is freed by the next full collection instead of the first one after the day.
     Objects something froze before (a parent before a fork) go back to the oldest generation as well.
     """

@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ml.config import REPO_ROOT
-from ml.memory import collector_paused, deferred_imports, glibc_call, libc
+from ml.memory import Deferred, collector_paused, deferred_imports, glibc_call, libc
 
 FIRST_IMPORT = """
 import datetime as dt, gc, json, sys, weakref
@@ -70,7 +71,7 @@ def test_collector_paused_turns_collection_off_inside_and_leaves_it_as_it_was() 
 
 def test_great_expectations_first_import_moves_to_the_oldest_generation() -> None:
     """A fresh interpreter, its collector paused as in a day: the first ``QualityRunner`` imports GE and
-    moves what is alive (GE's ~488,000 objects) to the oldest generation, so the collection after the day
+    moves what is alive (GE's ~360,000 objects) to the oldest generation, so the collection after the day
     walks only what the day made since; nothing stays frozen (a cycle alive then is still freed by a full
     collection), and a second runner moves nothing."""
     done = subprocess.run(
@@ -85,31 +86,75 @@ def test_great_expectations_first_import_moves_to_the_oldest_generation() -> Non
     assert later_young
 
 
-def probe_module(folder: Path, name: str) -> Path:
-    """A module ``name`` in ``folder`` that leaves a file ``name.ran`` when it runs; the file's path."""
-    ran = folder / f"{name}.ran"
-    (folder / f"{name}.py").write_text(f"from pathlib import Path\nPath({str(ran)!r}).touch()\nVALUE = 42\n")
-    return ran
+def probe_module(folder: Path, name: str, body: str = "VALUE = 42\n") -> Path:
+    """A module ``name`` in ``folder`` that adds a line to ``runs.log`` each time it runs; that file."""
+    log = folder / "runs.log"
+    path = folder / (name.replace(".", "/") + ".py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"with open({str(log)!r}, 'a') as log:\n    log.write({name!r} + '\\n')\n{body}")
+    return log
 
 
-def test_deferred_imports_run_a_listed_module_on_first_use_and_others_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def runs(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+@pytest.fixture
+def probes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh name prefix for probe modules in ``tmp_path``; their modules gone afterwards."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    deferred, listed_later, unlisted = (f"probe_{uuid.uuid4().hex}" for _ in range(3))
-    ran = {name: probe_module(tmp_path, name) for name in (deferred, listed_later, unlisted)}
-    try:
-        with deferred_imports([deferred, listed_later]):
-            module = importlib.import_module(deferred)
-            importlib.import_module(unlisted)
-        assert sys.modules[deferred] is module
-        assert not ran[deferred].exists()  # bound, not run
-        assert ran[unlisted].exists()  # not listed: run at its import
-        assert module.VALUE == 42 and ran[deferred].exists()  # the first use runs it
-        assert importlib.import_module(deferred).VALUE == 42
-        importlib.import_module(listed_later)
-        assert ran[listed_later].exists()  # imported after the block: at once
-    finally:
-        for name in ran:
-            sys.modules.pop(name, None)
-    assert not any(hasattr(finder, "names") for finder in sys.meta_path)  # the finder is gone
+    prefix = f"probe_{uuid.uuid4().hex}"
+    yield prefix
+    for name in [name for name in sys.modules if name.startswith(prefix)]:
+        del sys.modules[name]
+
+
+def test_a_deferred_module_runs_at_the_first_use_of_its_binding_and_others_at_once(
+    tmp_path: Path, probes: str
+) -> None:
+    deferred, later, unlisted, inside = (f"{probes}_{n}" for n in ("deferred", "later", "unlisted", "inside"))
+    log = [probe_module(tmp_path, name) for name in (deferred, later, unlisted, inside)][0]
+    with deferred_imports([deferred, later, inside]):
+        binding = importlib.import_module(deferred)
+        importlib.import_module(unlisted)
+        assert importlib.import_module(inside).VALUE == 42  # used inside the block: run then
+    assert runs(log) == [unlisted, inside]  # the listed one bound, not run; the other run at its import
+    assert not isinstance(sys.modules[inside], Deferred)
+    del sys.modules[inside]
+    assert isinstance(binding, Deferred) and deferred not in sys.modules  # the stand-in is out
+    assert binding.VALUE == 42 and runs(log) == [unlisted, inside, deferred]  # its first use runs it
+    assert binding.VALUE == 42 and runs(log) == [unlisted, inside, deferred]  # once
+    module = sys.modules[deferred]
+    assert not isinstance(module, Deferred) and importlib.import_module(deferred) is module
+    importlib.import_module(later)
+    assert runs(log) == [unlisted, inside, deferred, later]  # imported after the block: at once
+    assert not any(hasattr(finder, "deferred") for finder in sys.meta_path)  # the finder is gone
+
+
+def test_a_deferred_package_whose_submodule_is_imported_first_runs_each_module_once(
+    tmp_path: Path, probes: str
+) -> None:
+    """The first use after the block is an import of a submodule the package imports itself (a
+    lazily run package in ``sys.modules`` would run that submodule a second time here)."""
+    package = f"{probes}_package"
+    log = probe_module(tmp_path, f"{package}.__init__", f"from {package} import sub\n")
+    probe_module(tmp_path, f"{package}.sub")
+    with deferred_imports([package]):
+        binding = importlib.import_module(package)
+    assert runs(log) == []
+    sub = importlib.import_module(f"{package}.sub")
+    assert runs(log) == [f"{package}.__init__", f"{package}.sub"]
+    assert binding.sub is sub is sys.modules[f"{package}.sub"] and sub.VALUE == 42
+
+
+def test_a_deferred_name_that_is_not_installed_raises_at_its_import_and_a_failed_block_cleans_up(
+    tmp_path: Path, probes: str
+) -> None:
+    present = f"{probes}_present"
+    probe_module(tmp_path, present)
+    with pytest.raises(ModuleNotFoundError), deferred_imports([f"{probes}_missing", present]):
+        binding = importlib.import_module(present)
+        importlib.import_module(f"{probes}_missing")
+    assert present not in sys.modules  # the stand-in is out although the block failed
+    assert not any(hasattr(finder, "deferred") for finder in sys.meta_path)
+    assert binding.VALUE == 42
