@@ -160,9 +160,10 @@ def import_long_lived(name: str, defer: Iterable[str] = ()) -> ModuleType:
     A big library's classes, functions and caches live as long as the process. Great Expectations makes
     ~360,000 tracked objects (~470,000 with altair and scipy.stats run); imported in a day run with the
     collector paused, they were all still in the youngest generation at its end, and the first collection
-    after it walked them: 0.19-0.20 s at the end of each 10,000-image day, 0.03 s with them moved. The day's objects alive at that import move too:
-    any cycle among them is freed by the next full collection instead of the first one after the day.
-    Objects something froze before (a parent before a fork) go back to the oldest generation as well.
+    after it walked them: 0.19-0.20 s at the end of each 10,000-image day, 0.03 s with them moved. The
+    day's objects alive at that import move too: any cycle among them is freed by the next full
+    collection instead of the first one after the day. Objects something froze before (a parent before a
+    fork) go back to the oldest generation as well.
     """
     first = name not in sys.modules
     with deferred_imports(defer):
