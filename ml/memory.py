@@ -66,11 +66,13 @@ def collector_paused() -> Iterator[None]:
 
 
 class Deferred(ModuleType):
-    """Stands in for a module not run yet: the first use of one of its attributes imports the module
-    (as usual, once, under the import system's locks) and every use reads it from there."""
+    """Stands in for a module not run yet: the first use of an attribute the stand-in lacks imports the
+    module (as usual, once, under the import system's locks) and every such use reads it from there."""
 
     def __getattr__(self, attribute: str) -> Any:
-        if attribute == "__path__":  # a submodule import through the stand-in would run it twice
+        # The import system reads __path__ as it makes the stand-in (and before a submodule import,
+        # which through a stand-in would run the submodule twice): it stays missing.
+        if attribute == "__path__":
             raise AttributeError(f"{self.__name__} is deferred: import it before its submodules")
         return getattr(_import_deferred(self), attribute)
 
@@ -115,7 +117,7 @@ class _DeferringFinder(importlib.abc.MetaPathFinder):
     def _others_find(self, name: str, path: Any, target: Any) -> Iterator[bool]:
         for finder in list(sys.meta_path):
             find_spec = getattr(finder, "find_spec", None)
-            if finder is not self and find_spec is not None:
+            if not isinstance(finder, _DeferringFinder) and find_spec is not None:
                 yield find_spec(name, path, target) is not None
 
     def remove_stand_ins(self) -> None:
@@ -127,8 +129,9 @@ class _DeferringFinder(importlib.abc.MetaPathFinder):
                     if sys.modules.get(name) is stand_in:
                         del sys.modules[name]
                 parent, _, child = name.rpartition(".")
-                if parent and getattr(sys.modules.get(parent), child, None) is stand_in:
-                    delattr(sys.modules[parent], child)
+                package = sys.modules.get(parent) if parent else None
+                if package is not None and vars(package).get(child) is stand_in:  # not its __getattr__
+                    delattr(package, child)
 
 
 @contextlib.contextmanager
@@ -137,10 +140,13 @@ def deferred_imports(names: Iterable[str]) -> Iterator[None]:
     nothing; the first use of one of the stand-in's attributes imports the module.
 
     For a library that imports, at its own import, modules that only some of its features use: its
-    references keep the stand-ins, which forward every attribute to the real module once imported.
-    After the block the stand-ins are out of ``sys.modules``, so any later import is the usual one.
-    Already imported modules are as usual; a missing one raises ImportError at its import, as before.
-    The finder is process-wide while the block runs (import from one thread inside it).
+    references keep the stand-ins, which forward every attribute they lack to the real module. After
+    the block the stand-ins are out of ``sys.modules``, so any later import is the usual one. Already
+    imported modules are as usual; one not installed raises ImportError at its import, as before.
+    Limits: inside the block a submodule of a stand-in cannot be imported (ImportError), and
+    ``importlib.util.find_spec`` of a listed name ends its deferral; a module that fails to run fails
+    at each first use, not at the import. The finder is process-wide while the block runs: import in
+    it from one thread, and use the stand-ins from one thread or after the block.
     """
     finder = _DeferringFinder(names)
     sys.meta_path.insert(0, finder)

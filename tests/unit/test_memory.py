@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +159,57 @@ def test_a_deferred_name_that_is_not_installed_raises_at_its_import_and_a_failed
     assert present not in sys.modules  # the stand-in is out although the block failed
     assert not any(hasattr(finder, "deferred") for finder in sys.meta_path)
     assert binding.VALUE == 42
+
+
+def test_a_deferred_submodule_leaves_its_package_as_it_was_after_the_block(
+    tmp_path: Path, probes: str
+) -> None:
+    package = f"{probes}_plain"
+    log = probe_module(tmp_path, f"{package}.__init__", "")
+    probe_module(tmp_path, f"{package}.sub")
+    parent = importlib.import_module(package)
+    with deferred_imports([f"{package}.sub"]):
+        binding = importlib.import_module(f"{package}.sub")
+        assert vars(parent)["sub"] is binding  # bound on its package, as an import does
+    assert "sub" not in vars(parent) and f"{package}.sub" not in sys.modules
+    assert runs(log) == [f"{package}.__init__"]
+    assert binding.VALUE == 42 and runs(log) == [f"{package}.__init__", f"{package}.sub"]
+    assert parent.sub is sys.modules[f"{package}.sub"] and not isinstance(parent.sub, Deferred)
+
+
+def test_two_threads_first_using_a_stand_in_at_once_run_the_module_once(tmp_path: Path, probes: str) -> None:
+    """The module is still running for the first thread when the second uses the stand-in: the second
+    waits for it (the import system's module lock) instead of taking it out and running it again."""
+    gate, slow = f"{probes}_gate", f"{probes}_slow"
+    (tmp_path / f"{gate}.py").write_text(
+        "import threading\nstarted, release = threading.Event(), threading.Event()\n"
+    )
+    events = importlib.import_module(gate)
+    log = probe_module(
+        tmp_path, slow, f"from {gate} import started, release\nstarted.set()\nrelease.wait(10)\nVALUE = 42\n"
+    )
+    with deferred_imports([slow]):
+        binding = importlib.import_module(slow)
+    values: list[int] = []
+    first = threading.Thread(target=lambda: values.append(binding.VALUE))
+    first.start()
+    assert events.started.wait(10)  # the first thread is running the module now
+    second = threading.Thread(target=lambda: values.append(binding.VALUE))
+    second.start()
+    second.join(0.3)
+    events.release.set()
+    first.join(10)
+    second.join(10)
+    assert values == [42, 42] and runs(log) == [slow]
+
+
+def test_an_inner_block_listing_the_same_name_leaves_the_outer_block_deferring_it(
+    tmp_path: Path, probes: str
+) -> None:
+    name = f"{probes}_nested"
+    log = probe_module(tmp_path, name)
+    with deferred_imports([name]):
+        with deferred_imports([name]):
+            assert isinstance(importlib.import_module(name), Deferred)
+        assert isinstance(importlib.import_module(name), Deferred)  # still deferred by the outer block
+    assert runs(log) == [] and name not in sys.modules
