@@ -80,12 +80,16 @@ class Deferred(ModuleType):
 _swapping = threading.Lock()
 
 
+def _take_out(stand_in: Deferred) -> None:
+    """``stand_in`` out of ``sys.modules`` if still there (never a real module put there meanwhile)."""
+    with _swapping:
+        if sys.modules.get(stand_in.__name__) is stand_in:
+            del sys.modules[stand_in.__name__]
+
+
 def _import_deferred(stand_in: Deferred) -> ModuleType:
-    name = stand_in.__name__
-    with _swapping:  # out of sys.modules once, and never a real module put there meanwhile
-        if sys.modules.get(name) is stand_in:
-            del sys.modules[name]
-    return importlib.import_module(name)
+    _take_out(stand_in)
+    return importlib.import_module(stand_in.__name__)
 
 
 class _StandInLoader(importlib.abc.Loader):
@@ -125,9 +129,7 @@ class _DeferringFinder(importlib.abc.MetaPathFinder):
         for name in self.deferred:
             stand_in = sys.modules.get(name)
             if isinstance(stand_in, Deferred):
-                with _swapping:
-                    if sys.modules.get(name) is stand_in:
-                        del sys.modules[name]
+                _take_out(stand_in)
                 parent, _, child = name.rpartition(".")
                 package = sys.modules.get(parent) if parent else None
                 if package is not None and vars(package).get(child) is stand_in:  # not its __getattr__

@@ -117,6 +117,7 @@ def load_catalog(
     only when given (a parquet file decodes only the columns asked for: a day's lookups need 4 of 16, at
     about a third of the CPU and memory, ``bench/catalog_growth.py``). Partitions are read
     ``READ_THREADS`` at a time where the storage gains from it (S3: one request each)."""
+    wanted = None if columns is None else list(columns)
     days = [
         day
         for day in partition_days(storage)
@@ -125,11 +126,11 @@ def load_catalog(
 
     def read(day: dt.date) -> pd.DataFrame:
         data = storage.read_bytes(partition_key(day))
-        return pd.read_parquet(io.BytesIO(data), columns=None if columns is None else list(columns))
+        return pd.read_parquet(io.BytesIO(data), columns=wanted)
 
     frames = list(io_map(storage, read, days, READ_THREADS))
     if not frames:
-        return empty_catalog(CATALOG_COLUMNS if columns is None else columns)
+        return empty_catalog(CATALOG_COLUMNS if wanted is None else wanted)
     return pd.concat(frames, ignore_index=True)
 
 
