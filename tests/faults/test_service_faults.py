@@ -217,6 +217,7 @@ def test_a_storage_outage_answers_every_prediction_and_loses_no_logged_row(start
         serving__log_flush_rows=20,
         serving__log_images="true",
     )
+    every_worker_serving(service)  # before storage goes: a worker reads its deployment state there
     # paced: every answered request leaves a row and an image to write once storage is back
     with Stream(service.url, pause=0.05) as stream:
         time.sleep(3)
@@ -249,15 +250,20 @@ def test_a_storage_outage_answers_every_prediction_and_loses_no_logged_row(start
     assert "could not write" in service.log_text()  # the outage was real, and seen by the service
 
 
-def every_worker_ready(url: str, in_a_row: int = 20, timeout: float = 60) -> None:
-    """Until ``in_a_row`` readiness checks, each on a new connection (either worker may accept it),
-    answer 200 one after another."""
-    deadline, ready = time.monotonic() + timeout, 0
-    while ready < in_a_row:
-        assert time.monotonic() < deadline, f"not every worker behind {url} became ready"
-        ready = ready + 1 if http("GET", f"{url}/readyz", timeout=2)[0] == 200 else 0
-        if not ready:
-            time.sleep(0.3)
+def every_worker_serving(service: Service, version: str = "1", timeout: float = 120) -> None:
+    """Until every worker of ``service`` has published a heartbeat serving ``version``: each worker
+    reads the deployment state and loads the model as it starts, and a worker still starting accepts no
+    connection, so readiness checks on the socket can all reach the one that is up."""
+    from ml.serving.replica import live_heartbeats
+
+    settings = load_settings(environ=service.env)
+    storage, deadline = storage_from_settings(settings), time.monotonic() + timeout
+    serving: set[int] = set()
+    while len(serving) < settings.serving.workers:
+        assert time.monotonic() < deadline, f"only workers {sorted(serving)} serve v{version}"
+        beats = live_heartbeats(storage, settings.serving.heartbeat_max_age_seconds)
+        serving = {beat.worker for beat in beats if beat.stable == version}
+        time.sleep(0.2)
 
 
 def test_a_full_buffer_drops_rows_answers_anyway_and_counts_the_drops(start_service, moto_s3) -> None:
@@ -273,7 +279,7 @@ def test_a_full_buffer_drops_rows_answers_anyway_and_counts_the_drops(start_serv
         serving__log_images="true",
         serving__log_max_buffer_bytes=1000,  # smaller than one image: every image is dropped
     )
-    every_worker_ready(service.url)  # wait_ready saw one; a worker still starting answers 503
+    every_worker_serving(service)  # before storage goes: a worker reads its deployment state there
     moto_s3.take_away()  # every write from here on fails: the buffer fills
     with Stream(service.url, clients=2) as stream:
         while len(stream.answers) < 40:
