@@ -253,10 +253,12 @@ def write_version(storage: Storage, day: dt.date) -> dict[str, Any]:
     """Write the dataset version of ``day``, and new versions of every later day that has one.
 
     A backfill (or re-ingest) of ``day`` changes what every later version contains, so each later
-    day gets a new version (all partitions up to it); LATEST moves last, and only forward.
+    day gets a new version (all partitions up to it); LATEST moves last, and only forward. Every
+    partition is read to hash it, ``READ_THREADS`` at a time where the storage gains from it.
     """
     later = [other for other in version_days(storage) if other > day]
-    parts = [summarise_partition(storage, d) for d in partition_days(storage) if d <= max([day, *later])]
+    days = [d for d in partition_days(storage) if d <= max([day, *later])]
+    parts = list(io_map(storage, lambda d: summarise_partition(storage, d), days, READ_THREADS))
     version = build_version(day, parts)
     _store_version(storage, version)
     for other in later:
