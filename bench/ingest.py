@@ -15,7 +15,13 @@ From the same run it prints the ceiling of ``ingest_day`` against the plain loop
 one-process inspection's time plus the day's CPU outside it (the parent's), spread over the cores with
 none idle, against the loop's time.
 
-Usage: python bench/ingest.py [--images 2000] [--side 500]
+Usage: python bench/ingest.py [--images 2000] [--side 500] [--landed FOLDER] [--rounds 1]
+
+Generating the day takes ~150 s for 10,000 images on 2 cores; with ``--landed FOLDER`` the day is
+generated into ``FOLDER/<images>x<side>`` the first time and copied from there by each later run (the
+same bytes: the generator is seeded). With ``--rounds N`` the run is repeated N times, each round in a
+process of its own on a fresh copy of the day, and the medians close it: on a host whose speed drifts
+within minutes, a contender's ratio to the plain loop of its own round moves less than its seconds do.
 
 With ``--workers 1,2`` it measures the production profile instead (``make up PROFILE=production``
 first): landed days of the same size and kind (fresh dates, each its own images: a repeated image would
@@ -34,6 +40,10 @@ import io
 import json
 import os
 import platform
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -73,6 +83,22 @@ def land_jpegs(
         rows.append(f"{name},{label}")
     storage.write_bytes(f"landing/{DAY}/labels.csv", ("filename,label\n" + "\n".join(rows) + "\n").encode())
     return blobs
+
+
+def landed_day(
+    storage: LocalStorage, count: int, side: int, classes: list[str], cache: Path | None
+) -> dict[str, bytes]:
+    """The day's JPEGs landed in ``storage``: generated, or copied from ``cache`` (generated there first)."""
+    if cache is None:
+        return land_jpegs(storage, count, side, classes)
+    folder = cache / f"{count}x{side}"
+    landing = f"landing/{DAY}"
+    if not (folder / landing / "labels.csv").exists():  # written last: a folder without it is unfinished
+        shutil.rmtree(folder, ignore_errors=True)
+        land_jpegs(LocalStorage(folder), count, side, classes)
+    shutil.copytree(folder / landing, storage.root / landing)
+    images = storage.root / landing / "images"
+    return {path.name: path.read_bytes() for path in sorted(images.iterdir())}
 
 
 def plain_loop(storage: LocalStorage, names: list[str], out_dir: Path, min_side: int, max_side: int) -> int:
@@ -129,28 +155,19 @@ def timed(label: str, count: int, fn) -> dict[str, float | str]:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--side", type=int, default=500)
-    parser.add_argument("--workers", help="e.g. 1,2: shards over the production profile's workers")
-    args = parser.parse_args()
-    if args.workers:
-        production_bench([int(n) for n in args.workers.split(",")], args.images, args.side)
-        return
-    cores = len(os.sched_getaffinity(0))
-    settings = load_settings(environ={"MLOPS__INGEST__WORKERS": str(cores)})
+def one_round(
+    settings: Any, cores: int, args: argparse.Namespace, cache: Path | None
+) -> tuple[list[dict], dict[str, Any]]:
+    """Every contender once, on the day landed afresh in a store of its own: its rows and header."""
     limits = ImageLimits.from_settings(settings.ingest)
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
         storage = LocalStorage(Path(tmp) / "store")
         started = time.perf_counter()
-        blobs = land_jpegs(storage, args.images, args.side, settings.classes)
+        blobs = landed_day(storage, args.images, args.side, settings.classes, cache)
         mean_kb = sum(map(len, blobs.values())) / len(blobs) / 1024
         print(
             f"landed {len(blobs)} JPEGs, longest side {args.side} px, mean {mean_kb:.0f} KiB "
-            f"({time.perf_counter() - started:.0f} s to generate); {cores} cores\n"
+            f"({time.perf_counter() - started:.0f} s to land); {cores} cores\n"
         )
         plain_out = Path(tmp) / "plain"
         plain_out.mkdir()
@@ -189,7 +206,57 @@ def main() -> None:
             )
         )
     header = {"images": args.images, "side_px": args.side, "mean_kib": round(mean_kb, 1), "cores": cores}
-    write_report(rows, {**header, "file_creation_ms": {k: round(v, 3) for k, v in creation.items()}})
+    return rows, {**header, "file_creation_ms": {k: round(v, 3) for k, v in creation.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--side", type=int, default=500)
+    parser.add_argument("--workers", help="e.g. 1,2: shards over the production profile's workers")
+    parser.add_argument("--landed", type=Path, help="a folder keeping generated days for later runs")
+    parser.add_argument("--rounds", type=int, default=1, help="runs, each in a new process")
+    args = parser.parse_args()
+    if args.workers:
+        production_bench([int(n) for n in args.workers.split(",")], args.images, args.side)
+        return
+    cores = len(os.sched_getaffinity(0))
+    settings = load_settings(environ={"MLOPS__INGEST__WORKERS": str(cores)})
+    if args.rounds == 1:
+        write_report(*one_round(settings, cores, args, args.landed))
+        return
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="mlops-bench-landed-") as scratch:
+        landed = args.landed or Path(scratch)  # generated once, not per round
+        for number in range(1, args.rounds + 1):
+            print(f"\n## round {number} of {args.rounds}\n", flush=True)
+            # a process of its own, as each ingest task is: every round pays the imports (GE's ~2.5 s)
+            argv = [sys.executable, __file__, "--images", str(args.images), "--side", str(args.side)]
+            subprocess.run([*argv, "--landed", str(landed)], check=True)
+            rounds.append(json.loads((RESULTS / "ingest.json").read_text())["rows"])
+    summarise_rounds(rounds, args.images)
+
+
+def summarise_rounds(rounds: list[list[dict]], images: int) -> None:
+    """The median of each contender's seconds and of its ratio to the plain loop of the same round: a
+    host whose speed drifts within minutes moves both contenders of a round alike."""
+    print(f"\n## median of {len(rounds)} rounds\n")
+    print(
+        "| contender | seconds | images/s | vs plain (each round) | vs plain, median |\n"
+        "|---|---:|---:|---|---:|"
+    )
+    for index, first in enumerate(rounds[0]):
+        seconds = statistics.median(rows[index]["seconds"] for rows in rounds)
+        ratios = [rows[index]["vs_plain"] for rows in rounds]
+        shown = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
+        print(
+            f"| {first['contender']} | {seconds:.2f} | {images / seconds:.1f} | {shown} "
+            f"| {statistics.median(ratios):.2f}x |"
+        )
+    summary = {"rounds": rounds}
+    (RESULTS / "ingest_rounds.json").write_text(json.dumps(summary, indent=2))
 
 
 def ceiling_vs_plain(plain_s: float, one_process_s: float, day_parent_cpu_s: float, cores: int) -> float:
