@@ -9,6 +9,9 @@ of 10,000 rows in a local store, as ingestion writes them):
   (``np.argmin`` of the Hamming distances; what ingestion did before, and what a user writes first)
   against ``ml.data.catalog.assign_splits`` (multi-index hashing, ``ml.data.near_duplicates``).
 
+- one image's rows (``mlops lineage``, erasure): every partition loaded whole and masked (what
+  ``catalog.image_rows`` did before) against parquet filters on its two hashes, CPU seconds.
+
 Hashes are drawn in clusters (a root hash and copies of it 0-12 bits away, as pictures of one subject
 are) and unrelated; both give the same splits, checked for each size.
 
@@ -106,6 +109,13 @@ def write_catalog(
         storage.write_bytes(catalog.partition_key(day), data)
 
 
+def rows_by_mask(storage: LocalStorage, sha256: str) -> pd.DataFrame:
+    """One image's rows as ``catalog.image_rows`` found them before: every column of every row loaded."""
+    rows = catalog.load_catalog(storage)
+    found = (rows["sha256"] == sha256) | (rows["source_sha256"] == sha256)
+    return rows[found].reset_index(drop=True)
+
+
 def loaded(storage: LocalStorage, columns) -> tuple[float, float]:
     """CPU seconds to load the catalog, and the frame's memory in MB."""
     started = time.process_time()
@@ -135,7 +145,8 @@ def main() -> None:
     print(f"{args.new} new images, near-duplicates within {distance} bits; CPU seconds\n")
     print(
         "| catalogued images | load, all columns s (MB) | load, 4 columns s (MB) | splits, scan s "
-        "| splits, mlops s | scan / mlops | same splits |\n|---:|---:|---:|---:|---:|---:|---|"
+        "| splits, mlops s | scan / mlops | same splits | one image, masked s | one image, filtered s |\n"
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
     )
     for known_count in [int(n) for n in args.known.split(",")]:
         known = clustered_hashes(rng, known_count, roots)
@@ -145,6 +156,11 @@ def main() -> None:
             write_catalog(storage, rng, known, known_splits)
             all_s, all_mb = loaded(storage, None)
             some_s, some_mb = loaded(storage, KNOWN_COLUMNS)
+            target = f"{known_count // 2:064x}"  # a catalogued image's curated hash (none when empty)
+            masked_s, masked = timed(rows_by_mask, storage, target)
+            filtered_s, filtered = timed(catalog.image_rows, storage, target)
+            if filtered.to_dict("records") != masked.to_dict("records"):
+                raise SystemExit("filtered and masked lookups found different rows")
         new = [
             SplitCandidate(f"{known_count + index:064x}", phash)
             for index, phash in enumerate(clustered_hashes(rng, args.new, roots))
@@ -165,11 +181,14 @@ def main() -> None:
                 "mlops_s": round(mlops_s, 2),
                 "same_splits": same,
                 "splits_moved_by_a_near_duplicate": moved,  # one of the same split is not counted
+                "image_rows_masked_s": round(masked_s, 2),
+                "image_rows_filtered_s": round(filtered_s, 2),
+                "image_rows_found": len(filtered),
             }
         )
         print(
             f"| {known_count:,} | {all_s:.2f} ({all_mb:.0f}) | {some_s:.2f} ({some_mb:.0f}) | {scan_s:.2f} | "
-            f"{mlops_s:.2f} | {scan_s / mlops_s:.1f}x | {same} |",
+            f"{mlops_s:.2f} | {scan_s / mlops_s:.1f}x | {same} | {masked_s:.2f} | {filtered_s:.2f} |",
             flush=True,
         )
         if not same:

@@ -112,11 +112,13 @@ def load_catalog(
     before: dt.date | None = None,
     upto: dt.date | None = None,
     columns: Sequence[str] | None = None,
+    filters: list[list[tuple[str, str, Any]]] | None = None,
 ) -> pd.DataFrame:
     """Concatenate partitions (strictly before ``before`` and/or up to ``upto`` inclusive), of ``columns``
     only when given (a parquet file decodes only the columns asked for: a day's lookups need 4 of 16, at
-    about a third of the CPU and memory, ``bench/catalog_growth.py``). Partitions are read
-    ``READ_THREADS`` at a time where the storage gains from it (S3: one request each)."""
+    about a third of the CPU and memory, ``bench/catalog_growth.py``), and of the rows ``filters`` keeps
+    when given (pyarrow's filters: OR of ANDs of ``(column, op, value)``; the other rows are never made).
+    Partitions are read ``READ_THREADS`` at a time where the storage gains from it (S3: one request each)."""
     wanted = None if columns is None else list(columns)
     days = [
         day
@@ -126,7 +128,7 @@ def load_catalog(
 
     def read(day: dt.date) -> pd.DataFrame:
         data = storage.read_bytes(partition_key(day))
-        return pd.read_parquet(io.BytesIO(data), columns=wanted)
+        return pd.read_parquet(io.BytesIO(data), columns=wanted, filters=filters)
 
     frames = list(io_map(storage, read, days, READ_THREADS))
     if not frames:
@@ -338,9 +340,7 @@ def split_rows(rows: pd.DataFrame, split: str) -> pd.DataFrame:
 
 def image_rows(storage: Storage, sha256: str) -> pd.DataFrame:
     """The current catalog rows of one image: its curated ``sha256`` or the ``source_sha256`` it landed as."""
-    rows = load_catalog(storage)
-    found = (rows["sha256"] == sha256) | (rows["source_sha256"] == sha256)
-    return rows[found].reset_index(drop=True)
+    return load_catalog(storage, filters=[[("sha256", "==", sha256)], [("source_sha256", "==", sha256)]])
 
 
 def partition_sha256(storage: Storage, day: dt.date) -> str | None:

@@ -207,3 +207,26 @@ def test_train_takes_a_dataset_version_and_refuses_a_changed_or_unknown_one(
     with pytest.raises(SystemExit) as caught:
         main(["train", "--dataset-day", "2026-01-01", "--dataset-version", v1["version"]])
     assert caught.value.code == EXIT_USAGE
+
+
+def test_image_rows_are_found_by_curated_or_landed_hash_in_any_partition(tmp_path: Path) -> None:
+    """Only the matching rows come back (every column), from whichever day holds them; an unknown hash
+    gives no rows, with the catalog's columns."""
+    storage = LocalStorage(tmp_path)
+    for offset in range(3):
+        day = dt.date(2026, 5, 1) + dt.timedelta(days=offset)
+        ids = range(offset * 10, offset * 10 + 10)
+        frame = pd.DataFrame(
+            {column: [f"{column}-{i}" for i in ids] for column in catalog.CATALOG_COLUMNS}
+            | {"sha256": [sha(i) for i in ids], "source_sha256": [sha(1000 + i) for i in ids]}
+        )
+        storage.write_bytes(catalog.partition_key(day), catalog.to_parquet_bytes(frame))
+    by_curated = catalog.image_rows(storage, sha(14))
+    assert list(by_curated.columns) == catalog.CATALOG_COLUMNS
+    assert by_curated.to_dict("records") == [
+        {column: f"{column}-14" for column in catalog.CATALOG_COLUMNS}
+        | {"sha256": sha(14), "source_sha256": sha(1014)}
+    ]
+    assert catalog.image_rows(storage, sha(1027))["sha256"].tolist() == [sha(27)]  # the landed bytes' hash
+    missing = catalog.image_rows(storage, sha(99))
+    assert missing.empty and list(missing.columns) == catalog.CATALOG_COLUMNS
