@@ -18,10 +18,11 @@ none idle, against the loop's time.
 Usage: python bench/ingest.py [--images 2000] [--side 500] [--landed FOLDER] [--rounds 1]
 
 Generating the day takes ~150 s for 10,000 images on 2 cores; with ``--landed FOLDER`` the day is
-generated into ``FOLDER/<images>x<side>`` the first time and copied from there by each later run (the
-same bytes: the generator is seeded). With ``--rounds N`` the run is repeated N times, each round in a
-process of its own on a fresh copy of the day, and the medians close it: on a host whose speed drifts
-within minutes, a contender's ratio to the plain loop of its own round moves less than its seconds do.
+generated into ``FOLDER/<images>x<side>-<classes>`` the first time and copied from there by each later
+run (the same bytes: the generator is seeded). With ``--rounds N`` the run is repeated N times, each
+round in a process of its own on a fresh copy of the day, and the medians close it: on a host whose
+speed drifts within minutes, a contender's ratio to the plain loop of its own round moves less than its
+seconds do.
 
 With ``--workers 1,2`` it measures the production profile instead (``make up PROFILE=production``
 first): landed days of the same size and kind (fresh dates, each its own images: a repeated image would
@@ -91,7 +92,8 @@ def landed_day(
     """The day's JPEGs landed in ``storage``: generated, or copied from ``cache`` (generated there first)."""
     if cache is None:
         return land_jpegs(storage, count, side, classes)
-    folder = cache / f"{count}x{side}"
+    classes_tag = hashlib.sha256(",".join(classes).encode()).hexdigest()[:8]  # other classes, other images
+    folder = cache / f"{count}x{side}-{classes_tag}"
     landing = f"landing/{DAY}"
     if not (folder / landing / "labels.csv").exists():  # written last: a folder without it is unfinished
         shutil.rmtree(folder, ignore_errors=True)
@@ -219,6 +221,8 @@ def main() -> None:
     parser.add_argument("--landed", type=Path, help="a folder keeping generated days for later runs")
     parser.add_argument("--rounds", type=int, default=1, help="runs, each in a new process")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds takes 1 or more")
     if args.workers:
         production_bench([int(n) for n in args.workers.split(",")], args.images, args.side)
         return
@@ -247,15 +251,19 @@ def summarise_rounds(rounds: list[list[dict]], images: int) -> None:
         "| contender | seconds | images/s | vs plain (each round) | vs plain, median |\n"
         "|---|---:|---:|---|---:|"
     )
+    medians = []
     for index, first in enumerate(rounds[0]):
         seconds = statistics.median(rows[index]["seconds"] for rows in rounds)
         ratios = [rows[index]["vs_plain"] for rows in rounds]
+        medians.append(
+            {"contender": first["contender"], "seconds": seconds, "vs_plain": statistics.median(ratios)}
+        )
         shown = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
         print(
             f"| {first['contender']} | {seconds:.2f} | {images / seconds:.1f} | {shown} "
-            f"| {statistics.median(ratios):.2f}x |"
+            f"| {medians[-1]['vs_plain']:.2f}x |"
         )
-    summary = {"rounds": rounds}
+    summary = {"images": images, "medians": medians, "rounds": rounds}
     (RESULTS / "ingest_rounds.json").write_text(json.dumps(summary, indent=2))
 
 

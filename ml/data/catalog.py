@@ -117,7 +117,7 @@ def load_catalog(
     """Concatenate partitions (strictly before ``before`` and/or up to ``upto`` inclusive), of ``columns``
     only when given (a parquet file decodes only the columns asked for: a day's lookups need 4 of 16, at
     about a third of the CPU and memory, ``bench/catalog_growth.py``), and of the rows ``filters`` keeps
-    when given (pyarrow's filters: OR of ANDs of ``(column, op, value)``; the other rows are never made).
+    when given (pyarrow's filters: OR of ANDs of ``(column, op, value)``; other rows never reach pandas).
     Partitions are read ``READ_THREADS`` at a time where the storage gains from it (S3: one request each)."""
     wanted = None if columns is None else list(columns)
     days = [

@@ -262,7 +262,7 @@ def every_worker_serving(service: Service, version: str = "1", timeout: float = 
     while len(serving) < settings.serving.workers:
         assert time.monotonic() < deadline, f"only workers {sorted(serving)} serve v{version}"
         beats = live_heartbeats(storage, settings.serving.heartbeat_max_age_seconds)
-        serving = {beat.worker for beat in beats if beat.stable == version}
+        serving = {beat.worker for beat in beats if beat.url == service.url and beat.stable == version}
         time.sleep(0.2)
 
 
