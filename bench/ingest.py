@@ -88,10 +88,11 @@ def land_jpegs(
 
 def landed_day(
     storage: LocalStorage, count: int, side: int, classes: list[str], cache: Path | None
-) -> dict[str, bytes]:
-    """The day's JPEGs landed in ``storage``: generated, or copied from ``cache`` (generated there first)."""
+) -> dict[str, int]:
+    """The day's JPEGs landed in ``storage`` (name: bytes): generated, or copied from ``cache`` (generated
+    there first)."""
     if cache is None:
-        return land_jpegs(storage, count, side, classes)
+        return {name: len(data) for name, data in land_jpegs(storage, count, side, classes).items()}
     classes_tag = hashlib.sha256(",".join(classes).encode()).hexdigest()[:8]  # other classes, other images
     folder = cache / f"{count}x{side}-{classes_tag}"
     landing = f"landing/{DAY}"
@@ -100,7 +101,7 @@ def landed_day(
         land_jpegs(LocalStorage(folder), count, side, classes)
     shutil.copytree(folder / landing, storage.root / landing)
     images = storage.root / landing / "images"
-    return {path.name: path.read_bytes() for path in sorted(images.iterdir())}
+    return {path.name: path.stat().st_size for path in sorted(images.iterdir())}
 
 
 def plain_loop(storage: LocalStorage, names: list[str], out_dir: Path, min_side: int, max_side: int) -> int:
@@ -165,15 +166,15 @@ def one_round(
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
         storage = LocalStorage(Path(tmp) / "store")
         started = time.perf_counter()
-        blobs = landed_day(storage, args.images, args.side, settings.classes, cache)
-        mean_kb = sum(map(len, blobs.values())) / len(blobs) / 1024
+        sizes = landed_day(storage, args.images, args.side, settings.classes, cache)
+        mean_kb = sum(sizes.values()) / len(sizes) / 1024
         print(
-            f"landed {len(blobs)} JPEGs, longest side {args.side} px, mean {mean_kb:.0f} KiB "
+            f"landed {len(sizes)} JPEGs, longest side {args.side} px, mean {mean_kb:.0f} KiB "
             f"({time.perf_counter() - started:.0f} s to land); {cores} cores\n"
         )
         plain_out = Path(tmp) / "plain"
         plain_out.mkdir()
-        names = sorted(blobs)
+        names = sorted(sizes)
         paths = {n: storage.root / f"landing/{DAY}/images/{n}" for n in names}
         curated_out = Path(tmp) / "curated"
         curated_out.mkdir()
@@ -226,9 +227,9 @@ def main() -> None:
     if args.workers:
         production_bench([int(n) for n in args.workers.split(",")], args.images, args.side)
         return
-    cores = len(os.sched_getaffinity(0))
-    settings = load_settings(environ={"MLOPS__INGEST__WORKERS": str(cores)})
     if args.rounds == 1:
+        cores = len(os.sched_getaffinity(0))
+        settings = load_settings(environ={"MLOPS__INGEST__WORKERS": str(cores)})
         write_report(*one_round(settings, cores, args, args.landed))
         return
     rounds = []
