@@ -96,9 +96,19 @@ def landed_day(
     classes_tag = hashlib.sha256(",".join(classes).encode()).hexdigest()[:8]  # other classes, other images
     folder = cache / f"{count}x{side}-{classes_tag}"
     landing = f"landing/{DAY}"
-    if not (folder / landing / "labels.csv").exists():  # written last: a folder without it is unfinished
-        shutil.rmtree(folder, ignore_errors=True)
-        land_jpegs(LocalStorage(folder), count, side, classes)
+    if not (folder / landing / "labels.csv").exists():
+        # made aside and renamed into place: a run never sees, nor removes, another run's half-made day
+        cache.mkdir(parents=True, exist_ok=True)
+        made = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache))
+        land_jpegs(LocalStorage(made), count, side, classes)
+        try:
+            made.rename(folder)
+        except OSError:  # another run's day got there first; or an unfinished one (no labels.csv) is there
+            if (folder / landing / "labels.csv").exists():
+                shutil.rmtree(made)
+            else:
+                shutil.rmtree(folder)
+                made.rename(folder)
     shutil.copytree(folder / landing, storage.root / landing)
     images = storage.root / landing / "images"
     return {path.name: path.stat().st_size for path in sorted(images.iterdir())}
