@@ -17,7 +17,11 @@ the best of 2 processes x 1 thread, 1 process x 2 threads, batch 1 or 8), each c
 it, and the median time of each in-service stage of one request (multipart check, decode, image
 properties, resize and normalise, the model, JSON).
 
-Usage: python bench/serve.py [--duration 20] [--workers N]
+With ``--rounds N`` the bound, mlops and plain are measured N times on the one trained world, and
+the median of each concurrency's figures is printed (each round's share and ratio against its own
+bound and plain server): the host's speed drifts by the minute, and the plain server's most.
+
+Usage: python bench/serve.py [--duration 20] [--workers N] [--precision int8] [--rounds N]
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -297,13 +303,31 @@ def measure(
         }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class World:
+    """What every round serves: the trained world's settings, the request and the bundle's model input."""
+
+    tmp: Path
+    env_settings: dict[str, str]
+    settings: Any
+    body_file: Path
+    content_type: str
+    folder: Path
+    array: Any
+    stages_ms: dict[str, float]
+    image_bytes: int
+
+
+def make_served_world(args: argparse.Namespace) -> World:
+    """Train and promote v1 in a new folder, import its bundle and time the in-service stages once."""
     from ml.config import load_settings
-    from ml.http import free_port, multipart
-    from ml.release.build import SERVICE
+    from ml.data.images import ImageLimits, open_checked
+    from ml.http import multipart
+    from ml.release.build import import_model
     from ml.release.deploy import ensure_state
-    from ml.release.service import bentoml_command, serve_env
+    from ml.serving.bundle import BundleMeta
     from ml.storage import storage_from_settings
+    from ml.training.preprocessing import to_array
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -321,18 +345,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     body_file.write_bytes(body)
     import bentoml
 
-    from ml.release.build import import_model
-    from ml.training.preprocessing import to_array
-
     folder = Path(bentoml.models.get(import_model(settings, "1")).path)
     profile = stage_profile(folder, body, content_type, data)
     print("per-request stages (ms):", profile, flush=True)
-    from ml.data.images import ImageLimits, open_checked
-    from ml.serving.bundle import BundleMeta
-
     prep = BundleMeta.read(folder).preprocessing
     _, rgb, _ = open_checked(data, ImageLimits.from_settings(settings.ingest), prep.draft_side())
-    bound = model_only_bound(folder, to_array(rgb, prep))
+    return World(
+        tmp, env_settings, settings, body_file, content_type, folder, to_array(rgb, prep), profile, len(data)
+    )
+
+
+def one_round(world: World, args: argparse.Namespace) -> dict[str, Any]:
+    """The model-only bound, then mlops, then plain, each alone on the machine: one report."""
+    from ml.http import free_port
+    from ml.release.build import SERVICE
+    from ml.release.service import bentoml_command, serve_env
+
+    settings = world.settings
+    bound = model_only_bound(world.folder, world.array)
     results = []
     port = free_port()
     ours_env = serve_env(settings) | {"MLOPS_API_KEYS": KEY}
@@ -344,10 +374,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"http://127.0.0.1:{port}/readyz",
             f"http://127.0.0.1:{port}/predict",
             f"Bearer {KEY}",
-            body_file,
-            content_type,
+            world.body_file,
+            world.content_type,
             args.duration,
-            tmp / "mlops.log",
+            world.tmp / "mlops.log",
             metrics=f"http://127.0.0.1:{port}/metrics",
         )
     )
@@ -361,7 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--model-uri",
                 f"models:/{settings.mlflow.registered_model}/1",
                 "--tracking-uri",
-                env_settings["MLOPS__MLFLOW__TRACKING_URI"],
+                world.env_settings["MLOPS__MLFLOW__TRACKING_URI"],
                 "--port",
                 str(port),
             ],
@@ -369,24 +399,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"http://127.0.0.1:{port}/health",
             f"http://127.0.0.1:{port}/predict",
             "",
-            body_file,
-            content_type,
+            world.body_file,
+            world.content_type,
             args.duration,
-            tmp / "plain.log",
+            world.tmp / "plain.log",
         )
     )
     return {
-        "image_bytes": len(data),
+        "image_bytes": world.image_bytes,
         "image_size": "640x480 JPEG",
         "workers": settings.serving.workers,
         "precision": settings.model.precision,
         "duration_s": args.duration,
         "cpu_count": os.cpu_count(),
         "model_only": bound,
-        "stages_ms": profile,
+        "stages_ms": world.stages_ms,
         "results": results,
-        "tmp": str(tmp),
+        "tmp": str(world.tmp),
     }
+
+
+def round_medians(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per concurrency, the median over rounds of each figure; each round's share and ratio are taken
+    against its own bound and its own plain server (the host's speed drifts between rounds)."""
+    rows = []
+    for index, concurrency in enumerate(CONCURRENCY):
+        ours = [report["results"][0]["runs"][index] for report in reports]
+        plain = [report["results"][1]["runs"][index] for report in reports]
+        shares = [a["rps"] / r["model_only"]["img_s"] for a, r in zip(ours, reports, strict=True)]
+        ratios = [a["rps"] / b["rps"] for a, b in zip(ours, plain, strict=True)]
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "mlops_rps": statistics.median(a["rps"] for a in ours),
+                "share_of_bound": round(statistics.median(shares), 3),
+                "shares": [round(share, 3) for share in shares],
+                "mlops_p99_ms": statistics.median(a["p99_ms"] for a in ours),
+                "plain_rps": statistics.median(b["rps"] for b in plain),
+                "vs_plain": round(statistics.median(ratios), 2),
+                "ratios": [round(ratio, 2) for ratio in ratios],
+            }
+        )
+    return rows
+
+
+def rounds_table(reports: list[dict[str, Any]], medians: list[dict[str, Any]]) -> str:
+    bounds = ", ".join(str(report["model_only"]["img_s"]) for report in reports)
+    lines = [
+        f"## median of {len(reports)} rounds (model-only bound per round: {bounds} img/s)",
+        "",
+        "| concurrency | mlops req/s | share of its round's bound (each round) | mlops p99 ms "
+        "| plain req/s | mlops / plain (each round) |",
+        "|---:|---:|---|---:|---:|---|",
+    ]
+    for row in medians:
+        shares = ", ".join(f"{100 * share:.0f}%" for share in row["shares"])
+        ratios = ", ".join(f"{ratio:.1f}x" for ratio in row["ratios"])
+        lines.append(
+            f"| {row['concurrency']} | {row['mlops_rps']} "
+            f"| **{100 * row['share_of_bound']:.0f}%** ({shares}) | {row['mlops_p99_ms']} "
+            f"| {row['plain_rps']} | **{row['vs_plain']:.1f}x** ({ratios}) |"
+        )
+    return "\n".join(lines)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -431,14 +505,30 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=20, help="seconds per concurrency level")
     parser.add_argument("--workers", type=int, help="service worker processes (default: serving.workers)")
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="model.precision")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="bound, mlops and plain this many times, one world"
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds takes 1 or more")
     # a `kill` of the benchmark stops the server it started too (each runs in its own session)
     signal.signal(signal.SIGTERM, stop_on_term)
-    report = run(args)
+    world = make_served_world(args)
     RESULTS.mkdir(exist_ok=True)
-    name = "serve.json" if args.precision == "fp32" else f"serve-{args.precision}.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2))
-    print(table(report))
+    name = "serve" if args.precision == "fp32" else f"serve-{args.precision}"
+    reports = []
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"\n## round {number} of {args.rounds}\n", flush=True)
+        reports.append(one_round(world, args))
+        (RESULTS / f"{name}.json").write_text(json.dumps(reports[-1], indent=2))
+        print(table(reports[-1]), flush=True)
+    if args.rounds > 1:
+        medians = round_medians(reports)
+        (RESULTS / f"{name}_rounds.json").write_text(
+            json.dumps({"medians": medians, "rounds": reports}, indent=2)
+        )
+        print("\n" + rounds_table(reports, medians))
 
 
 if __name__ == "__main__":
