@@ -308,7 +308,6 @@ class World:
     """What every round serves: the trained world's settings, the request and the bundle's model input."""
 
     tmp: Path
-    env_settings: dict[str, str]
     settings: Any
     body_file: Path
     content_type: str
@@ -333,8 +332,7 @@ def make_served_world(args: argparse.Namespace) -> World:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     tmp = Path(tempfile.mkdtemp(prefix="mlops-bench-serve-"))
     os.environ["BENTOML_HOME"] = str(tmp / "bentoml")
-    env_settings = make_world(tmp, args.precision)
-    os.environ.update(env_settings)
+    os.environ.update(make_world(tmp, args.precision))
     if args.workers:
         os.environ["MLOPS__SERVING__WORKERS"] = str(args.workers)
     settings = load_settings()
@@ -350,9 +348,7 @@ def make_served_world(args: argparse.Namespace) -> World:
     print("per-request stages (ms):", profile, flush=True)
     prep = BundleMeta.read(folder).preprocessing
     _, rgb, _ = open_checked(data, ImageLimits.from_settings(settings.ingest), prep.draft_side())
-    return World(
-        tmp, env_settings, settings, body_file, content_type, folder, to_array(rgb, prep), profile, len(data)
-    )
+    return World(tmp, settings, body_file, content_type, folder, to_array(rgb, prep), profile, len(data))
 
 
 def one_round(world: World, args: argparse.Namespace) -> dict[str, Any]:
@@ -391,7 +387,7 @@ def one_round(world: World, args: argparse.Namespace) -> dict[str, Any]:
                 "--model-uri",
                 f"models:/{settings.mlflow.registered_model}/1",
                 "--tracking-uri",
-                world.env_settings["MLOPS__MLFLOW__TRACKING_URI"],
+                settings.mlflow.tracking_uri,
                 "--port",
                 str(port),
             ],
@@ -431,11 +427,11 @@ def round_medians(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "concurrency": concurrency,
-                "mlops_rps": statistics.median(a["rps"] for a in ours),
+                "mlops_rps": round(statistics.median(a["rps"] for a in ours), 1),
                 "share_of_bound": round(statistics.median(shares), 3),
                 "shares": [round(share, 3) for share in shares],
-                "mlops_p99_ms": statistics.median(a["p99_ms"] for a in ours),
-                "plain_rps": statistics.median(b["rps"] for b in plain),
+                "mlops_p99_ms": round(statistics.median(a["p99_ms"] for a in ours), 1),
+                "plain_rps": round(statistics.median(b["rps"] for b in plain), 1),
                 "vs_plain": round(statistics.median(ratios), 2),
                 "ratios": [round(ratio, 2) for ratio in ratios],
             }
