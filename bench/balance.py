@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +57,31 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds per concurrency level")
+    parser.add_argument("--keep-world", action="store_true", help="keep the world's folder and the logs")
     args = parser.parse_args()
+    with bench.world_folder("mlops-bench-balance-", args.keep_world) as tmp:
+        rows, workers = run(tmp, args)
+    bench.RESULTS.mkdir(exist_ok=True)
+    (bench.RESULTS / "balance.json").write_text(json.dumps({"workers": workers, "runs": rows}, indent=2))
+    print(
+        "\n| layout | concurrency | req/s | p99 ms | failed | worker CPU s |\n|---|---:|---:|---:|---:|---|"
+    )
+    for row in sorted(rows, key=lambda r: (r["layout"], r["concurrency"])):
+        failed = row["non_2xx"] + row["socket_errors"]
+        cpu = " / ".join(str(c) for c in row["worker_cpu_s"])
+        print(
+            f"| {row['layout']} | {row['concurrency']} | {row['rps']} | {row['p99_ms']} | {failed} | {cpu} |"
+        )
+
+
+def run(tmp: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    """Both layouts ``args.rounds`` times on one world in ``tmp``: the rows and the worker count."""
     from ml.config import load_settings
     from ml.http import multipart
     from ml.release.deploy import ensure_state
     from ml.release.service import serve_env
     from ml.storage import storage_from_settings
 
-    tmp = Path(tempfile.mkdtemp(prefix="mlops-bench-balance-"))
     os.environ["BENTOML_HOME"] = str(tmp / "bentoml")
     os.environ.update(bench.make_world(tmp))
     settings = load_settings()
@@ -86,19 +102,7 @@ def main() -> None:
                 args.duration,
                 tmp / f"{layout}.log",
             )
-    bench.RESULTS.mkdir(exist_ok=True)
-    (bench.RESULTS / "balance.json").write_text(
-        json.dumps({"workers": settings.serving.workers, "runs": rows}, indent=2)
-    )
-    print(
-        "\n| layout | concurrency | req/s | p99 ms | failed | worker CPU s |\n|---|---:|---:|---:|---:|---|"
-    )
-    for row in sorted(rows, key=lambda r: (r["layout"], r["concurrency"])):
-        failed = row["non_2xx"] + row["socket_errors"]
-        cpu = " / ".join(str(c) for c in row["worker_cpu_s"])
-        print(
-            f"| {row['layout']} | {row['concurrency']} | {row['rps']} | {row['p99_ms']} | {failed} | {cpu} |"
-        )
+    return rows, settings.serving.workers
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ With ``--rounds N`` the bound, mlops and plain are measured N times on the one t
 the median of each concurrency's figures is printed (each round's share and ratio against its own
 bound and plain server): the host's speed drifts by the minute, and the plain server's most.
 
-Usage: python bench/serve.py [--duration 20] [--workers N] [--precision int8] [--rounds N]
+Usage: python bench/serve.py [--duration 20] [--workers N] [--precision int8] [--rounds N] [--keep-world]
 """
 
 from __future__ import annotations
@@ -54,6 +54,22 @@ LUA = REPO / "bench" / "wrk_post.lua"
 START = dt.date(2026, 9, 1)
 KEY = "bench-key-0123456789abcdef0123456789abcdef"  # keys are at least 32 characters
 CONCURRENCY = (1, 4, 8, 32)
+
+
+@contextlib.contextmanager
+def world_folder(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A new folder for a benchmark's world (store, registry, BentoML home, server logs): removed when
+    the block ends well unless ``keep``; on a failure kept, and its path printed, for the logs."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    except BaseException:
+        print(f"the world and the server logs are kept in {folder}", file=sys.stderr, flush=True)
+        raise
+    if keep:
+        print(f"the world and the server logs are in {folder}", flush=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def make_world(tmp: Path, precision: str = "fp32") -> dict[str, str]:
@@ -317,8 +333,8 @@ class World:
     image_bytes: int
 
 
-def make_served_world(args: argparse.Namespace) -> World:
-    """Train and promote v1 in a new folder, import its bundle and time the in-service stages once."""
+def make_served_world(tmp: Path, args: argparse.Namespace) -> World:
+    """Train and promote v1 in ``tmp``, import its bundle and time the in-service stages once."""
     from ml.config import load_settings
     from ml.data.images import ImageLimits, open_checked
     from ml.http import multipart
@@ -330,7 +346,6 @@ def make_served_world(args: argparse.Namespace) -> World:
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
-    tmp = Path(tempfile.mkdtemp(prefix="mlops-bench-serve-"))
     os.environ["BENTOML_HOME"] = str(tmp / "bentoml")
     os.environ.update(make_world(tmp, args.precision))
     if args.workers:
@@ -411,7 +426,6 @@ def one_round(world: World, args: argparse.Namespace) -> dict[str, Any]:
         "model_only": bound,
         "stages_ms": world.stages_ms,
         "results": results,
-        "tmp": str(world.tmp),
     }
 
 
@@ -504,12 +518,20 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="bound, mlops and plain this many times, one world"
     )
+    parser.add_argument(
+        "--keep-world", action="store_true", help="keep the trained world's folder and the server logs"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds takes 1 or more")
     # a `kill` of the benchmark stops the server it started too (each runs in its own session)
     signal.signal(signal.SIGTERM, stop_on_term)
-    world = make_served_world(args)
+    with world_folder("mlops-bench-serve-", args.keep_world) as tmp:
+        run_rounds(make_served_world(tmp, args), args)
+
+
+def run_rounds(world: World, args: argparse.Namespace) -> None:
+    """Each round's report printed and written as it ends; with more than one, the medians too."""
     RESULTS.mkdir(exist_ok=True)
     name = "serve" if args.precision == "fp32" else f"serve-{args.precision}"
     reports = []

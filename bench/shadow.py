@@ -18,14 +18,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve import KEY, PeakRss, make_world, request_image, wrk  # the sibling benchmark
+from serve import KEY, PeakRss, make_world, request_image, world_folder, wrk  # the sibling benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = (4, 8)
@@ -36,7 +35,7 @@ def runs(predict: str, body: Path, content_type: str, seconds: int) -> list[dict
     return [wrk(predict, body, content_type, f"Bearer {KEY}", c, seconds) for c in CONCURRENCY]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     from ml.config import load_settings
     from ml.http import free_port, multipart, wait_ready
     from ml.monitoring.shadow import measure_shadow
@@ -48,7 +47,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
-    tmp = Path(tempfile.mkdtemp(prefix="mlops-bench-shadow-"))
     os.environ["BENTOML_HOME"] = str(tmp / "bentoml")
     os.environ.update(make_world(tmp))
     port = free_port()
@@ -92,7 +90,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "with_shadow": shadowed,
         "peak_rss_mb": {"without": round(alone_rss.peak / 2**20), "with": round(shadowed_rss.peak / 2**20)},
         "shadow_report": report.to_dict(),
-        "tmp": str(tmp),
     }
 
 
@@ -114,7 +111,10 @@ def table(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=20)
-    report = run(parser.parse_args())
+    parser.add_argument("--keep-world", action="store_true", help="keep the world's folder and the log")
+    args = parser.parse_args()
+    with world_folder("mlops-bench-shadow-", args.keep_world) as tmp:
+        report = run(tmp, args)
     out = REPO / "bench" / "results" / "shadow.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
