@@ -100,7 +100,11 @@ def landed_day(
         # made aside and renamed into place: a run never sees, nor removes, another run's half-made day
         cache.mkdir(parents=True, exist_ok=True)
         made = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache))
-        land_jpegs(LocalStorage(made), count, side, classes)
+        try:
+            land_jpegs(LocalStorage(made), count, side, classes)
+        except BaseException:  # an interrupted run (Ctrl-C, an error) leaves no half-made day behind
+            shutil.rmtree(made, ignore_errors=True)
+            raise
         try:
             made.rename(folder)
         except OSError:  # another run's day got there first; or an unfinished one (no labels.csv) is there
