@@ -170,13 +170,14 @@ def import_long_lived(name: str, defer: Iterable[str] = ()) -> ModuleType:
     collector paused, they were all still in the youngest generation at its end, and the first collection
     after it walked them: 0.19-0.20 s at the end of each 10,000-image day, 0.03 s with them moved. The
     day's objects alive at that import move too: any cycle among them is freed by the next full
-    collection instead of the first one after the day. Objects something froze before (a parent before a
-    fork) go back to the oldest generation as well.
+    collection instead of the first one after the day. Where something froze objects before (a worker
+    freezes what its fork inherited, so collections never write to those pages), nothing moves: an
+    unfreeze would release them too.
     """
     first = name not in sys.modules
     with deferred_imports(defer):
         module = importlib.import_module(name)
-    if first:
+    if first and gc.get_freeze_count() == 0:
         gc.freeze()
         gc.unfreeze()
     return module

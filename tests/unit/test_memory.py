@@ -39,6 +39,16 @@ gc.collect()
 print(json.dumps([loaded_before, oldest, young, frozen, later_young, alive() is None]))
 """
 
+FROZEN_BEFORE = """
+import gc, json, sys
+from ml.memory import import_long_lived
+assert "xml.dom.minidom" not in sys.modules
+gc.freeze()  # as an inspection worker does with what its fork inherited
+before = gc.get_freeze_count()
+import_long_lived("xml.dom.minidom")  # a first import
+print(json.dumps([before, gc.get_freeze_count()]))
+"""
+
 
 def test_glibc_call_returns_what_the_c_function_returns() -> None:
     assert libc() is not None  # this machine kind runs glibc
@@ -213,3 +223,14 @@ def test_an_inner_block_listing_the_same_name_leaves_the_outer_block_deferring_i
             assert isinstance(importlib.import_module(name), Deferred)
         assert isinstance(importlib.import_module(name), Deferred)  # still deferred by the outer block
     assert runs(log) == [] and name not in sys.modules
+
+
+def test_a_first_import_leaves_what_something_froze_before_frozen() -> None:
+    """A worker froze its inherited objects: a long-lived import in it must not unfreeze them."""
+    done = subprocess.run(
+        [sys.executable, "-c", FROZEN_BEFORE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout)
+    assert before > 1000
+    assert after == before
