@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ml.data.near_duplicates import NearestHash
 from ml.layout import (
@@ -98,12 +99,30 @@ def empty_catalog(columns: Sequence[str] = CATALOG_COLUMNS) -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
 
 
+class CatalogPartitionError(ValueError):
+    """A partition's bytes are not a catalog partition (not parquet, or without a column asked for)."""
+
+
+def parse_partition(
+    key: str,
+    data: bytes,
+    columns: Sequence[str] | None = None,
+    filters: list[list[tuple[str, str, Any]]] | None = None,
+) -> pd.DataFrame:
+    """A partition's rows from its bytes; bytes this code did not write fail naming their key."""
+    try:
+        return pd.read_parquet(io.BytesIO(data), columns=columns, filters=filters)
+    except pa.ArrowException as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CatalogPartitionError(f"{key} is not a catalog partition: {reason}") from exc
+
+
 def read_partition(storage: Storage, day: dt.date) -> pd.DataFrame:
     """One day's curated rows (empty, with the catalog's columns, when the day has none)."""
     key = partition_key(day)
     if not storage.exists(key):
         return empty_catalog()
-    return pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
+    return parse_partition(key, storage.read_bytes(key))
 
 
 def load_catalog(
@@ -127,8 +146,8 @@ def load_catalog(
     ]
 
     def read(day: dt.date) -> pd.DataFrame:
-        data = storage.read_bytes(partition_key(day))
-        return pd.read_parquet(io.BytesIO(data), columns=wanted, filters=filters)
+        key = partition_key(day)
+        return parse_partition(key, storage.read_bytes(key), wanted, filters)
 
     frames = list(io_map(storage, read, days, READ_THREADS))
     if not frames:

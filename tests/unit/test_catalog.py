@@ -3,6 +3,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -230,3 +231,25 @@ def test_image_rows_are_found_by_curated_or_landed_hash_in_any_partition(tmp_pat
     assert catalog.image_rows(storage, sha(1027))["sha256"].tolist() == [sha(27)]  # the landed bytes' hash
     missing = catalog.image_rows(storage, sha(99))
     assert missing.empty and list(missing.columns) == catalog.CATALOG_COLUMNS
+
+
+def test_a_partition_this_code_did_not_write_fails_naming_its_key(tmp_path: Path) -> None:
+    """A foreign parquet file without ``source_sha256``, or bytes that are not parquet, in the catalog's
+    prefix: lookups and reads fail with the partition's key and what is wrong, not pyarrow's error."""
+    storage = LocalStorage(tmp_path)
+    good, foreign = dt.date(2026, 5, 1), dt.date(2026, 5, 2)
+    rows = pd.DataFrame({column: [f"{column}-0"] for column in catalog.CATALOG_COLUMNS})
+    rows["sha256"] = sha(0)
+    without = rows.drop(columns="source_sha256")
+    storage.write_bytes(catalog.partition_key(good), catalog.to_parquet_bytes(rows))
+    storage.write_bytes(catalog.partition_key(foreign), catalog.to_parquet_bytes(without))
+    key = re.escape(catalog.partition_key(foreign))
+    expected = f"{key} is not a catalog partition: .*source_sha256"
+    with pytest.raises(catalog.CatalogPartitionError, match=expected):
+        catalog.image_rows(storage, sha(0))
+    with pytest.raises(catalog.CatalogPartitionError, match=key):
+        catalog.load_catalog(storage, columns=["sha256", "source_sha256"])
+    assert catalog.load_catalog(storage, before=foreign)["sha256"].tolist() == [sha(0)]
+    storage.write_bytes(catalog.partition_key(foreign), b"not parquet")
+    with pytest.raises(catalog.CatalogPartitionError, match=f"{key} is not a catalog partition: .*Parquet"):
+        catalog.read_partition(storage, foreign)
