@@ -234,3 +234,40 @@ def test_a_first_import_leaves_what_something_froze_before_frozen() -> None:
     before, after = json.loads(done.stdout)
     assert before > 1000
     assert after == before
+
+
+def test_a_stand_in_taken_out_in_one_thread_never_removes_the_module_another_thread_imported() -> None:
+    """Thread A has found its stand-in in ``sys.modules`` and is about to remove it; thread B takes it
+    out and imports the real module meanwhile. A must then remove nothing (``ml.memory._swapping``)."""
+    from ml import memory
+
+    name = f"mlops_swap_probe_{uuid.uuid4().hex}"
+    a_checked, b_done = threading.Event(), threading.Event()
+
+    class SlowToName(Deferred):
+        """Its second name lookup in thread A (the removal, after the check) waits for thread B."""
+
+        lookups = 0
+
+        @property  # type: ignore[override]
+        def __name__(self) -> str:
+            if threading.current_thread().name == "A":
+                SlowToName.lookups += 1
+                if SlowToName.lookups == 2:
+                    a_checked.set()
+                    b_done.wait(1)  # with the lock held, B cannot finish: A goes on after 1 s
+            return name
+
+    stand_in, real = SlowToName(name), type(sys)(name)
+    sys.modules[name] = stand_in
+    try:
+        thread_a = threading.Thread(target=memory._take_out, args=(stand_in,), name="A")
+        thread_a.start()
+        assert a_checked.wait(5)
+        memory._take_out(stand_in)  # B: as ``_import_deferred`` does, then the import binds the real one
+        sys.modules.setdefault(name, real)
+        b_done.set()
+        thread_a.join(5)
+        assert sys.modules.get(name) is real
+    finally:
+        sys.modules.pop(name, None)
