@@ -20,7 +20,8 @@ Usage: python bench/ingest.py [--images 2000] [--side 500] [--landed FOLDER] [--
 Generating the day takes ~150 s for 10,000 images on 2 cores; with ``--landed FOLDER`` the day is
 generated into ``FOLDER/<images>x<side>-<classes>`` the first time and copied from there by each later
 run (the same bytes: the generator is seeded). With ``--rounds N`` the run is repeated N times, each
-round in a process of its own on a fresh copy of the day, and the medians close it: on a host whose
+round in a process of its own on a fresh copy of the day (after an untimed 20-image run that compiles
+what they import), and the medians close it: on a host whose
 speed drifts within minutes, a contender's ratio to the plain loop of its own round moves less than its
 seconds do.
 
@@ -247,6 +248,10 @@ def main() -> None:
         write_report(*one_round(settings, cores, args, args.landed))
         return
     rounds = []
+    # untimed: a fresh clone's first process compiles the bytecode of all it imports (~2 s of the
+    # parent's CPU), which would make the first round unlike the others
+    print("\n## warm-up (untimed: compiles what the rounds import)\n", flush=True)
+    subprocess.run([sys.executable, __file__, "--images", "20", "--side", str(args.side)], check=True)
     with tempfile.TemporaryDirectory(prefix="mlops-bench-landed-") as scratch:
         landed = args.landed or Path(scratch)  # generated once, not per round
         for number in range(1, args.rounds + 1):
