@@ -221,7 +221,7 @@ class PartitionSummary:
 def summarise_partition(storage: Storage, day: dt.date) -> PartitionSummary:
     key = partition_key(day)
     data = storage.read_bytes(key)
-    frame = pd.read_parquet(io.BytesIO(data), columns=["split", "label"])
+    frame = parse_partition(key, data, ["split", "label"])
     return PartitionSummary(
         day,
         key,
@@ -338,7 +338,7 @@ def version_rows(storage: Storage, version: dict[str, Any]) -> pd.DataFrame:
                 f"the version recorded {part['sha256'][:12]}... (day {part['day']} was re-ingested since); "
                 "train on a current version (ingesting a day writes new versions of it and every later day)"
             )
-        frames.append(pd.read_parquet(io.BytesIO(data)))
+        frames.append(parse_partition(part["key"], data))
     if not frames:
         return empty_catalog()
     return pd.concat(frames, ignore_index=True)

@@ -253,3 +253,5 @@ def test_a_partition_this_code_did_not_write_fails_naming_its_key(tmp_path: Path
     storage.write_bytes(catalog.partition_key(foreign), b"not parquet")
     with pytest.raises(catalog.CatalogPartitionError, match=f"{key} is not a catalog partition: .*Parquet"):
         catalog.read_partition(storage, foreign)
+    with pytest.raises(catalog.CatalogPartitionError, match=key):  # a day's version reads every partition
+        catalog.write_version(storage, foreign)
