@@ -111,6 +111,7 @@ class ModelConfig(_Strict):
     feature_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     feature_threads: int = Field(default=1, ge=0)  # ONNX Runtime intra-op threads; 0 = its default
     feature_workers: int = Field(default=0, ge=0)  # chunks embedded at once (threads); 0 = one per core
+    feature_batch: int = Field(default=1, ge=1)  # views per backbone call (feature cache)
     precision: Literal["fp32", "int8"] = "fp32"  # int8: a quantised frozen backbone, trained and served
 
     @model_validator(mode="after")

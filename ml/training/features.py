@@ -167,6 +167,7 @@ class FeatureCache:
         augmentations: Sequence[str],
         batch_size: int = 32,
         runner: FeatureRunner | None = None,
+        call_size: int | None = None,
         progress_every: int = 0,
         workers: int = 1,
         precision: str = "fp32",  # what ``runner`` computes in; names the cache
@@ -180,7 +181,10 @@ class FeatureCache:
         self.prep = prep
         self.views = views
         self.augmentations = tuple(augmentations)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # images a worker reads, decodes and embeds as one chunk
+        # model inputs (views) per backbone call, by default as many as a chunk has images. One FP32
+        # input's activations stay in the core's cache where 16 spill it; the features are the same.
+        self.call_size = max(1, call_size or batch_size)
         self.runner = runner or torch_runner(backbone)
         self.progress_every = progress_every  # a log line every this many images computed (0: none)
         self.workers = max(1, workers)  # chunks computed at once
@@ -245,7 +249,7 @@ class FeatureCache:
         for sha, key in chunk:
             image = decode_rgb(self.storage.read_bytes(key), self.prep)
             arrays += image_views(image, sha, self.views, self.augmentations, self.prep)
-        size = self.batch_size
+        size = self.call_size
         batches = (np.stack(arrays[start : start + size]) for start in range(0, len(arrays), size))
         features = embed(self.backbone, batches, len(arrays), self.runner)
         return features.reshape(len(chunk), self.views, self.backbone.dim).astype(np.float16)
@@ -289,6 +293,7 @@ def feature_cache(
         kinds,
         batch_size=16,
         runner=runner,
+        call_size=settings.model.feature_batch,
         progress_every=settings.progress_every,
         workers=resolve_workers(settings.model.feature_workers),
         precision=settings.model.precision,

@@ -134,6 +134,42 @@ def test_chunks_computed_by_several_workers_give_the_same_features(
     np.testing.assert_array_equal(three, one)
 
 
+def test_the_backbone_run_one_view_a_call_gives_the_features_of_batched_calls(
+    lite0: Backbone, images: list[bytes], tmp_path: Path
+) -> None:
+    """ONNX Runtime's FP32 features of one view are those it computes for it inside a batch, to the
+    bit, so calling the backbone a view at a time (faster on CPU) leaves the cache as it was."""
+    from ml.training.model import onnx_runner
+
+    runner = onnx_runner(lite0, PREP.image_size, threads=1)
+    rows = store(LocalStorage(tmp_path / "chunks"), images[:10])
+    store(LocalStorage(tmp_path / "single"), images[:10])
+    sizes: list[int] = []
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return runner(batch)
+
+    def cache(folder: str, call_size: int | None) -> FeatureCache:
+        return FeatureCache(
+            LocalStorage(tmp_path / folder),
+            lite0,
+            PREP,
+            views=3,
+            augmentations=KINDS,
+            batch_size=8,
+            runner=recording,
+            call_size=call_size,
+        )
+
+    whole, _ = cache("chunks", None).features_for(rows)
+    assert sizes == [8, 8, 8, 6]  # 30 views in calls of the chunk's size
+    sizes.clear()
+    single, stats = cache("single", 1).features_for(rows)
+    assert stats.misses == 10 and sizes == [1] * 30
+    np.testing.assert_array_equal(single, whole)
+
+
 def test_only_new_images_are_computed(small: Backbone, images: list[bytes], tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     rows = store(storage, images)
