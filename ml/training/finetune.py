@@ -183,7 +183,7 @@ def fine_tune_fn(settings: Settings, storage: Storage, rows: pd.DataFrame) -> Ca
         labels = {split: data[split].labels for split in SPLITS}
         backbone, head, fit = fine_tune(settings, images, labels, hparams, sink)
         runner = onnx_runner(backbone, prep.image_size, settings.model.feature_threads)
-        features = extract(backbone, decoded, prep, 32, runner)[:, None, :]
+        features = extract(backbone, decoded, prep, settings.model.feature_batch, runner)[:, None, :]
         test = features[masks["test"], 0]
         proba = predict_proba(head, test)
         evaluation = evaluate(data["test"].labels, proba, classes, seed=hparams.seed)
