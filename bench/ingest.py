@@ -248,17 +248,21 @@ def main() -> None:
         write_report(*one_round(settings, cores, args, args.landed))
         return
     rounds = []
+
+    def run_alone(images: int, *extra: str) -> None:
+        """One run in a process of its own, as each ingest task is: it pays the imports (GE's ~2.5 s)."""
+        argv = [sys.executable, __file__, "--images", str(images), "--side", str(args.side), *extra]
+        subprocess.run(argv, check=True)
+
     # untimed: a fresh clone's first process compiles the bytecode of all it imports (~2 s of the
     # parent's CPU), which would make the first round unlike the others
     print("\n## warm-up (untimed: compiles what the rounds import)\n", flush=True)
-    subprocess.run([sys.executable, __file__, "--images", "20", "--side", str(args.side)], check=True)
+    run_alone(20)
     with tempfile.TemporaryDirectory(prefix="mlops-bench-landed-") as scratch:
         landed = args.landed or Path(scratch)  # generated once, not per round
         for number in range(1, args.rounds + 1):
             print(f"\n## round {number} of {args.rounds}\n", flush=True)
-            # a process of its own, as each ingest task is: every round pays the imports (GE's ~2.5 s)
-            argv = [sys.executable, __file__, "--images", str(args.images), "--side", str(args.side)]
-            subprocess.run([*argv, "--landed", str(landed)], check=True)
+            run_alone(args.images, "--landed", str(landed))
             rounds.append(json.loads((RESULTS / "ingest.json").read_text())["rows"])
     summarise_rounds(rounds, args.images)
 
