@@ -13,9 +13,11 @@ of 10,000 rows in a local store, as ingestion writes them):
   ``catalog.image_rows`` did before) against parquet filters on its two hashes, CPU seconds.
 
 Hashes are drawn in clusters (a root hash and copies of it 0-12 bits away, as pictures of one subject
-are) and unrelated; both give the same splits, checked for each size.
+are) and unrelated; both give the same splits, checked for each size. ``--copies N`` makes N of the
+day's images and N of the catalog's the same hash (one picture uploaded again and again, re-encoded:
+different bytes, one pHash), the hostile day for an index of hashes.
 
-Usage: python bench/catalog_growth.py [--new 10000] [--known 0,50000,200000,800000]
+Usage: python bench/catalog_growth.py [--new 10000] [--known 0,50000,200000,800000] [--copies 0]
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def main() -> None:
     )
     parser.add_argument("--new", type=int, default=10_000)
     parser.add_argument("--known", default="0,50000,200000,800000")
+    parser.add_argument("--copies", type=int, default=0, help="images with one hash, each side")
     args = parser.parse_args()
     settings = load_settings()
     fractions = (settings.data.splits.train, settings.data.splits.val, settings.data.splits.test)
@@ -142,14 +145,22 @@ def main() -> None:
     rng = np.random.default_rng(2026)
     roots = rng.integers(0, np.iinfo(np.uint64).max, 5_000, dtype=np.uint64, endpoint=True)
     rows = []
-    print(f"{args.new} new images, near-duplicates within {distance} bits; CPU seconds\n")
+    picture = f"{int(roots[0]):016x}"  # the hash of the picture copied --copies times
+
+    def with_copies(hashes: list[str]) -> list[str]:
+        for index in rng.choice(len(hashes), min(args.copies, len(hashes)), replace=False):
+            hashes[index] = picture
+        return hashes
+
+    copies = f", {args.copies} of them and of the catalog one picture's copies" if args.copies else ""
+    print(f"{args.new} new images{copies}, near-duplicates within {distance} bits; CPU seconds\n")
     print(
         "| catalogued images | load, all columns s (MB) | load, 4 columns s (MB) | splits, scan s "
         "| splits, mlops s | scan / mlops | same splits | one image, masked s | one image, filtered s |\n"
         "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
     )
     for known_count in [int(n) for n in args.known.split(",")]:
-        known = clustered_hashes(rng, known_count, roots)
+        known = with_copies(clustered_hashes(rng, known_count, roots))
         known_splits = [split_from_hash(f"{index:064x}", fractions) for index in range(known_count)]
         with tempfile.TemporaryDirectory(prefix="mlops-bench-catalog-") as folder:
             storage = LocalStorage(Path(folder))
@@ -163,7 +174,7 @@ def main() -> None:
                 raise SystemExit("filtered and masked lookups found different rows")
         new = [
             SplitCandidate(f"{known_count + index:064x}", phash)
-            for index, phash in enumerate(clustered_hashes(rng, args.new, roots))
+            for index, phash in enumerate(with_copies(clustered_hashes(rng, args.new, roots)))
         ]
         day = (new, known, known_splits, fractions, distance)
         scan_s, scanned = timed(scan_splits, *day)
@@ -194,7 +205,13 @@ def main() -> None:
         if not same:
             raise SystemExit("the index and the scan gave different splits")
     RESULTS.mkdir(exist_ok=True)
-    report = {"new": args.new, "max_distance": distance, "python": platform.python_version(), "rows": rows}
+    report = {
+        "new": args.new,
+        "copies": args.copies,
+        "max_distance": distance,
+        "python": platform.python_version(),
+        "rows": rows,
+    }
     (RESULTS / "catalog_growth.json").write_text(json.dumps(report, indent=2))
 
 

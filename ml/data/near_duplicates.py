@@ -28,6 +28,8 @@ class NearestHash:
     Each hash is cut into ``max_distance + 1`` bands; two hashes that differ in at most ``max_distance``
     bits agree on at least one band (pigeonhole), so only the hashes sharing a band with the query are
     compared: the known ones found by binary search in each band's sorted values, the added ones in a dict.
+    The bands hold each distinct hash once, by its first number (the one a scan answers among equal
+    hashes), so many copies of one hash cost a query one comparison, not one per copy.
     Up to ``scan_up_to`` hashes in all, or with bands under ``MIN_BAND_BITS`` wide, it scans all of them.
     """
 
@@ -44,12 +46,17 @@ class NearestHash:
         if len(known) + adds > scan_up_to and width >= MIN_BAND_BITS:
             edges = [band * width for band in range(bands)] + [HASH_BITS]
             self._bands = [(low, (1 << (high - low)) - 1) for low, high in pairwise(edges)]
-        self._sorted = []  # per band: the known hashes' band values, sorted, and their numbers in that order
-        for shift, mask in self._bands:
-            values = (self._hashes[: self._count] >> np.uint64(shift)) & np.uint64(mask)
-            order = np.argsort(values, kind="stable").astype(np.int32)  # 4 bytes a hash and band
-            self._sorted.append((values[order], order))
+        self._distinct_known = np.zeros(0, dtype=np.uint64)  # sorted, to tell an added hash already banded
+        self._sorted = []  # per band: the distinct known hashes' band values, sorted, and their first numbers
+        if self._bands:
+            self._distinct_known, first = np.unique(self._hashes[: self._count], return_index=True)
+            first = first.astype(np.int32)  # 4 bytes a hash and band
+            for shift, mask in self._bands:
+                values = (self._distinct_known >> np.uint64(shift)) & np.uint64(mask)
+                order = np.argsort(values, kind="stable")
+                self._sorted.append((values[order], first[order]))
         self._added: list[dict[int, list[int]]] = [defaultdict(list) for _ in self._bands]
+        self._distinct_added: set[int] = set()
 
     def nearest(self, target: int) -> int | None:
         """The number of the nearest hash within ``max_distance`` bits of ``target``; None if none is."""
@@ -83,6 +90,15 @@ class NearestHash:
             self._hashes = np.concatenate([self._hashes, np.zeros(max(16, number), dtype=np.uint64)])
         self._hashes[number] = value
         self._count += 1
-        for (shift, mask), added in zip(self._bands, self._added, strict=True):
-            added[(value >> shift) & mask].append(number)
+        if self._bands and not self._banded(value):
+            self._distinct_added.add(value)
+            for (shift, mask), added in zip(self._bands, self._added, strict=True):
+                added[(value >> shift) & mask].append(number)
         return number
+
+    def _banded(self, value: int) -> bool:
+        """Whether an equal hash is in the bands already (by a smaller number, which a query answers)."""
+        if value in self._distinct_added:
+            return True
+        at = int(np.searchsorted(self._distinct_known, np.uint64(value)))
+        return at < len(self._distinct_known) and int(self._distinct_known[at]) == value

@@ -57,3 +57,24 @@ def test_an_empty_index_finds_nothing_and_grows_past_what_it_was_sized_for() -> 
     assert hashes.nearest(4) == 0 and hashes.nearest(7) == 0  # 1 bit from 5 (and 7 is 1 from 6): the first
     assert hashes.nearest((1 << 64) - 2) == 3 and hashes.nearest(1 << 62) == 4  # 1 bit from 0
     assert hashes.nearest(0xFFFF_0000_0000) is None
+
+
+def test_copies_of_one_hash_are_compared_once_and_answered_as_a_scan_answers() -> None:
+    """A day of re-encoded copies of one picture (one pHash, different bytes) must not turn every query
+    into a comparison with every copy: the bands hold a hash once, by its first number."""
+    rng = np.random.default_rng(3)
+    picture = int(rng.integers(0, 1 << 63, dtype=np.uint64))
+    variants = [near(rng, picture, 1 + i % 3) for i in range(20)]  # distinct near-copies
+    others = [int(v) for v in rng.integers(0, 1 << 63, 300, dtype=np.uint64)]
+    known = [picture] * 2000 + others + variants[:10] + [picture] * 500 + variants[:10]
+    queries = [picture] * 800 + variants + [picture] * 200 + others[:20]
+    hashes = NearestHash(np.array(known, dtype=np.uint64), 3, adds=len(queries), scan_up_to=0)
+    everything = list(known)
+    for query in queries:
+        assert hashes.nearest(query) == scan(everything, query, 3)
+        hashes.add(query)
+        everything.append(query)
+    compared = np.unique(np.concatenate(hashes._sharing_a_band(near(rng, picture, 2))))
+    assert everything.count(picture) == 3500
+    assert len(compared) <= 1 + len(variants) + 2  # the picture, its variants, a rare unrelated band match
+    assert hashes.nearest(picture) == 0  # the first copy, as a scan answers
