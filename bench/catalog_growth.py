@@ -11,6 +11,10 @@ of 10,000 rows in a local store, as ingestion writes them):
 
 - one image's rows (``mlops lineage``, erasure): every partition loaded whole and masked (what
   ``catalog.image_rows`` did before) against parquet filters on its two hashes, CPU seconds.
+- the day's dataset version once its partition is written: every partition read and hashed (what
+  ``catalog.write_version`` did before) against ``write_version`` with the partition summaries the
+  day before left (only partitions written since are read), CPU seconds and MB read (on S3, the
+  bytes fetched); both versions must be equal.
 
 Hashes are drawn in clusters (a root hash and copies of it 0-12 bits away, as pictures of one subject
 are) and unrelated; both give the same splits, checked for each size. ``--copies N`` makes N of the
@@ -125,6 +129,44 @@ def loaded(storage: LocalStorage, columns) -> tuple[float, float]:
     return time.process_time() - started, frame.memory_usage(deep=True).sum() / 1e6
 
 
+class ByteCounter:
+    """A storage that counts the bytes read through it."""
+
+    def __init__(self, storage: LocalStorage) -> None:
+        self.storage = storage
+        self.bytes_read = 0
+
+    def read_bytes(self, key: str) -> bytes:
+        data = self.storage.read_bytes(key)
+        self.bytes_read += len(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.storage, name)
+
+
+def versions(storage: LocalStorage) -> tuple[float, float, float, float]:
+    """The next day's version read in full and with yesterday's summaries: CPU s and MB read of each."""
+    days = catalog.partition_days(storage)
+    if days:
+        catalog.write_version(storage, days[-1])  # what the day before's ingest left
+        day = days[-1] + dt.timedelta(days=1)
+        storage.copy(catalog.partition_key(days[-1]), catalog.partition_key(day))
+    else:
+        day = dt.date(2025, 1, 1)
+        storage.write_bytes(catalog.partition_key(day), catalog.to_parquet_bytes(catalog.empty_catalog()))
+    full, cached = ByteCounter(storage), ByteCounter(storage)
+    full_s, before = timed(
+        lambda: catalog.build_version(
+            day, [catalog.summarise_partition(full, d) for d in catalog.partition_days(full)]
+        )
+    )
+    cached_s, after = timed(catalog.write_version, cached, day)
+    if after != before:
+        raise SystemExit("the version from summaries differs from the one read in full")
+    return full_s, full.bytes_read / 1e6, cached_s, cached.bytes_read / 1e6
+
+
 def timed(fn, *args) -> tuple[float, dict[str, str]]:
     started = time.process_time()
     value = fn(*args)
@@ -156,8 +198,9 @@ def main() -> None:
     print(f"{args.new} new images{copies}, near-duplicates within {distance} bits; CPU seconds\n")
     print(
         "| catalogued images | load, all columns s (MB) | load, 4 columns s (MB) | splits, scan s "
-        "| splits, mlops s | scan / mlops | same splits | one image, masked s | one image, filtered s |\n"
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+        "| splits, mlops s | scan / mlops | same splits | one image, masked s | one image, filtered s "
+        "| version, every partition s (MB read) | version, summaries s (MB read) |\n"
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
     )
     for known_count in [int(n) for n in args.known.split(",")]:
         known = with_copies(clustered_hashes(rng, known_count, roots))
@@ -172,6 +215,7 @@ def main() -> None:
             filtered_s, filtered = timed(catalog.image_rows, storage, target)
             if filtered.to_dict("records") != masked.to_dict("records"):
                 raise SystemExit("filtered and masked lookups found different rows")
+            full_s, full_mb, cached_s, cached_mb = versions(storage)
         new = [
             SplitCandidate(f"{known_count + index:064x}", phash)
             for index, phash in enumerate(with_copies(clustered_hashes(rng, args.new, roots)))
@@ -195,11 +239,16 @@ def main() -> None:
                 "image_rows_masked_s": round(masked_s, 2),
                 "image_rows_filtered_s": round(filtered_s, 2),
                 "image_rows_found": len(filtered),
+                "version_every_partition_s": round(full_s, 3),
+                "version_every_partition_mb_read": round(full_mb, 1),
+                "version_summaries_s": round(cached_s, 3),
+                "version_summaries_mb_read": round(cached_mb, 2),
             }
         )
         print(
             f"| {known_count:,} | {all_s:.2f} ({all_mb:.0f}) | {some_s:.2f} ({some_mb:.0f}) | {scan_s:.2f} | "
-            f"{mlops_s:.2f} | {scan_s / mlops_s:.1f}x | {same} | {masked_s:.2f} | {filtered_s:.2f} |",
+            f"{mlops_s:.2f} | {scan_s / mlops_s:.1f}x | {same} | {masked_s:.2f} | {filtered_s:.2f} | "
+            f"{full_s:.3f} ({full_mb:.1f}) | {cached_s:.3f} ({cached_mb:.2f}) |",
             flush=True,
         )
         if not same:

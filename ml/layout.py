@@ -103,6 +103,8 @@ CATALOG_VERSIONS_PREFIX = "catalog/versions"
 CATALOG_VERSIONS_BY_ID_PREFIX = f"{CATALOG_VERSIONS_PREFIX}/by_id"
 CATALOG_LATEST_KEY = "catalog/LATEST"
 CATALOG_ERASURES_KEY = "catalog/erasures.jsonl"  # one record per erased image: why, by whom, what was removed
+# a cache, never the truth: each partition's sha256 and row counts, with the listing tag they were read at
+CATALOG_SUMMARIES_KEY = "catalog/partition_summaries.json"
 
 
 def partition_key(day: dt.date) -> str:

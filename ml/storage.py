@@ -44,10 +44,12 @@ class WriteConflict(StorageError):
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """A listed object: its key as stored (not yet checked for safety) and its size in bytes."""
+    """A listed object: its key as stored (not yet checked for safety), its size in bytes, and a tag that
+    changes whenever the object is written again ('' where the listing gave none)."""
 
     key: str
     size: int
+    tag: str = ""
 
     @property
     def is_folder_marker(self) -> bool:
@@ -124,6 +126,12 @@ def content_tag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _local_info(key: str, stat: os.stat_result) -> ObjectInfo:
+    # Every write renames a new file into place: a new inode (the old file still held its own), and
+    # a new modification time to the nanosecond where the filesystem keeps one.
+    return ObjectInfo(key, stat.st_size, f"{stat.st_ino:x}-{stat.st_size:x}-{stat.st_mtime_ns:x}")
+
+
 class LocalStorage:
     """Storage in a local folder; ``file://`` URLs."""
 
@@ -182,7 +190,7 @@ class LocalStorage:
         if not base.is_dir():
             return []
         found = [
-            ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size)
+            _local_info(path.relative_to(self.root).as_posix(), path.stat())
             for path in base.rglob("*")
             if path.is_file() and not path.name.startswith((".tmp-", ".lock-"))
         ]
@@ -254,6 +262,14 @@ class LocalStorage:
 
     def url(self, key: str) -> str:
         return (self.root / key).as_uri() if key else self.root_url
+
+
+def _s3_tag(item: dict[str, Any]) -> str:
+    # An ETag is no content hash under SSE-KMS or multipart upload; with the time it changes on
+    # every write.
+    if "ETag" not in item or "LastModified" not in item:
+        return ""
+    return f"{item['ETag']}@{item['LastModified'].isoformat()}"
 
 
 class S3Storage:
@@ -362,7 +378,8 @@ class S3Storage:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             for item in page.get("Contents", []):
                 name = item["Key"]
-                yield ObjectInfo(name[len(self.prefix) + 1 :] if self.prefix else name, int(item["Size"]))
+                key = name[len(self.prefix) + 1 :] if self.prefix else name
+                yield ObjectInfo(key, int(item["Size"]), _s3_tag(item))
 
     def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         return sorted(self._iter_objects(prefix), key=lambda info: info.key)

@@ -6,6 +6,7 @@ Layout under the storage root (keys in ``ml.layout``)::
     catalog/versions/YYYY-MM-DD.json    the day's current dataset version: every partition up to it, hashed
     catalog/versions/by_id/ID.json      every version by its id, written once and never rewritten
     catalog/LATEST                      the newest version's day (written last)
+    catalog/partition_summaries.json    a cache: each partition's sha256 and counts, by listing tag
 
 A version lists its partitions with their sha256; reading a version reads exactly those
 partitions and checks each hash, so a version id always means the same rows, or a clear error.
@@ -36,12 +37,13 @@ from ml.layout import (
     CATALOG_DAYS_PREFIX,
     CATALOG_ERASURES_KEY,
     CATALOG_LATEST_KEY,
+    CATALOG_SUMMARIES_KEY,
     CATALOG_VERSIONS_PREFIX,
     partition_key,
     version_id_key,
     version_key,
 )
-from ml.storage import Storage, StorageError, UnsafeKeyError, io_map, safe_key
+from ml.storage import ObjectInfo, Storage, StorageError, UnsafeKeyError, io_map, safe_key
 
 SPLITS = ("train", "val", "test")
 
@@ -85,13 +87,29 @@ def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def partition_days(storage: Storage) -> list[dt.date]:
-    days = []
-    for key in storage.list(CATALOG_DAYS_PREFIX):
-        name = key.rsplit("/", 1)[-1]
+def write_partition(storage: Storage, day: dt.date, data: bytes) -> bool:
+    """Write ``day``'s partition unless it holds these bytes already (a re-run leaves it untouched, and so
+    its listing tag, by which its summary is cached); True when written."""
+    key = partition_key(day)
+    with contextlib.suppress(StorageError):
+        if storage.read_bytes(key) == data:
+            return False
+    storage.write_bytes(key, data)
+    return True
+
+
+def partition_listing(storage: Storage) -> dict[dt.date, ObjectInfo]:
+    """Each day that has a partition, with its listed object, in day order."""
+    found = {}
+    for info in storage.list_objects(CATALOG_DAYS_PREFIX):
+        name = info.key.rsplit("/", 1)[-1]
         if name.endswith(".parquet"):
-            days.append(dt.date.fromisoformat(name.removesuffix(".parquet")))
-    return sorted(days)
+            found[dt.date.fromisoformat(name.removesuffix(".parquet"))] = info
+    return dict(sorted(found.items()))
+
+
+def partition_days(storage: Storage) -> list[dt.date]:
+    return list(partition_listing(storage))
 
 
 def empty_catalog(columns: Sequence[str] = CATALOG_COLUMNS) -> pd.DataFrame:
@@ -231,6 +249,70 @@ def summarise_partition(storage: Storage, day: dt.date) -> PartitionSummary:
     )
 
 
+SUMMARIES_FORMAT = 1
+
+
+def _read_summaries(storage: Storage) -> dict[str, Any]:
+    """The cached partition summaries by key ({} when there are none or they cannot be read)."""
+    try:
+        document = json.loads(storage.read_bytes(CATALOG_SUMMARIES_KEY))
+    except (StorageError, ValueError):
+        return {}
+    if not isinstance(document, dict) or document.get("format") != SUMMARIES_FORMAT:
+        return {}
+    partitions = document.get("partitions")
+    return partitions if isinstance(partitions, dict) else {}
+
+
+def _cached_summary(entry: Any, day: dt.date, info: ObjectInfo) -> PartitionSummary | None:
+    """The cached summary of a partition, if it was read at the tag the partition is listed with now."""
+    if not info.tag or not isinstance(entry, dict) or entry.get("tag") != info.tag:
+        return None
+    try:
+        return PartitionSummary(
+            day,
+            info.key,
+            str(entry["sha256"]),
+            {str(k): int(v) for k, v in entry["per_split"].items()},
+            {str(k): int(v) for k, v in entry["per_class"].items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def partition_summaries(
+    storage: Storage, listing: dict[dt.date, ObjectInfo], upto: dt.date | None = None
+) -> list[PartitionSummary]:
+    """Each listed partition (up to ``upto`` when given) summarised, sha256 and row counts, in day order.
+
+    A partition is read only when the cache has no summary read at the tag it is listed with now (a
+    partition written since, by anything, lists with a new tag), so a day's version reads the day's
+    own partition, not the whole catalog again. A partition rewritten between listing and reading is
+    cached under its old tag and read again next time: the cache can cost a read, never a wrong hash.
+    """
+    days = [day for day in listing if upto is None or day <= upto]
+    cache = _read_summaries(storage)
+    found: dict[dt.date, PartitionSummary] = {}
+    for day in days:
+        cached = _cached_summary(cache.get(listing[day].key), day, listing[day])
+        if cached is not None:
+            found[day] = cached
+    unread = [day for day in days if day not in found]
+    read = io_map(storage, lambda d: summarise_partition(storage, d), unread, READ_THREADS)
+    found.update(zip(unread, read, strict=True))
+    listed = {info.key for info in listing.values()}
+    if unread or not set(cache) <= listed:
+        entries = {key: entry for key, entry in cache.items() if key in listed}
+        entries.update({found[day].key: _summary_entry(found[day], listing[day]) for day in unread})
+        document = {"format": SUMMARIES_FORMAT, "partitions": entries}
+        storage.write_bytes(CATALOG_SUMMARIES_KEY, json.dumps(document, sort_keys=True).encode())
+    return [found[day] for day in days]
+
+
+def _summary_entry(part: PartitionSummary, info: ObjectInfo) -> dict[str, Any]:
+    return {"tag": info.tag, "sha256": part.sha256, "per_split": part.per_split, "per_class": part.per_class}
+
+
 def build_version(day: dt.date, parts: Sequence[PartitionSummary]) -> dict[str, Any]:
     """The version of ``day``: every partition up to it with its hash, the id a hash of that list."""
     included = [part for part in parts if part.day <= day]
@@ -274,12 +356,11 @@ def write_version(storage: Storage, day: dt.date) -> dict[str, Any]:
     """Write the dataset version of ``day``, and new versions of every later day that has one.
 
     A backfill (or re-ingest) of ``day`` changes what every later version contains, so each later
-    day gets a new version (all partitions up to it); LATEST moves last, and only forward. Every
-    partition is read to hash it, ``READ_THREADS`` at a time where the storage gains from it.
+    day gets a new version (all partitions up to it); LATEST moves last, and only forward. Partitions
+    are hashed as ``partition_summaries`` does: only those written since they were last read.
     """
     later = [other for other in version_days(storage) if other > day]
-    days = [d for d in partition_days(storage) if d <= max([day, *later])]
-    parts = list(io_map(storage, lambda d: summarise_partition(storage, d), days, READ_THREADS))
+    parts = partition_summaries(storage, partition_listing(storage), upto=max([day, *later]))
     version = build_version(day, parts)
     _store_version(storage, version)
     for other in later:

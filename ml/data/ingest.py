@@ -737,7 +737,7 @@ def publish(
     in_flight(put, new_rows, storage)  # the first failure is raised: the catalog is not written
     _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
-    storage.write_bytes(catalog.partition_key(batch.layout.day), catalog.to_parquet_bytes(frame))
+    catalog.write_partition(storage, batch.layout.day, catalog.to_parquet_bytes(frame))
     return catalog.write_version(storage, batch.layout.day)
 
 

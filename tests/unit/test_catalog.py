@@ -6,13 +6,15 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from ml import layout
 from ml.data import catalog
 from ml.data.catalog import SplitCandidate, assign_splits, split_from_hash
-from ml.storage import LocalStorage
+from ml.storage import LocalStorage, Storage, open_storage
 
 FRACTIONS = (0.70, 0.15, 0.15)
 
@@ -255,3 +257,82 @@ def test_a_partition_this_code_did_not_write_fails_naming_its_key(tmp_path: Path
         catalog.read_partition(storage, foreign)
     with pytest.raises(catalog.CatalogPartitionError, match=key):  # a day's version reads every partition
         catalog.write_version(storage, foreign)
+
+
+class ReadCounter:
+    """A storage (local or S3, real) that remembers which keys were read."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.reads: list[str] = []
+
+    def read_bytes(self, key: str) -> bytes:
+        self.reads.append(key)
+        return self.storage.read_bytes(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+def partitions_read(storage: ReadCounter) -> list[str]:
+    return [key for key in storage.reads if key.startswith("catalog/days/")]
+
+
+def full_read_version(storage: Storage, day: dt.date) -> dict[str, Any]:
+    """The version of ``day`` from every partition's bytes, as write_version computed it before its cache."""
+    days = [d for d in catalog.partition_days(storage) if d <= day]
+    return catalog.build_version(day, [catalog.summarise_partition(storage, d) for d in days])
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return LocalStorage(tmp_path)
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(f"s3://{bucket}/root", endpoint_url=request.getfixturevalue("s3_endpoint"))
+
+
+def test_a_days_version_reads_only_the_partitions_written_since_the_last(any_storage: Storage) -> None:
+    storage = ReadCounter(any_storage)
+    days = [D1 + dt.timedelta(days=offset) for offset in range(6)]
+    for day in days[:5]:
+        write_partition(storage, day, ["a", "b"][: 1 + day.day % 2])
+    assert catalog.write_version(storage, days[4]) == full_read_version(storage.storage, days[4])
+    assert len(partitions_read(storage)) == 5  # the first reads every one
+
+    storage.reads.clear()
+    write_partition(storage, days[5], ["c", "c", "c"])
+    version = catalog.write_version(storage, days[5])
+    assert partitions_read(storage) == [catalog.partition_key(days[5])]
+    assert version == full_read_version(storage.storage, days[5]) and version["rows"] == 11
+
+    # a partition written again by anything, this code or not, is read again: its new hash and counts
+    storage.reads.clear()
+    write_partition(storage, days[1], ["d", "d", "d", "d"])
+    version = catalog.write_version(storage, days[5])
+    assert partitions_read(storage) == [catalog.partition_key(days[1])]
+    assert version == full_read_version(storage.storage, days[5]) and version["per_class"]["d"] == 4
+
+
+def test_the_summary_cache_is_never_the_truth(tmp_path: Path) -> None:
+    storage = ReadCounter(LocalStorage(tmp_path))
+    write_partition(storage, D1, ["a"])
+    write_partition(storage, D2, ["b"])
+    truth = catalog.write_version(storage, D2)
+    cached = json.loads(storage.read_bytes(layout.CATALOG_SUMMARIES_KEY))
+    key = catalog.partition_key(D1)
+
+    forged = json.loads(json.dumps(cached))  # a summary whose tag is not the partition's listed one
+    forged["partitions"][key] |= {"tag": "an-older-write", "sha256": "0" * 64, "per_class": {"z": 9}}
+    storage.write_bytes(layout.CATALOG_SUMMARIES_KEY, json.dumps(forged).encode())
+    assert catalog.write_version(storage, D2) == truth
+
+    other_format = json.dumps({"format": 99, "partitions": cached["partitions"]}).encode()
+    for broken in (b"not json", b"[]", other_format):
+        storage.write_bytes(layout.CATALOG_SUMMARIES_KEY, broken)
+        storage.reads.clear()
+        assert catalog.write_version(storage, D2) == truth
+        assert len(partitions_read(storage)) == 2  # read again, both
+
+    storage.delete(layout.CATALOG_SUMMARIES_KEY)
+    assert catalog.write_version(storage, D2) == truth

@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ml.config import Settings
 from ml.data import shards
 from ml.data.ingest import ingest_day
-from ml.layout import DayLayout
+from ml.layout import CATALOG_SUMMARIES_KEY, DayLayout
 from ml.storage import LocalStorage, S3Storage, Storage
 from tests.hostile import land_hostile_day
 
@@ -30,11 +31,18 @@ def sharded(settings: Settings, storage: Storage, count: int) -> dict:
     return shards.merge_day(settings, storage, DAY).to_dict()
 
 
-def outputs(storage: Storage) -> dict[str, bytes]:
-    """Everything a day's ingest leaves behind, but the reports that carry run times."""
+def outputs(storage: Storage) -> dict[str, Any]:
+    """Everything a day's ingest leaves behind, but the reports that carry run times, and the cached
+    partition summaries without the write tags of this store."""
     layout = DayLayout(DAY)
-    skip = (layout.data_docs, layout.result)
-    return {key: storage.read_bytes(key) for key in storage.list() if not key.startswith(skip)}
+    skip = (layout.data_docs, layout.result, CATALOG_SUMMARIES_KEY)
+    found: dict[str, Any] = {
+        key: storage.read_bytes(key) for key in storage.list() if not key.startswith(skip)
+    }
+    if storage.exists(CATALOG_SUMMARIES_KEY):
+        summaries = json.loads(storage.read_bytes(CATALOG_SUMMARIES_KEY))["partitions"]
+        found[CATALOG_SUMMARIES_KEY] = {key: entry | {"tag": None} for key, entry in summaries.items()}
+    return found
 
 
 def test_a_sharded_day_gives_the_same_ledger_catalog_and_quarantine_as_one_process(

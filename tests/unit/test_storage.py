@@ -322,3 +322,25 @@ def test_io_map_calls_a_local_store_in_this_thread_and_s3_on_threads_in_order(
     run_writes(s3)  # io_threads 16, at most 4 asked for: four in flight at once, never more
     assert threading.get_ident() not in s3.threads and s3.peak == 4
     assert {f"k/{i:02d}" for i in range(13)} <= set(s3.storage.list("k"))
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_listed_tag_changes_when_the_object_is_written_again_and_only_then(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "local":
+        storage = LocalStorage(tmp_path)
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        storage = open_storage(f"s3://{bucket}/p", endpoint_url=request.getfixturevalue("s3_endpoint"))
+
+    def tag() -> str:
+        return {info.key: info.tag for info in storage.list_objects("catalog")}["catalog/a.parquet"]
+
+    storage.write_bytes("catalog/a.parquet", b"first bytes")
+    first = tag()
+    storage.read_bytes("catalog/a.parquet")
+    storage.write_bytes("catalog/other", b"x")
+    assert first and tag() == first
+    storage.write_bytes("catalog/a.parquet", b"other bytes")  # the same size, at once
+    assert tag() != first
