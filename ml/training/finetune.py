@@ -1,8 +1,9 @@
 """Fine-tuning: the backbone learns too (``model.freeze_backbone: false``).
 
 The frozen path trains a head on cached features. Here the whole classifier trains on images, each
-epoch a fresh augmentation of every training image (the spec's rotation, flip, crop and colour jitter,
-seeded by seed, epoch and row: the same on every machine), the backbone at ``backbone_lr_factor`` x
+epoch a fresh augmentation of every training image (the kinds ``preprocessing.augmentation`` names:
+rotation, flip and crop by default, colour jitter too when listed; seeded by seed, epoch and row: the
+same on every machine), the backbone at ``backbone_lr_factor`` x
 the head's learning rate, its BatchNorm statistics kept (small batches would wreck them). Lightning's
 Trainer runs it, so ``training.devices``/``strategy``/``accelerator`` take it to DDP or a GPU.
 

@@ -127,3 +127,26 @@ def test_an_unchanged_dataset_is_not_retrained_unless_forced(world) -> None:
     env, settings, storage, _ = world
     result = retrain(settings, storage, overrides={"epochs": 5}).to_dict()
     assert result["status"] == "skipped" and "force" in result["reason"]
+
+
+def test_with_validation_off_a_lineage_change_still_goes_to_a_human(world, tmp_path: Path) -> None:
+    import shutil
+
+    from ml import registry
+    from ml.training.pipeline import retrain
+
+    env, settings, storage, _ = world
+    assert registry.version_for_alias(settings, registry.CHAMPION), "the first test promotes a champion"
+    moved = tmp_path / "moved"
+    shutil.copytree(storage.root, moved)  # the same data under another storage root: a data source change
+    unchecked = load_settings(
+        environ=env | {"MLOPS__STORAGE__ROOT": str(moved), "MLOPS__VALIDATION__ENABLED": "false"}
+    )
+    assert unchecked.mlflow.auto_approve and not unchecked.validation.enabled
+    result = retrain(unchecked, LocalStorage(moved), overrides={"epochs": 25}, force=True).to_dict()
+    approval = result["validation"]["approval"]
+    assert approval["route"] == "approve" and approval["human_required"], approval
+    assert result["validation"]["lineage_changes"] == [
+        f"storage root changed: {storage.root_url} -> {LocalStorage(moved).root_url}"
+    ]
+    assert "passed" not in result["validation"]  # the checks themselves did not run
