@@ -24,10 +24,18 @@ def _date(value: str) -> dt.date:
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``ingest_daily`` does for a day: once upstream's labels.csv is there, land the labelled
+    served images beside it (unless ``--no-feedback``), then ingest."""
+    from ml.data.feedback import land_feedback
     from ml.data.ingest import ingest_day
+    from ml.layout import DayLayout
     from ml.storage import storage_from_settings
 
-    return ingest_day(settings, storage_from_settings(settings), args.date).to_dict()
+    storage = storage_from_settings(settings)
+    feedback = None
+    if args.feedback and storage.exists(DayLayout(args.date).labels):
+        feedback = land_feedback(storage, args.date, settings.ingest.feedback_lookback_days).to_dict()
+    return ingest_day(settings, storage, args.date).to_dict() | {"feedback": feedback}
 
 
 def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
@@ -310,6 +318,12 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     ingest = add("ingest", cmd_ingest, "validate and curate one landing day")
     ingest.add_argument("--date", type=_date, required=True, help="landing day YYYY-MM-DD")
+    ingest.add_argument(
+        "--no-feedback",
+        dest="feedback",
+        action="store_false",
+        help="do not land the labelled served images (serving.log_images) into the day first",
+    )
 
     demo = add("demo-data", cmd_demo_data, "land generated demo days")
     demo.add_argument("--days", type=int, default=3)

@@ -158,3 +158,20 @@ def test_feedback_rows_do_not_hide_that_upstream_labels_lack_a_column(store) -> 
     storage.write_bytes(layout.labels, upstream.rename(columns={"label": "lbl"}).to_csv(index=False).encode())
     with pytest.raises(BatchRejected, match=r"labels.csv lacks the columns \['label'\]"):
         ingest_day(settings, storage, DAY)
+
+
+def test_mlops_ingest_lands_the_feedback_first_as_the_dag_does(store, monkeypatch, capsys) -> None:
+    from ml.cli import main
+
+    settings, storage = store
+    monkeypatch.setenv("MLOPS__STORAGE__ROOT", str(storage.root))
+    monkeypatch.setenv("MLOPS__INGEST__MAX_REJECTED_SHARE", "0.5")
+    assert main(["ingest", "--date", DAY.isoformat(), "--no-feedback", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone["feedback"] is None and alone["curated"]["new_images"] == 24
+
+    assert main(["ingest", "--date", DAY.isoformat(), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["feedback"]["landed"], result["feedback"]["without_image"]) == (7, 1)
+    rows = catalog.read_partition(storage, DAY)
+    assert len(rows[from_feedback(rows)]) == 6 and len(rows) == 30 and result["reconciled"]
