@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from ml.config import load_settings
@@ -55,10 +61,57 @@ def test_tls_turns_on_https_for_the_service_and_its_local_clients(tmp_path) -> N
         load_settings(environ={"MLOPS__SERVING__TLS_CERT": str(cert)})
 
 
-def test_model_tags_carry_version_and_run_and_code_hash_is_stable() -> None:
+def test_model_tags_carry_version_and_run() -> None:
     settings = load_settings(environ={})
     assert build.model_tag(settings, "7", "0123456789abcdef") == "product-classifier:v7-0123456789ab"
-    assert build.code_hash() == build.code_hash() and len(build.code_hash()) == 10
+
+
+def _code_hash_in(root: Path) -> str:
+    """``code_hash()`` computed by another interpreter, in a copy of the code at ``root``."""
+    found = subprocess.run(
+        [sys.executable, "-c", "from ml.release.build import code_hash; print(code_hash())"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "PYTHONHASHSEED": "7"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return found.stdout.strip()
+
+
+def test_the_code_hash_is_the_packed_files_only_in_any_place_and_process(tmp_path: Path) -> None:
+    here = build.code_hash()
+    assert len(here) == 10
+    root = tmp_path / "copy"
+    for name in ("ml", "bentos"):
+        shutil.copytree(build.REPO_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(build.REPO_ROOT / "params.yaml", root / "params.yaml")
+    assert _code_hash_in(root) == here
+    (root / "ml" / "training" / "train.py").write_text("# training changed: no bento changes\n")
+    assert _code_hash_in(root) == here
+    page = root / "ml" / "serving" / "page.py"
+    page.write_text(page.read_text() + "\n# the service changed\n")
+    assert _code_hash_in(root) != here
+
+
+def test_every_module_the_service_imports_is_packed_in_the_bento() -> None:
+    import grimp
+
+    graph = grimp.build_graph("bentos", "ml")
+    imported = graph.find_upstream_modules("bentos.service") | {"bentos.service"}  # at any depth
+    assert {"ml.serving.predictor", "ml.training.preprocessing", "ml.storage"} <= imported
+    packed = {path.relative_to(build.REPO_ROOT).as_posix() for path in build.serving_files()}
+    missing = []
+    for module in sorted(imported):
+        parts = module.split(".")
+        needs = [
+            "/".join(parts[:depth]) + "/__init__.py" for depth in range(1, len(parts))
+        ]  # every package on the way
+        path = "/".join(parts)
+        if not {f"{path}.py", f"{path}/__init__.py"} & packed:
+            missing.append(module)
+        missing.extend(module + ": " + need for need in needs if need not in packed)
+    assert not missing, f"the service imports code the bento does not pack (SERVING_CODE): {missing}"
 
 
 def test_multipart_bodies_carry_each_file_under_the_field() -> None:
