@@ -66,7 +66,7 @@ services:
 # first): most tests wait on servers and subprocesses, so two share the 2-core machine.
 TEST_WORKERS ?= 2
 
-test: install browser
+test: install browser services
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
