@@ -67,6 +67,7 @@ class Evaluation:
     confusion: list[list[int]]  # rows = true class, columns = predicted class
     support: dict[str, int]
     correct: np.ndarray = field(repr=False)
+    loss: float | None = None  # mean cross-entropy of the probabilities (None: not computed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (floats rounded to 4 places, ``correct`` left out)."""
@@ -82,6 +83,7 @@ class Evaluation:
             "roc_auc_macro": None if self.roc_auc_macro is None else self.roc_auc_macro.to_dict(),
             "confusion": [[int(v) for v in row] for row in self.confusion],
             "support": {name: int(v) for name, v in self.support.items()},
+            "loss": None if self.loss is None else _r(self.loss),
         }
 
     def flat_metrics(self) -> dict[str, float]:
@@ -91,7 +93,13 @@ class Evaluation:
             "accuracy_ci_low": self.accuracy.low,
             "accuracy_ci_high": self.accuracy.high,
             "f1_macro": self.f1_macro.value,
+            # the spec's names (experiment_tracking.metrics): macro averages over the classes
+            "precision": float(np.mean([m.value for m in self.precision.values()])),
+            "recall": float(np.mean([m.value for m in self.recall.values()])),
+            "f1_score": self.f1_macro.value,
         }
+        if self.loss is not None:
+            flat["loss"] = self.loss
         if self.roc_auc_macro is not None:
             flat["roc_auc_macro"] = self.roc_auc_macro.value
         for name, key in zip(self.classes, metric_keys(self.classes), strict=True):
@@ -99,6 +107,9 @@ class Evaluation:
             flat[f"recall_{key}"] = self.recall[name].value
             flat[f"f1_{key}"] = self.f1[name].value
         return {k: float(v) for k, v in flat.items()}
+
+
+LOSS_FLOOR = 1e-12  # a probability of 0 for the true class costs -log(1e-12), not infinity
 
 
 def _r(value: float) -> float:
@@ -304,6 +315,7 @@ def evaluate(
         confusion=confusion.tolist(),
         support={name: int(v) for name, v in zip(names, confusion.sum(axis=1), strict=True)},
         correct=pred == y,
+        loss=float(-np.log(np.clip(p[np.arange(n), y], LOSS_FLOOR, 1.0)).mean()) if n else None,
     )
 
 

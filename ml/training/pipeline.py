@@ -337,13 +337,13 @@ def epoch_metrics(values: dict[str, float]) -> dict[str, float]:
     return {f"train_{k}" if k in ("loss", "accuracy") else k: v for k, v in values.items()}
 
 
+HEADLINE_METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1_macro", "roc_auc_macro")
+
+
 def headline_metrics(evaluation: Evaluation) -> dict[str, float]:
     """Accuracy with its CI, macro F1 and ROC AUC (the per-class figures are in MLflow)."""
-    return {
-        k: v
-        for k, v in evaluation.flat_metrics().items()
-        if not k.startswith(("precision_", "recall_", "f1_")) or k == "f1_macro"
-    }
+    flat = evaluation.flat_metrics()
+    return {k: flat[k] for k in HEADLINE_METRICS if k in flat}
 
 
 def champion_correctness(
@@ -416,6 +416,22 @@ def log_inputs(
     )
 
 
+def training_log_csv(history: list[dict[str, float]]) -> str:
+    """Every epoch's metrics, one row each (the spec's ``training_logs`` artifact)."""
+    return pd.DataFrame(history).to_csv(index=False)
+
+
+def training_log_summary(trained: TrainResult) -> dict[str, Any]:
+    fit = trained.fit
+    return {
+        "epochs_run": len(fit.history),
+        "best_epoch": fit.best_epoch,
+        "best_val_accuracy": fit.best_val_accuracy,
+        "stopped_early": fit.stopped_early,
+        "fine_tuned_backbone": trained.backbone is not None,
+    }
+
+
 def log_outcome(
     settings: Settings, trained: TrainResult, decision: GateDecision, champion: str | None
 ) -> None:
@@ -428,6 +444,8 @@ def log_outcome(
     mlflow.log_text(classification_report_text(evaluation), "evaluation/classification_report.txt")
     mlflow.log_image(_png(confusion_matrix_png(evaluation)), "evaluation/confusion_matrix.png")
     mlflow.log_image(_png(training_curves_png(trained.fit.history)), "evaluation/training_curves.png")
+    mlflow.log_text(training_log_csv(trained.fit.history), "training_logs/epochs.csv")
+    mlflow.log_dict(training_log_summary(trained), "training_logs/fit.json")
     mlflow.log_dict({"classes": list(settings.classes)}, CLASS_NAMES_ARTIFACT)
     with tempfile.TemporaryDirectory() as folder:
         for path in save_head(trained.head, Path(folder)):

@@ -15,6 +15,7 @@ from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
+    log_loss,
     precision_recall_fscore_support,
     roc_auc_score,
 )
@@ -252,7 +253,8 @@ def test_to_dict_is_json_and_flat_metrics_are_sanitised() -> None:
         assert key in flat
     assert flat["recall_toys___games"] == ev.recall["toys & games"].value
     assert flat["precision_t_shirt"] == ev.precision["t-shirt"].value
-    assert len([key for key in flat if key.startswith("f1_") and key != "f1_macro"]) == len(classes)
+    per_class = [key for key in flat if key.startswith("f1_") and key not in ("f1_macro", "f1_score")]
+    assert len(per_class) == len(classes)
 
 
 # ------------------------------------------------------------------------------------------ paired tests
@@ -486,3 +488,20 @@ def test_gate_rejects_champion_correctness_of_another_length() -> None:
     ev = small_evaluation(CLASSES)
     with pytest.raises(ValueError, match="same"):
         gate(ev, ACCEPTANCE, np.ones(ev.n + 1, dtype=bool))
+
+
+def test_the_specs_metric_names_are_logged_as_scikit_learn_computes_them() -> None:
+    rng = np.random.default_rng(5)
+    classes = ["a", "b", "c", "d"]
+    y = rng.integers(0, 4, 300)
+    proba = rng.dirichlet(np.ones(4), 300)
+    proba[np.arange(300), y] += rng.random(300)  # better than chance, not perfect
+    proba /= proba.sum(axis=1, keepdims=True)
+    proba[0] = [0.0, 0.0, 0.0, 0.0]
+    proba[0, (y[0] + 1) % 4] = 1.0  # the true class at probability 0: a finite loss
+    flat = evaluate(y, proba, classes, n_bootstrap=0).flat_metrics()
+    pred = proba.argmax(axis=1)
+    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
+    assert flat["precision"] == pytest.approx(precision) and flat["recall"] == pytest.approx(recall)
+    assert flat["f1_score"] == pytest.approx(f1) == flat["f1_macro"]
+    assert flat["loss"] == pytest.approx(log_loss(y, np.clip(proba, 1e-12, 1), labels=range(4)), rel=1e-6)
