@@ -194,6 +194,10 @@ class ServingConfig(_Strict):
     check_images: int = Field(default=20, ge=1)
     check_latency_p99_ms: float = Field(default=500.0, gt=0)
     check_timeout_seconds: float = Field(default=120.0, gt=0)
+    # the check's load test, held to the spec's inference figures: off, measured and reported, or a gate
+    check_load: Literal["off", "report", "enforce"] = "report"
+    check_load_seconds: float = Field(default=3.0, gt=0)
+    check_load_concurrency: int = Field(default=8, ge=1)
     switch_timeout_seconds: float = Field(default=60.0, gt=0)  # a live endpoint must follow a deploy in this
     state_poll_seconds: float = Field(default=2.0, gt=0)  # replicas read the deployment state this often
     heartbeat_seconds: float = Field(default=2.0, gt=0)  # and publish what they serve this often

@@ -529,6 +529,49 @@ def test_the_serving_check_runs_its_scratch_service_with_tls_when_tls_is_on(worl
     assert check.passed and check.images == settings.serving.check_images, check.reasons
 
 
+def test_the_serving_check_load_tests_the_service_against_the_specs_inference_figures(world) -> None:
+    from ml.release.build import build_bento
+    from ml.release.check import serving_check
+
+    _, settings, storage = world
+    tag = build_bento(settings, "2")
+
+    def check(mode: str, **inference: float):
+        serving = settings.serving.model_copy(update={"check_load": mode, "check_load_seconds": 2.0})
+        bounds = settings.inference.model_copy(update=inference)
+        return serving_check(
+            settings.model_copy(update={"serving": serving, "inference": bounds}), storage, "2", tag
+        )
+
+    met = check("enforce", throughput_rps=1, latency_p99_ms=60_000, memory_mb=100_000)
+    assert met.passed, met.reasons
+    load = met.load
+    assert load["requests"] > 20 and load["failed"] == 0 and load["misses"] == [], load
+    assert load["throughput_rps"] == pytest.approx(load["requests"] / load["seconds"], rel=0.02)
+    assert 0 < load["p50_ms"] <= load["p99_ms"] and 150 < load["peak_rss_mb"] < 100_000  # its processes
+
+    beyond = {"throughput_rps": 1e6, "latency_p99_ms": 0.001, "memory_mb": 1}  # no service meets these
+    reported = check("report", **beyond)
+    assert reported.passed and len(reported.load["misses"]) == 3, reported.load
+    enforced = check("enforce", **beyond)
+    assert not enforced.passed
+    for what in ("load test: throughput", "load test: p99 latency under load", "load test: service memory"):
+        assert any(reason.startswith(what) for reason in enforced.reasons), (what, enforced.reasons)
+    assert check("off").load is None
+
+
+def test_requests_the_service_refuses_under_load_are_counted_as_failed(live) -> None:
+    from ml.config import InferenceConfig
+    from ml.release.load import load_test, misses
+
+    body, content_type = multipart("image", [("a.png", image("PNG"))])
+    wrong_key = {"Content-Type": content_type, "Authorization": "Bearer " + "w" * 40}
+    load = load_test(live, ("/predict", body, wrong_key), concurrency=2, seconds=1.0)
+    assert load.requests == 0 and load.failed > 10 and load.throughput_rps == 0
+    bounds = InferenceConfig(latency_p99_ms=500, throughput_rps=1, memory_mb=2048)
+    assert misses(load, bounds)[0] == f"{load.failed} of {load.failed} requests failed under load"
+
+
 class Traffic:
     """Steady requests from three client threads; every answer is kept."""
 

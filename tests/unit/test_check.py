@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from ml.config import load_settings
-from ml.release.check import CheckResult, examine
+from ml.release.check import CheckResult, check_load, examine
 
 KEY = "check-key-0123456789abcdef0123456789abcdef"
 CLASSES = ["cat", "dog"]
@@ -26,6 +27,7 @@ class Service:
     def __init__(self) -> None:
         self.stall: dict[int, float] = {}
         self.predictions = 0
+        self.posts = 0
         service = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,6 +47,7 @@ class Service:
 
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
+                service.posts += 1
                 if self.headers.get("Authorization") != f"Bearer {KEY}":
                     self._send(401, {"error": "unauthorized"})
                     return
@@ -105,3 +108,55 @@ def test_wrong_answers_fail_without_a_second_pass(service: Service) -> None:
     assert service.predictions == 20  # a wrong model is not given a second chance at its latency
     assert any("served cat, offline dog" in reason for reason in result.reasons)
     assert any(reason.startswith("p99 latency") for reason in result.reasons)
+
+
+def loaded(service: Service, key: str = KEY, **inference: float) -> tuple[dict, list[str]]:
+    settings = load_settings(
+        environ={
+            "MLOPS__SERVING__CHECK_LOAD_SECONDS": "0.5",
+            "MLOPS__SERVING__CHECK_LOAD_CONCURRENCY": "2",
+            **{f"MLOPS__INFERENCE__{name.upper()}": str(value) for name, value in inference.items()},
+        }
+    )
+    load, missed = check_load(service.url, key, GOLDEN[0][0], settings, os.getpid())
+    return load.to_dict(), missed
+
+
+def test_a_load_test_after_one_stall_is_measured_again_and_the_second_decides(service: Service) -> None:
+    service.stall = {0: 0.7, 1: 0.7}  # both clients' first requests outlast the first measurement
+    load, missed = loaded(service, throughput_rps=20, latency_p99_ms=300)
+    assert missed == [] and load["requests"] > 20 and load["p99_ms"] < 300, load
+    assert service.predictions >= load["requests"] + 2  # the first measurement's two are not counted
+
+
+def test_a_service_slow_under_load_twice_misses_the_figures(service: Service) -> None:
+    service.stall = {n: 0.7 for n in range(4)}
+    load, missed = loaded(service, throughput_rps=20, latency_p99_ms=300)
+    assert load["requests"] == 2 and load["p99_ms"] >= 700 and service.predictions == 4
+    assert missed[0].startswith("throughput") and missed[1].startswith("p99 latency under load 7")
+
+
+def test_refused_requests_under_load_fail_without_a_second_measurement(service: Service) -> None:
+    load, missed = loaded(service, key="w" * 40, throughput_rps=1, memory_mb=100_000)
+    assert load["requests"] == 0 and load["failed"] == service.posts > 0
+    assert missed[0] == f"{service.posts} of {service.posts} requests failed under load"
+
+
+def test_the_memory_of_a_process_tree_counts_its_children() -> None:
+    import subprocess
+    import sys
+
+    from ml.release.load import tree_rss_mb
+
+    alone = tree_rss_mb(os.getpid())
+    hold = "import time; b = b'x' * 200_000_000; time.sleep(30)"  # 200 MB written, so resident
+    child = subprocess.Popen([sys.executable, "-c", hold])
+    try:
+        deadline = time.monotonic() + 20
+        while tree_rss_mb(os.getpid()) < alone + 150 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tree_rss_mb(os.getpid()) > alone + 150
+    finally:
+        child.kill()
+        child.wait()
+    assert tree_rss_mb(child.pid) == 0.0  # gone
