@@ -1,10 +1,11 @@
 """Alerts: what one says, where it goes (severity -> channels), and the rules that raise them.
 
 Routing is independent of Airflow: the senders are injected. Inside Airflow they go through
-the providers' Slack and PagerDuty connections (``mlops_airflow.alerts``); outside it (the CLI)
-``env_senders`` reads the same connections from their ``AIRFLOW_CONN_*`` environment variables
-and posts with the standard library. A channel that is not configured or fails is reported in
-the outcome and logged, never raised: alerting never fails a pipeline step.
+the providers' Slack and PagerDuty connections and the SMTP connection (``mlops_airflow.alerts``);
+outside it (the CLI) ``env_senders`` reads the same connections from their ``AIRFLOW_CONN_*``
+environment variables and posts (or mails) with the standard library. A channel that is not
+configured or fails is reported in the outcome and logged, never raised: alerting never fails a
+pipeline step.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import json
 import logging
 import operator
 import os
+import smtplib
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from typing import Any
 
 from ml.config import AlertRule, Settings
@@ -179,7 +182,12 @@ Notify = Callable[[Alert], dict[str, str]]  # routes one alert; channel -> outco
 
 def channel_connections(settings: Settings) -> dict[str, str]:
     """Channel -> the Airflow connection id that configures it."""
-    return {"slack": settings.alerts.slack_conn_id, "pagerduty": settings.alerts.pagerduty_conn_id}
+    alerts = settings.alerts
+    return {
+        "slack": alerts.slack_conn_id,
+        "pagerduty": alerts.pagerduty_conn_id,
+        "email": alerts.email_conn_id,
+    }
 
 
 def route(alert: Alert, settings: Settings, senders: Mapping[str, Sender | None]) -> dict[str, str]:
@@ -215,6 +223,8 @@ class Connection:
     host: str = ""
     password: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    port: int | None = None
+    login: str = ""
 
 
 def connection_from_env(conn_id: str, environ: Mapping[str, str] | None = None) -> Connection | None:
@@ -231,6 +241,8 @@ def connection_from_env(conn_id: str, environ: Mapping[str, str] | None = None) 
             str(data.get("host") or ""),
             str(data.get("password") or ""),
             json.loads(extra) if isinstance(extra, str) else dict(extra),
+            int(data["port"]) if data.get("port") else None,
+            str(data.get("login") or ""),
         )
     parsed = urllib.parse.urlsplit(raw)
     query = dict(urllib.parse.parse_qsl(parsed.query))
@@ -240,6 +252,8 @@ def connection_from_env(conn_id: str, environ: Mapping[str, str] | None = None) 
         parsed.hostname or "",
         urllib.parse.unquote(parsed.password or ""),
         extra,
+        parsed.port,
+        urllib.parse.unquote(parsed.username or ""),
     )
 
 
@@ -271,11 +285,55 @@ def pagerduty_sender(connection: Connection, timeout: float) -> Sender:
     return lambda alert: _post_json(f"{base}/v2/enqueue", alert.pagerduty_event(connection.password), timeout)
 
 
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def email_message(alert: Alert, sender: str, recipients: Sequence[str]) -> EmailMessage:
+    """The alert as a plain-text email; the dedup key in a header, so a mail rule can thread it."""
+    message = EmailMessage()
+    headline = alert.headline()
+    message["Subject"] = headline.split(" ", 1)[1] if headline.startswith(":") else headline  # no Slack emoji
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    message["X-MLOps-Dedup-Key"] = alert.dedup_key
+    message.set_content(alert.text())
+    return message
+
+
+def smtp_sender(connection: Connection, recipients: Sequence[str], timeout: float) -> Sender:
+    """Mails the alert through an Airflow-style SMTP connection: host, port, login and password; extras
+    ``from_email``, ``disable_ssl`` (SMTP over TLS from the start unless true, as Airflow's provider),
+    ``disable_tls`` (STARTTLS unless true)."""
+    if not connection.host:
+        raise ValueError("the SMTP connection names no host")
+    use_ssl = not _flag(connection.extra.get("disable_ssl", False))
+    starttls = not use_ssl and not _flag(connection.extra.get("disable_tls", False))
+    port = connection.port or (465 if use_ssl else 587 if starttls else 25)
+    sender = str(connection.extra.get("from_email") or f"mlops-alerts@{connection.host}")
+
+    def send(alert: Alert) -> None:
+        if use_ssl:
+            client: smtplib.SMTP = smtplib.SMTP_SSL(connection.host, port, timeout=timeout)
+        else:
+            client = smtplib.SMTP(connection.host, port, timeout=timeout)
+        with client:
+            if starttls:
+                client.starttls()
+            if connection.login:
+                client.login(connection.login, connection.password)
+            client.send_message(email_message(alert, sender, recipients))
+
+    return send
+
+
 def env_senders(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Sender | None]:
     """Senders for the CLI, from the same connections the DAGs use."""
+    recipients = settings.alerts.email_to
     factories: dict[str, Callable[[Connection, float], Sender]] = {
         "slack": slack_webhook_sender,
         "pagerduty": pagerduty_sender,
+        "email": lambda connection, timeout: smtp_sender(connection, recipients, timeout),
     }
     senders: dict[str, Sender | None] = {}
     for channel, conn_id in channel_connections(settings).items():

@@ -413,7 +413,7 @@ class MlflowConfig(_Strict):
 
 
 Severity = Literal["warning", "critical"]
-Channel = Literal["slack", "pagerduty"]
+Channel = Literal["slack", "pagerduty", "email"]
 
 
 LiveMetric = Literal[
@@ -439,10 +439,18 @@ class AlertRule(_Strict):
 class AlertsConfig(_Strict):
     slack_conn_id: str
     pagerduty_conn_id: str
+    email_conn_id: str = "smtp_alerts"  # an Airflow SMTP connection (host, port, login, password, extras)
+    email_to: list[str] = []  # who the email channel writes to
     failure_severity: Severity
     send_timeout_seconds: float = Field(10, gt=0)  # a channel that hangs costs at most this, per alert
     channels: dict[Severity, list[Channel]]
     rules: list[AlertRule]
+
+    @model_validator(mode="after")
+    def _email_has_recipients(self) -> AlertsConfig:
+        if any("email" in channels for channels in self.channels.values()) and not self.email_to:
+            raise ValueError("alerts.email_to: the email channel is routed to but names no recipients")
+        return self
 
 
 class Settings(_Strict):

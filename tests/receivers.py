@@ -1,13 +1,20 @@
-"""A local HTTP receiver standing in for the Slack webhook and the PagerDuty Events API."""
+"""Local receivers: an HTTP one standing in for the Slack webhook and the PagerDuty Events API, and a
+real SMTP server for the email channel."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from ml.http import free_port
 
 
 @dataclass
@@ -97,3 +104,69 @@ def connect_alerts(monkeypatch: Any, url: str) -> None:
         "AIRFLOW_CONN_PAGERDUTY_ALERTS",
         json.dumps({"conn_type": "pagerduty_events", "password": "rk-123", "extra": {"events_url": url}}),
     )
+
+
+@dataclass
+class Mail:
+    sender: str
+    recipients: list[str]
+    message: EmailMessage
+
+
+PLAIN_SMTP = {"disable_ssl": True, "disable_tls": True, "from_email": "mlops@example.com"}
+
+
+class SmtpReceiver:
+    """A real SMTP server on 127.0.0.1 (aiosmtpd) that keeps every message it accepts.
+
+    ``refuse``: answer every message with a temporary failure (451), as a full or throttling relay.
+    """
+
+    def __init__(self, refuse: bool = False) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.mails: list[Mail] = []
+        outer = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                if refuse:
+                    return "451 4.3.0 try again later"
+                parsed = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
+                outer.mails.append(Mail(envelope.mail_from, list(envelope.rcpt_tos), parsed))
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+
+    def connection(self, **extra: Any) -> str:
+        """``AIRFLOW_CONN_SMTP_ALERTS`` for this server: plain SMTP, no TLS."""
+        return json.dumps(
+            {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "extra": PLAIN_SMTP | extra,
+            }
+        )
+
+    def __enter__(self) -> SmtpReceiver:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+
+class SilentPeer:
+    """Accepts TCP connections and never says a word (an SMTP relay that hangs before its greeting)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+
+    def __enter__(self) -> SilentPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.socket.close()

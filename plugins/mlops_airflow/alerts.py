@@ -2,9 +2,10 @@
 
 Routing (severity -> channels) and the alert itself live in ``ml.alerts``; this module supplies
 the senders: Slack through the provider's webhook notifier, PagerDuty through the provider's
-events hook. Connections come from the environment (``AIRFLOW_CONN_SLACK_ALERTS``,
-``AIRFLOW_CONN_PAGERDUTY_ALERTS``). A channel that is missing or fails is logged and reported,
-never raised: alerting never fails a DAG.
+events hook, email through the SMTP connection (``ml.alerts.smtp_sender``, with the timeout every
+channel has). Connections come from the environment (``AIRFLOW_CONN_SLACK_ALERTS``,
+``AIRFLOW_CONN_PAGERDUTY_ALERTS``, ``AIRFLOW_CONN_SMTP_ALERTS``). A channel that is missing or fails
+is logged and reported, never raised: alerting never fails a DAG.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any
 from ml.alerts import (
     PAGERDUTY_EVENTS_URL,
     Alert,
+    Connection,
     Sender,
     channel_connections,
     link_in,
     notice_alert,
     route,
+    smtp_sender,
 )
 from ml.config import Settings, get_settings
 from ml.storage import browsable_link
@@ -90,10 +93,24 @@ def airflow_senders(settings: Settings) -> dict[str, Sender | None]:
     """A sender per channel whose Airflow connection exists (None where it does not)."""
     connections, timeout = channel_connections(settings), settings.alerts.send_timeout_seconds
     slack, pagerduty = _connection(connections["slack"]), _connection(connections["pagerduty"])
+    email = _connection(connections["email"])
     return {
         "slack": slack_sender(connections["slack"], timeout) if slack else None,
         "pagerduty": pagerduty_sender(connections["pagerduty"], pagerduty, timeout) if pagerduty else None,
+        "email": smtp_sender(_plain(email), settings.alerts.email_to, timeout) if email else None,
     }
+
+
+def _plain(conn: Any) -> Connection:
+    """An Airflow connection as the parts ``ml.alerts`` senders read."""
+    return Connection(
+        str(conn.conn_type or ""),
+        str(conn.host or ""),
+        str(conn.password or ""),
+        dict(conn.extra_dejson),
+        int(conn.port) if conn.port else None,
+        str(conn.login or ""),
+    )
 
 
 def send_alert(alert: Alert, settings: Settings | None = None) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Alert channels that fail for real: Slack and PagerDuty receivers answering 500, or hanging.
+"""Alert channels that fail for real: Slack and PagerDuty receivers answering 500, or hanging; a mail
+relay refusing every message, or never greeting.
 
 The live check finds the endpoint down (a deployed model, no service answering): a critical
 ``service_down``. Nothing may be lost: a delivery that failed is not recorded as sent, and the
@@ -17,7 +18,7 @@ from ml.alerts import env_notify
 from ml.release.guard import check_live
 from ml.serving.state import DeploymentState, write_state
 from ml.storage import LocalStorage
-from tests.receivers import Receiver, connect_alerts
+from tests.receivers import Receiver, SilentPeer, SmtpReceiver, connect_alerts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.fault]
 T0 = dt.datetime(2026, 10, 1, 12, 0, tzinfo=dt.UTC)
@@ -105,3 +106,50 @@ def test_the_airflow_senders_time_out_on_a_hanging_channel_too(monkeypatch) -> N
     # the Slack notifier and the PagerDuty hook each gave up after the timeout (the receiver holds 60 s)
     assert 2 * SEND_TIMEOUT <= took < 2 * SEND_TIMEOUT + 8, f"the Airflow senders took {took:.1f} s"
     assert outcomes["slack"].startswith("failed") and outcomes["pagerduty"].startswith("failed")
+
+
+EMAIL_CHANNELS = '{"warning": ["slack"], "critical": ["slack", "pagerduty", "email"]}'
+
+
+@pytest.mark.parametrize("path", ["airflow", "cli"])
+def test_a_refusing_or_silent_mail_relay_fails_only_the_email_channel(monkeypatch, path: str) -> None:
+    from mlops_airflow.alerts import send_alert
+
+    from ml.alerts import Alert
+    from ml.config import load_settings
+
+    settings = load_settings(
+        environ={
+            "MLOPS__ALERTS__SEND_TIMEOUT_SECONDS": str(SEND_TIMEOUT),
+            "MLOPS__ALERTS__CHANNELS": EMAIL_CHANNELS,
+            "MLOPS__ALERTS__EMAIL_TO": '["oncall@example.com"]',
+        }
+    )
+    alert = Alert("Task failed", "critical", "boom", "ingest_daily", "ingest", "2026-01-06")
+
+    def send() -> dict[str, str]:  # the connections as the environment has them now
+        return send_alert(alert, settings) if path == "airflow" else env_notify(settings)(alert)
+
+    with Receiver() as working, SmtpReceiver(refuse=True) as refusing, SilentPeer() as silent:
+        connect_alerts(monkeypatch, working.url)
+        monkeypatch.setenv("AIRFLOW_CONN_SMTP_ALERTS", refusing.connection())
+        refused = send()
+        assert refused["email"].startswith("failed: SMTPDataError") and "451" in refused["email"]
+        assert refused["slack"] == refused["pagerduty"] == "sent" and not refusing.mails
+
+        monkeypatch.setenv("AIRFLOW_CONN_SMTP_ALERTS", silent_connection(silent.port))
+        started = time.monotonic()
+        hung = send()
+        took = time.monotonic() - started
+    # the relay accepted the connection and never greeted: the channel waited its timeout, no longer
+    assert SEND_TIMEOUT <= took < SEND_TIMEOUT + 6, f"the silent relay cost {took:.1f} s"
+    assert hung["email"].startswith("failed") and hung["slack"] == hung["pagerduty"] == "sent"
+    assert len(slacks(working, "Task failed")) == 2
+
+
+def silent_connection(port: int) -> str:
+    import json
+
+    from tests.receivers import PLAIN_SMTP
+
+    return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port, "extra": PLAIN_SMTP})

@@ -1,4 +1,5 @@
-"""Alert routing through the providers' Slack and PagerDuty integrations to a local receiver."""
+"""Alert routing through the providers' Slack and PagerDuty integrations to a local receiver, and
+email through the SMTP connection to a real local SMTP server."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 from mlops_airflow.alerts import Alert, failure_callback, send_alert
 
 from ml.config import load_settings
-from tests.receivers import Receiver
+from tests.receivers import Receiver, SmtpReceiver
 from tests.receivers import connect_alerts as connect
 
 pytestmark = pytest.mark.integration
@@ -102,3 +103,41 @@ def test_outside_airflow_the_same_connections_reach_the_same_receivers(monkeypat
     with Receiver(fail=True) as failing:
         connect(monkeypatch, failing.url)
         assert route(critical, SETTINGS, env_senders(SETTINGS))["pagerduty"].startswith("failed")
+
+
+def with_email(**alerts: object):
+    """The default settings with email among the critical channels."""
+    return load_settings(
+        environ={
+            "MLOPS__ALERTS__CHANNELS": '{"warning": ["slack"], "critical": ["slack", "pagerduty", "email"]}',
+            "MLOPS__ALERTS__EMAIL_TO": '["oncall@example.com", "ml-team@example.com"]',
+            **{f"MLOPS__ALERTS__{key.upper()}": str(value) for key, value in alerts.items()},
+        }
+    )
+
+
+@pytest.mark.parametrize("path", ["airflow", "cli"])
+def test_email_reaches_a_real_smtp_server_through_the_same_connection(monkeypatch, receiver, path) -> None:
+    from ml.alerts import env_notify
+
+    settings = with_email()
+    critical = Alert(**{**ALERT.__dict__, "severity": "critical", "title": "Accuracy below 0.80"})
+    with SmtpReceiver() as smtp:
+        connect(monkeypatch, receiver.url)
+        monkeypatch.setenv("AIRFLOW_CONN_SMTP_ALERTS", smtp.connection())
+        outcomes = send_alert(critical, settings) if path == "airflow" else env_notify(settings)(critical)
+    assert outcomes == {"slack": "sent", "pagerduty": "sent", "email": "sent"}
+    (mail,) = smtp.mails
+    assert mail.sender == "mlops@example.com"
+    assert mail.recipients == ["oncall@example.com", "ml-team@example.com"]
+    assert mail.message["Subject"] == "[CRITICAL] Accuracy below 0.80"
+    assert mail.message["X-MLOps-Dedup-Key"] == critical.dedup_key
+    body = mail.message.get_content()
+    assert "Reason: rejected share 0.9 > 0.2" in body and ALERT.link in body and "DAG ingest_daily" in body
+
+
+def test_an_email_channel_without_recipients_is_a_config_error() -> None:
+    from ml.config import ConfigError
+
+    with pytest.raises(ConfigError, match="alerts.email_to"):
+        load_settings(environ={"MLOPS__ALERTS__CHANNELS": '{"warning": ["email"], "critical": ["email"]}'})
