@@ -92,6 +92,7 @@ class IngestConfig(_Strict):
     sensor_timeout_seconds: int = Field(ge=1)
     spool_dir: str | None = None  # local folder for the day's downloads; None = the system temp dir
     feedback_lookback_days: int = Field(default=2, ge=1)  # labelled served images landed with each day
+    mask_pii: bool = True  # emails, phone and card numbers, IPs in labels.csv's extra columns: masked
 
 
 class PreprocessingConfig(_Strict):

@@ -31,6 +31,7 @@ from ml.config import Settings, resolve_workers
 from ml.data import catalog
 from ml.data.images import ImageLimits
 from ml.data.inspection import FileInspection, InspectFile, Inspection, chunk_for, inspect_all, inspect_file
+from ml.data.privacy import mask_pii, masked_counts
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
 from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
@@ -98,6 +99,7 @@ class IngestResult:
     suites: dict[str, dict[str, Any]]
     reconciled: bool
     reports: dict[str, str]
+    pii_masked: dict[str, int] = field(default_factory=dict)  # masks in the new rows' metadata, by kind
     dataset_version: str | None = None  # set when published
     quarantine: str | None = None  # URL of the day's quarantine, set when published
 
@@ -507,13 +509,19 @@ def _collapse_duplicates(
     return new
 
 
-def row_metadata(manifest: pd.DataFrame, line: int) -> str:
-    """The labels.csv row's columns besides filename and label, as the catalog's ``metadata``."""
+def row_metadata(manifest: pd.DataFrame, line: int, mask: bool = True) -> str:
+    """The labels.csv row's columns besides filename and label, as the catalog's ``metadata``; with
+    ``mask``, personal data in the values masked (``ml.data.privacy``)."""
     extra = [column for column in manifest.columns if column not in REQUIRED_COLUMNS]
-    return catalog.metadata_json({column: manifest.at[line, column] for column in extra})
+    values = {column: manifest.at[line, column] for column in extra}
+    if mask:
+        values = {k: v if not isinstance(v, str) else mask_pii(v)[0] for k, v in values.items()}
+    return catalog.metadata_json(values)
 
 
-def _catalog_row(batch: Batch, name: str, line: int, split: str, inspected: FileInspection) -> dict[str, Any]:
+def _catalog_row(
+    batch: Batch, name: str, line: int, split: str, inspected: FileInspection, mask: bool
+) -> dict[str, Any]:
     report = inspected.report
     label = batch.rows[line].label
     return {
@@ -532,7 +540,7 @@ def _catalog_row(batch: Batch, name: str, line: int, split: str, inspected: File
         "contrast": report.contrast,
         "blur": report.blur,
         "phash": report.phash,
-        "metadata": row_metadata(batch.manifest, line),
+        "metadata": row_metadata(batch.manifest, line, mask),
     }
 
 
@@ -555,7 +563,7 @@ def dedupe_and_split(
         settings.ingest.near_duplicate_max_distance,
     )
     return [
-        _catalog_row(batch, name, claimed[name], splits[sha], inspected[name])
+        _catalog_row(batch, name, claimed[name], splits[sha], inspected[name], settings.ingest.mask_pii)
         for sha, name in sorted(new.items())
     ]
 
@@ -662,6 +670,7 @@ def summarise(
         },
         reconciled=reconciled.ok,
         reports=reports,
+        pii_masked=masked_counts(str(row["metadata"]) for row in new_rows),
     )
 
 
