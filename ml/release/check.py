@@ -22,7 +22,7 @@ from ml.data.catalog import dataset_rows
 from ml.http import NotReady, free_port, http, multipart, wait_ready
 from ml.release.build import build_bento, import_model, use_bentoml_home
 from ml.release.errors import DeployError
-from ml.release.load import LoadResult, load_test, misses
+from ml.release.load import LoadResult, load_test, misses, percentile_ms
 from ml.release.service import (
     FOLLOW_ENV,
     REPLICA_ENV,
@@ -108,13 +108,13 @@ def _probe(
 
 
 def p99(latencies: list[float]) -> float:
-    return round(float(np.percentile(latencies, 99)), 2) if latencies else 0.0
+    return percentile_ms(latencies, 99)
 
 
 def _hold_to_bounds(
     result: CheckResult, settings: Settings, latencies: list[float], gaps: list[float]
 ) -> None:
-    result.p50_ms = round(float(np.percentile(latencies, 50)), 2)
+    result.p50_ms = percentile_ms(latencies, 50)
     result.p99_ms = p99(latencies)
     result.max_probability_gap = round(max(gaps, default=1.0), 6)
     if result.max_probability_gap > settings.acceptance.onnx_max_abs_diff:

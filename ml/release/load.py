@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +23,11 @@ import psutil
 from ml.config import InferenceConfig
 
 SAMPLE_SECONDS = 0.2  # how often the service's memory is read while the load runs
+
+
+def percentile_ms(latencies: Sequence[float], q: float) -> float:
+    """A latency percentile in ms, to 2 places (0.0 without latencies)."""
+    return round(float(np.percentile(latencies, q)), 2) if len(latencies) else 0.0
 
 
 @dataclass(frozen=True)
@@ -141,14 +147,13 @@ def load_test(
             peak = max(peak, tree_rss_mb(pid))
         time.sleep(SAMPLE_SECONDS)
     elapsed = max(ends, default=deadline) - started  # to the last answer, not to the last memory sample
-    ordered = np.asarray(latencies) if latencies else np.zeros(1)
     return LoadResult(
         concurrency=concurrency,
         seconds=round(elapsed, 2),
         requests=len(latencies),
         failed=len(failures),
         throughput_rps=round(len(latencies) / elapsed, 1),
-        p50_ms=round(float(np.percentile(ordered, 50)), 1),
-        p99_ms=round(float(np.percentile(ordered, 99)), 1),
+        p50_ms=percentile_ms(latencies, 50),
+        p99_ms=percentile_ms(latencies, 99),
         peak_rss_mb=round(peak, 1),
     )
