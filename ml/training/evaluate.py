@@ -116,12 +116,20 @@ def _r(value: float) -> float:
     return round(float(value), 4)
 
 
+HEADLINE_SUFFIXES = ("macro", "score")  # f1_macro and f1_score are the headline figures, not a class's
+
+
 def metric_keys(classes: Sequence[str]) -> list[str]:
-    """Class names as metric-name suffixes: ``[A-Za-z0-9_]`` only, made unique with ``_<index>``."""
+    """Class names as metric-name suffixes: ``[A-Za-z0-9_]`` only, made unique with ``_<index>``, and
+    never a headline's suffix (a class named ``macro`` would otherwise overwrite ``f1_macro``)."""
     keys: list[str] = []
+    taken = set(HEADLINE_SUFFIXES)
     for index, name in enumerate(classes):
         key = re.sub(r"[^A-Za-z0-9_]", "_", name) or "class"
-        keys.append(key if key not in keys else f"{key}_{index}")
+        while key in taken:
+            key = f"{key}_{index}"
+        keys.append(key)
+        taken.add(key)
     return keys
 
 

@@ -28,6 +28,7 @@ from ml.training.evaluate import (
     evaluate,
     gate,
     mcnemar,
+    metric_keys,
     non_inferiority,
 )
 
@@ -255,6 +256,24 @@ def test_to_dict_is_json_and_flat_metrics_are_sanitised() -> None:
     assert flat["precision_t_shirt"] == ev.precision["t-shirt"].value
     per_class = [key for key in flat if key.startswith("f1_") and key not in ("f1_macro", "f1_score")]
     assert len(per_class) == len(classes)
+
+
+def test_a_class_named_like_a_headline_metric_does_not_overwrite_it() -> None:
+    classes = ["macro", "score", "macro_0", "a b", "a_b"]
+    rng = np.random.default_rng(3)
+    y = np.concatenate([np.arange(5)] * 20)
+    proba = rng.dirichlet(np.ones(5), y.size)
+    proba[np.arange(y.size), y] += 0.5  # better than chance, not perfect
+    proba /= proba.sum(axis=1, keepdims=True)
+    ev = evaluate(y, proba, classes, n_bootstrap=0)
+    flat = ev.flat_metrics()
+    assert flat["f1_macro"] == flat["f1_score"] == pytest.approx(ev.f1_macro.value)
+    assert flat["f1_macro"] == pytest.approx(np.mean([ev.f1[name].value for name in classes]))
+    per_class = {key for key in flat if key.startswith("f1_")} - {"f1_macro", "f1_score"}
+    assert len(per_class) == len(classes)
+    for name, key in zip(classes, metric_keys(classes), strict=True):
+        assert flat[f"f1_{key}"] == ev.f1[name].value
+    assert metric_keys(classes) == ["macro_0", "score_1", "macro_0_2", "a_b", "a_b_4"]
 
 
 # ------------------------------------------------------------------------------------------ paired tests
