@@ -100,7 +100,8 @@ def landed_day(
     if not (folder / landing / "labels.csv").exists():
         # made aside and renamed into place: a run never sees, nor removes, another run's half-made day
         cache.mkdir(parents=True, exist_ok=True)
-        made = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache))
+        remove_orphaned_days(cache)
+        made = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{os.getpid()}-", dir=cache))
         try:
             land_jpegs(LocalStorage(made), count, side, classes)
         except BaseException:  # an interrupted run (Ctrl-C, an error) leaves no half-made day behind
@@ -117,6 +118,28 @@ def landed_day(
     shutil.copytree(folder / landing, storage.root / landing)
     images = storage.root / landing / "images"
     return {path.name: path.stat().st_size for path in sorted(images.iterdir())}
+
+
+def remove_orphaned_days(cache: Path) -> list[Path]:
+    """Remove the half-made days of runs that are gone (a SIGKILL skips their own cleanup); a running
+    generation's folder, named with its process id, is left alone. Returns what was removed."""
+    removed = []
+    for made in cache.glob(".*-*-*"):
+        pid = made.name.rsplit("-", 2)[1]
+        if made.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(made, ignore_errors=True)
+            removed.append(made)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def plain_loop(storage: LocalStorage, names: list[str], out_dir: Path, min_side: int, max_side: int) -> int:
