@@ -803,7 +803,9 @@ def validate_batch(
         check_manifest(batch, quality, settings)
         claimed = pair_rows_and_files(batch)
         inspected = check_images(batch, claimed, inspection, quality, settings)
-        known = catalog.load_catalog(storage, before=day, columns=KNOWN_COLUMNS)
+        # every other day, later ones too: a day ingested out of order (a backfill, a late labels.csv)
+        # must not catalogue again an image a later day holds
+        known = catalog.load_catalog(storage, other_than=day, columns=KNOWN_COLUMNS)
         new_rows = dedupe_and_split(batch, claimed, inspected, known, settings)
         _follow_primaries(batch)  # a repeated row shares its primary's fate, whichever step decided it
         reports = {

@@ -178,6 +178,28 @@ def test_duplicates_and_conflicts_across_days(storage: LocalStorage, settings: S
     assert len(catalog.load_catalog(storage)) == 12
 
 
+def test_a_day_ingested_after_a_later_one_does_not_catalogue_its_images_again(
+    storage: LocalStorage, settings: Settings
+) -> None:
+    early, late = DAY, DAY + dt.timedelta(days=1)
+    land(storage, late, [(f"a{i}.png", encode(photo(i), "PNG"), "books") for i in range(6)])
+    ingest_day(settings, storage, late)  # the later day first: a backfill, or a late labels.csv
+    again = [(f"b{i}.png", encode(photo(i), "PNG"), "books") for i in range(3)]
+    conflict = [("c.png", encode(photo(4), "PNG"), "toys")]
+    fresh = [(f"d{i}.png", encode(photo(100 + i), "PNG"), "home") for i in range(6)]
+    land(storage, early, again + conflict + fresh)
+    result = ingest_day(settings, storage, early).to_dict()
+    assert result["curated"]["new_images"] == 6
+    assert result["quarantined"]["by_reason"] == {"label_conflicts_with_catalog": 2}
+    notes = {e["ref"].rsplit("/", 1)[-1]: e["note"] for e in ledger(storage, early) if e["kind"] == "file"}
+    assert notes["b0.png"] == "already_in_catalog"
+    for day in (late, early):  # re-runs, in either order, keep one row per image
+        ingest_day(settings, storage, day)
+        rows = catalog.load_catalog(storage)
+        assert len(rows) == 12 and rows["sha256"].is_unique
+    assert set(catalog.load_catalog(storage)["source_key"].str.split("/").str[1]) == {str(early), str(late)}
+
+
 def test_near_duplicate_lands_in_the_split_of_its_original(storage: LocalStorage, settings: Settings) -> None:
     import numpy as np
 
