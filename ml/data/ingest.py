@@ -257,17 +257,59 @@ class StagedDay:
 
 
 def read_manifest(data: bytes) -> tuple[pd.DataFrame, str | None]:
-    """Parse labels.csv into strings (``line`` = CSV line number); an unreadable file gives an error."""
+    """Parse labels.csv into strings (``line`` = the CSV line a row starts on; blank lines are no row);
+    an unreadable file gives an error that says why."""
     try:
-        text = data.decode("utf-8-sig")
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        records = csv_records(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, csv.Error) as exc:
         return pd.DataFrame(columns=list(REQUIRED_COLUMNS)), f"labels.csv is unreadable: {exc}"
-    frame.columns = [str(column).strip().lower() for column in frame.columns]
+    try:
+        frame = manifest_frame(records)
+    except ValueError as exc:
+        return pd.DataFrame(columns=list(REQUIRED_COLUMNS)), f"labels.csv is unreadable: {exc}"
     frame = frame.apply(lambda column: column.str.strip())
     frame = frame.replace({"": None})
-    frame.index = pd.RangeIndex(2, len(frame) + 2)  # CSV line numbers; the header is line 1
     return frame, None
+
+
+def csv_records(text: str) -> list[tuple[int, list[str]]]:
+    """(line it starts on, fields) of each record of ``text``; a quoted field may span lines."""
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    records, read = [], 0
+    for fields in reader:
+        if any(field.strip() for field in fields):  # a blank line (or one of commas only) is no record
+            records.append((read + 1, fields))
+        read = reader.line_num
+    return records
+
+
+def manifest_frame(records: list[tuple[int, list[str]]]) -> pd.DataFrame:
+    """The rows under the header, indexed by line. A trailing comma (an empty last field, as spreadsheet
+    exports write) is no column; a row longer than the header otherwise, or two columns of one name, is
+    a ``ValueError``."""
+    if not records:
+        raise ValueError("it is empty: the first line must name the columns (filename,label)")
+    (header_line, header), rows = records[0], records[1:]
+    names = [name.strip().lower() for name in header]
+    while (
+        names
+        and not names[-1]
+        and all(len(fields) < len(names) or not fields[-1].strip() for _, fields in rows)
+    ):
+        names.pop()
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"line {header_line} names the column {', '.join(map(repr, repeated))} more than once"
+        )
+    names = [name or f"unnamed: {index}" for index, name in enumerate(names)]
+    table = []
+    for line, fields in rows:
+        extra = fields[len(names) :]
+        if any(value.strip() for value in extra):
+            raise ValueError(f"line {line} has {len(fields)} fields where the header names {len(names)}")
+        table.append(fields[: len(names)] + [""] * (len(names) - len(fields)))
+    return pd.DataFrame(table, columns=names, index=[line for line, _ in rows], dtype=object)
 
 
 def row_ref(line: int) -> str:

@@ -279,6 +279,49 @@ def test_manifest_parsing_strips_and_numbers_lines() -> None:
     assert pd.isna(frame.loc[3, "label"])
 
 
+def test_a_trailing_comma_on_every_line_is_no_column() -> None:
+    for header in (b"filename,label", b"filename,label,"):  # as spreadsheet exports write it
+        frame, error = read_manifest(header + b"\na.png,books,\nb.png,toys, \n")
+        assert error is None
+        assert list(frame.columns) == ["filename", "label"]
+        assert frame.loc[2].tolist() == ["a.png", "books"] and frame.loc[3].tolist() == ["b.png", "toys"]
+
+
+def test_rows_are_numbered_by_the_line_they_start_on() -> None:
+    manifest = b'filename,label,note\n\na.png,books,x\nb.png,toys,"two\nlines"\n,,\nc.png,home,y\n'
+    frame, error = read_manifest(manifest)
+    assert error is None
+    assert frame["filename"].to_dict() == {3: "a.png", 4: "b.png", 7: "c.png"}  # b.png spans 4-5
+    assert frame.loc[4, "note"] == "two\nlines"
+
+
+@pytest.mark.parametrize(
+    ("manifest", "why"),
+    [
+        (b"filename,label,Label\na.png,books,toys\n", "names the column 'label' more than once"),
+        (b"FileName,filename,label\na.png,b.png,books\n", "names the column 'filename' more than once"),
+        (b"filename,label\na.png,books\nb.png,toys,extra\n", "line 3 has 3 fields where the header names 2"),
+        (b"", "it is empty"),
+        (b"\n\n", "it is empty"),
+    ],
+)
+def test_a_manifest_that_cannot_be_read_as_one_table_says_why(manifest: bytes, why: str) -> None:
+    frame, error = read_manifest(manifest)
+    assert error is not None and why in error and error.startswith("labels.csv is unreadable")
+    assert frame.empty and list(frame.columns) == ["filename", "label"]
+
+
+def test_a_manifest_with_a_repeated_column_rejects_the_day_with_its_reason(
+    storage: LocalStorage, settings: Settings
+) -> None:
+    storage.write_bytes(f"landing/{DAY}/images/a.png", encode(photo(1), "PNG"))
+    storage.write_bytes(f"landing/{DAY}/labels.csv", b"filename,label,LABEL\na.png,books,toys\n")
+    with pytest.raises(BatchRejected, match="unreadable.*'label' more than once"):
+        ingest_day(settings, storage, DAY)
+    result = json.loads(storage.read_bytes(f"reports/ingest/{DAY}/result.json"))
+    assert result["status"] == "rejected" and result["reconciled"]
+
+
 # -- keys a real bucket holds ----------------------------------------------------------------------
 
 
