@@ -38,6 +38,24 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URL."""
 
 
+class UnreadableObject(StorageError):
+    """An object is listed but this caller cannot read it, and retrying will not change that: access
+    denied, or archived (S3 Glacier and Deep Archive until restored). ``code`` is S3's error code."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# S3's answers for one object that is there but not readable by this caller as it is
+UNREADABLE_CODES = {
+    "AccessDenied": "access denied",
+    "403": "access denied",
+    "InvalidObjectState": "archived: restore it first",
+    "ObjectNotInActiveTierError": "archived: restore it first",
+}
+
+
 class WriteConflict(StorageError):
     """Another writer changed a shared document first (compare-and-swap lost every attempt)."""
 
@@ -227,6 +245,8 @@ class LocalStorage:
             shutil.copyfile(self._path(key), path)
         except FileNotFoundError:
             raise StorageError(f"not found: {self.url(key)}") from None
+        except PermissionError:
+            raise UnreadableObject(f"AccessDenied (access denied): {self.url(key)}", "AccessDenied") from None
         return path.stat().st_size
 
     @contextlib.contextmanager
@@ -314,6 +334,8 @@ class S3Storage:
             error = exc.response.get("Error", {})
             if error.get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise StorageError(f"not found: {self.url(source)}") from None
+            if error.get("Code") in UNREADABLE_CODES:
+                raise self._unreadable(exc, source) from None
             too_large = "copy source is larger" in error.get("Message", "")
             if error.get("Code") != "InvalidRequest" or not too_large:
                 raise
@@ -321,7 +343,17 @@ class S3Storage:
 
     def read_unchecked(self, key: str) -> bytes:
         """An object whose listed key is not a safe path (kept only to quarantine it)."""
-        return self.client.get_object(Bucket=self.bucket, Key=self._raw_key(key))["Body"].read()
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._raw_key(key))["Body"].read()
+        except self.client.exceptions.ClientError as exc:
+            raise self._unreadable(exc, key) from None
+
+    def _unreadable(self, exc: Exception, key: str) -> Exception:
+        """``UnreadableObject`` for an error that retrying cannot mend, else ``exc`` itself."""
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        if code not in UNREADABLE_CODES:
+            return exc
+        return UnreadableObject(f"{code} ({UNREADABLE_CODES[code]}): {self.url(key)}", code)
 
     def upload(self, path: Path, key: str) -> None:
         """A local file's bytes to ``key``: one PUT streamed from the file."""
@@ -335,6 +367,8 @@ class S3Storage:
             body = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"]
         except self.client.exceptions.NoSuchKey:
             raise StorageError(f"not found: {self.url(key)}") from None
+        except self.client.exceptions.ClientError as exc:
+            raise self._unreadable(exc, key) from None
         size = 0
         with path.open("wb") as out:
             for chunk in body.iter_chunks(CHUNK_BYTES):

@@ -36,11 +36,21 @@ from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
 from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
 from ml.memory import collector_paused
-from ml.storage import ObjectInfo, Storage, StorageError, UnsafeKeyError, io_map, join_key, safe_key
+from ml.storage import (
+    ObjectInfo,
+    Storage,
+    StorageError,
+    UnreadableObject,
+    UnsafeKeyError,
+    io_map,
+    join_key,
+    safe_key,
+)
 
 __all__ = ["BatchRejected", "IngestResult", "NothingLanded", "ingest_day", "inspect_all", "reconcile"]
 
 REQUIRED_COLUMNS = ("filename", "label")
+UNREADABLE_OBJECT = "unreadable_object"  # the reason of a listed object storage will not give
 PUBLISH_THREADS = 8  # curated writes in flight (below botocore's default pool of 10 connections)
 KNOWN_COLUMNS = ("sha256", "label", "split", "phash")  # what dedupe and splits read of the catalog
 FEEDBACK_LINE_OFFSET = 1_000_000_000  # feedback.csv's rows, numbered after any labels.csv could reach
@@ -254,6 +264,7 @@ class StagedDay:
 
     listing: list[ObjectInfo]
     inspection: InspectionResults
+    unreadable: dict[str, str] = field(default_factory=dict)  # landed key -> why its shard could not read it
 
 
 def read_manifest(data: bytes) -> tuple[pd.DataFrame, str | None]:
@@ -449,6 +460,19 @@ def quarantine_from_listing(batch: Batch, max_file_bytes: int) -> None:
             _quarantine(entry, "file_too_large", detail)
 
 
+def quarantine_unreadable(batch: Batch, key: str, why: str) -> None:
+    """A listed object storage would not give (access denied, archived): quarantined with why; its rows
+    follow it, as with a file decided from the listing. Nothing is copied: it stays where it landed."""
+    entry = batch.file_entries.setdefault(key, LedgerEntry("file", key))
+    detail = f"{why}; not read, left where it landed: make it readable, then re-run the day"
+    _quarantine(entry, UNREADABLE_OBJECT, detail)
+
+
+def is_unreadable(batch: Batch, key: str) -> bool:
+    entry = batch.file_entries.get(key)
+    return entry is not None and entry.reason == UNREADABLE_OBJECT
+
+
 def fetch_landed(
     storage: Storage,
     batch: Batch,
@@ -463,7 +487,11 @@ def fetch_landed(
     ``inspection`` gets each landed image as soon as it is spooled. ``images=False`` (a sharded ingest's
     merge: the shards inspected the images) leaves the images where they landed; a quarantined one is
     copied within storage."""
-    readable = [info for info in batch.landing.objects if info.size <= max_file_bytes]
+    readable = [
+        info
+        for info in batch.landing.objects
+        if info.size <= max_file_bytes and not is_unreadable(batch, info.key)
+    ]
     if not images:
         landed_images = set(batch.files.values())
         batch.copied_originals = {info.key for info in readable if info.key in landed_images}
@@ -475,10 +503,17 @@ def fetch_landed(
         if inspection is not None and key in name_of:
             inspection.add(name_of[key], path)
 
-    spool.fetch(storage, [i.key for i in readable if i.key not in batch.landing.unsafe], spooled)
+    def unreadable(key: str, exc: UnreadableObject) -> None:
+        quarantine_unreadable(batch, key, str(exc))
+
+    spool.fetch(storage, [i.key for i in readable if i.key not in batch.landing.unsafe], spooled, unreadable)
     for info in readable:
         if info.key in batch.landing.unsafe:
-            data = read_unsafe_key(storage, info.key)
+            try:
+                data = read_unsafe_key(storage, info.key)
+            except UnreadableObject as exc:
+                quarantine_unreadable(batch, info.key, str(exc))
+                continue
             if data is not None:
                 spooled(info.key, spool.keep(data))
     if inspection is not None:
@@ -885,6 +920,8 @@ def ingest_day(
     max_bytes = settings.ingest.max_file_bytes
     with Spool(spool_parent(settings)) as spool:
         quarantine_from_listing(batch, max_bytes)
+        for key, why in (staged.unreadable if staged else {}).items():
+            quarantine_unreadable(batch, key, why)
         inspection = staged.inspection if staged else local_inspection(settings, batch, spool, inspect)
         try:
             fetch_landed(

@@ -36,7 +36,7 @@ from ml.data.ingest import (
 from ml.data.inspection import FileInspection
 from ml.data.spool import Spool
 from ml.layout import DayLayout
-from ml.storage import ObjectInfo, Storage, StorageError
+from ml.storage import ObjectInfo, Storage, StorageError, UnreadableObject
 
 
 class ShardMissing(RuntimeError):
@@ -120,8 +120,13 @@ def inspect_shard(settings: Settings, storage: Storage, day: dt.date, shard: int
     sizes = {info.key: info.size for info in plan.listing}
     wanted = [key for key in batch.files.values() if sizes.get(key, 0) <= max_bytes]
     results: dict[str, dict[str, Any]] = {}
+    unreadable: dict[str, str] = {}  # landed key -> why storage would not give it (the merge quarantines it)
     with Spool(spool_parent(settings)) as spool:
-        batch.spooled = spool.fetch(storage, wanted)
+
+        def note_unreadable(key: str, exc: UnreadableObject) -> None:
+            unreadable[key] = str(exc)
+
+        batch.spooled = spool.fetch(storage, wanted, unreadable=note_unreadable)
         with local_inspection(settings, batch, spool) as inspection:
             inspected = inspection.results(name for name, key in batch.files.items() if key in batch.spooled)
         staged = {
@@ -137,8 +142,11 @@ def inspect_shard(settings: Settings, storage: Storage, day: dt.date, shard: int
         in_flight(stage, sorted(staged), storage)  # the first failure raised: no results written
         for name, found in sorted(inspected.items()):
             results[name] = {"report": asdict(found.report), "staged": staged.get(name)}
+        names = {key: name for name, key in batch.files.items()}
+        for key, why in sorted(unreadable.items()):
+            results[names[key]] = {"unreadable": why, "key": key}
     storage.write_bytes(layout.shard_result(shard), json.dumps(results, sort_keys=True).encode())
-    rejected = sum(1 for item in results.values() if item["report"]["reason"])
+    rejected = sum(1 for item in results.values() if "unreadable" in item or item["report"]["reason"])
     return ShardSummary(
         str(day), shard, plan.shards, len(results), rejected, round(time.perf_counter() - started, 2)
     )
@@ -162,14 +170,18 @@ def staged_day(storage: Storage, day: dt.date) -> StagedDay:
     plan = read_plan(storage, day)
     layout = DayLayout(day)
     found: dict[str, FileInspection] = {}
+    unreadable: dict[str, str] = {}
     for shard in range(plan.shards):
         try:
             raw = json.loads(storage.read_bytes(layout.shard_result(shard)))
         except StorageError:
             raise ShardMissing(f"shard {shard} of {plan.shards} for {day} has no results: retry it") from None
         for name, item in raw.items():
-            found[name] = FileInspection(ImageReport(**item["report"]), None, item["staged"])
-    return StagedDay(plan.listing, StagedInspection(found))
+            if "unreadable" in item:
+                unreadable[item["key"]] = item["unreadable"]
+            else:
+                found[name] = FileInspection(ImageReport(**item["report"]), None, item["staged"])
+    return StagedDay(plan.listing, StagedInspection(found), unreadable)
 
 
 def clear_staging(storage: Storage, day: dt.date) -> int:

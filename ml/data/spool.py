@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ml.storage import LocalStorage, Storage, io_map
+from ml.storage import LocalStorage, Storage, UnreadableObject, io_map
 
 SPOOL_PREFIX = "mlops-ingest-"
 FETCH_THREADS = 16
@@ -91,17 +91,34 @@ class Spool:
         return self.landed / f"{self._count:07d}"
 
     def fetch(
-        self, storage: Storage, keys: Iterable[str], ready: Callable[[str, Path], None] | None = None
+        self,
+        storage: Storage,
+        keys: Iterable[str],
+        ready: Callable[[str, Path], None] | None = None,
+        unreadable: Callable[[str, UnreadableObject], None] | None = None,
     ) -> dict[str, Path]:
         """Stream each object to its own spool file (threads; a hard link from a local store); returns
         key -> file. ``ready(key, file)`` is called for each in order, in this thread, as soon as it
-        and those before it are down."""
+        and those before it are down. With ``unreadable``, an object storage will not give (access
+        denied, archived) is told to it and left out; without, it fails the fetch."""
         targets = {key: self.new_file() for key in keys}
-        downloads = io_map(
-            storage, lambda item: storage.download(*item, link=True), targets.items(), FETCH_THREADS
-        )
-        for key, _ in zip(targets, downloads, strict=True):
-            if ready is not None:
+
+        def download(item: tuple[str, Path]) -> UnreadableObject | None:
+            try:
+                storage.download(*item, link=True)
+            except UnreadableObject as exc:
+                if unreadable is None:
+                    raise
+                item[1].unlink(missing_ok=True)
+                return exc
+            return None
+
+        failures = io_map(storage, download, targets.items(), FETCH_THREADS)
+        for key, failure in zip(list(targets), failures, strict=True):  # as each is down, in order
+            if failure is not None and unreadable is not None:
+                unreadable(key, failure)
+                del targets[key]
+            elif ready is not None:
                 ready(key, targets[key])
         return targets
 

@@ -752,3 +752,50 @@ def test_a_large_day_goes_to_the_workers_in_larger_chunks(tmp_path: Path) -> Non
         assert inspection._chunk == chunk_for(400, 2) == 25
         found = inspection.results(list(files))
     assert {result.report.reason for result in found.values()} == {"not_an_image"}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-process", "sharded"])
+def test_an_archived_object_is_quarantined_as_unreadable_and_curated_once_restored(
+    s3_endpoint: str, s3_bucket: str, make_settings, sharded: bool
+) -> None:
+    from ml.data import shards
+
+    settings = make_settings(ingest__max_rejected_share=0.4, ingest__workers=1)
+    storage = s3_storage(s3_endpoint, s3_bucket)
+    items = good_items(10)
+    land(storage, DAY, items)
+    base = f"landing/{DAY}"
+    archived = {  # moved to Glacier by a lifecycle rule: listed, but a GET answers InvalidObjectState
+        f"{base}/images/cold.png": encode(photo(77), "PNG"),
+        f"{base}/notes.txt": b"an object outside images/, archived too",
+    }
+    for key, data in archived.items():
+        storage.client.put_object(Bucket=s3_bucket, Key=f"mlops/{key}", Body=data, StorageClass="GLACIER")
+    write_labels(storage, DAY, [*((n, label) for n, _, label in items), ("cold.png", "toys")])
+
+    def ingest() -> dict:
+        if not sharded:
+            return ingest_day(settings, storage, DAY).to_dict()
+        shards.plan_day(settings, storage, DAY, 2)
+        for shard in range(2):
+            shards.inspect_shard(settings, storage, DAY, shard)
+        return shards.merge_day(settings, storage, DAY).to_dict()
+
+    result = ingest()
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    for key in archived:
+        assert entries[key]["reason"] == "unreadable_object", entries[key]
+        assert "InvalidObjectState" in entries[key]["detail"] and "re-run the day" in entries[key]["detail"]
+    assert entries[f"labels.csv:{len(items) + 2}"]["reason"] == "unreadable_object"  # its row follows
+    assert result["reconciled"] and result["status"] == "published"
+    assert result["curated"]["new_images"] == len(items)
+    assert set(reasons_csv(storage, DAY)) >= set(archived)
+    assert not [key for key in storage.list(f"quarantine/{DAY}") if "cold" in key or "notes" in key]
+
+    for key in archived:  # restored (moto restores at once), the re-run reads it
+        storage.client.restore_object(Bucket=s3_bucket, Key=f"mlops/{key}", RestoreRequest={"Days": 1})
+    result = ingest()
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    assert entries[f"{base}/images/cold.png"]["outcome"] == "curated"
+    assert entries[f"{base}/notes.txt"]["reason"] == "unexpected_location"
+    assert result["curated"]["new_images"] == len(items) + 1
