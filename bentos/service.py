@@ -2,10 +2,12 @@
 
 POST /predict (multipart field ``image``), POST /predict_batch (multipart field ``images``,
 repeated), POST /feedback (JSON ``request_id``, ``label``), GET /version; BentoML adds /healthz,
-/livez, /readyz and /metrics. /predict, the hot path, is a route of the ASGI app BentoML mounts:
-the guard has read and checked its multipart body already, and BentoML's API layer would parse it
-again and write the image to a temporary file (~1 ms of a ~13 ms request, measured in
-bench/serve.py); its OpenAPI operation is added to ``/docs.json`` by ``ml.serving.openapi``.
+/livez, /readyz and /metrics. /predict, the hot path, and /predict_batch are routes of the ASGI app
+BentoML mounts: the guard has read and checked their multipart bodies already, and BentoML's API
+layer would parse them again with another parser (one that reads a part's headers otherwise, and
+fetches a text field as a URL) and write each image to a temporary file (~1 ms of a ~13 ms request,
+measured in bench/serve.py); their OpenAPI operations are added to ``/docs.json`` by
+``ml.serving.openapi``.
 Clients send ``Authorization: Bearer <key>``; keys and their roles come from ``MLOPS_API_KEYS`` or
 a keys file, and ``ml.serving.guard`` checks them before anything is parsed. Which model versions
 serve (stable, canary, shadow) comes from the deployment state in storage (``serving/state.json``),
@@ -162,11 +164,17 @@ def status_endpoint(_: Request) -> Response:
     return JSONResponse(status.to_dict())
 
 
+async def _uploads(request: Request) -> list[bytes] | tuple[int, str, str]:
+    """The files of a file route's body: as the guard parsed and checked them (the one parse)."""
+    files = request.scope.get(UPLOADS_SCOPE_KEY)
+    if files is None:
+        return uploaded_files(request.url.path, await request.body(), request.headers.get("content-type", ""))
+    return files
+
+
 async def predict_endpoint(request: Request) -> Response:
     """Classify one image (multipart field ``image``): class, confidence, probabilities, version, id."""
-    files = request.scope.get(UPLOADS_SCOPE_KEY)  # the guard parsed and checked the body
-    if files is None:
-        files = uploaded_files("/predict", await request.body(), request.headers.get("content-type", ""))
+    files = await _uploads(request)
     if isinstance(files, tuple):
         return error_response(*files)
     if not _WORKER:
@@ -180,6 +188,36 @@ async def predict_endpoint(request: Request) -> Response:
         failure = internal_failure("predict")
         return error_response(failure.status, failure.code, failure.message)
     return JSONResponse(result)
+
+
+async def predict_batch_endpoint(request: Request) -> Response:
+    """Classify several images (repeated multipart field ``images``); a bad one gets its own error.
+    Served here, not by BentoML's API layer, so its body is parsed once, by the guard."""
+    files = await _uploads(request)
+    if isinstance(files, tuple):
+        return error_response(*files)
+    limit = get_settings().serving.max_batch_images
+    if len(files) > limit:
+        return error_response(413, "too_many_images", f"at most {limit} images per request")
+    if not _WORKER:
+        return error_response(503, "not_ready", "the service is starting: retry in a few seconds")
+    predictor, key = _WORKER[0], request.headers.get("x-client-id")
+    who = request.headers.get(KEY_ID_HEADER.decode(), ANONYMOUS)
+
+    async def one(data: bytes) -> dict[str, Any]:
+        try:
+            return await predictor.predict(data, key, who)
+        except BadRequest as exc:
+            count_error(exc.code, exc.status)
+            return {**exc.body(), "status": exc.status}
+
+    try:
+        results = await asyncio.gather(*(one(data) for data in files))
+    except Exception:  # noqa: BLE001 - the client gets an incident id, the log the traceback
+        failure = internal_failure("predict_batch")
+        return error_response(failure.status, failure.code, failure.message)
+    every_one_bad = all("error" in result for result in results)
+    return JSONResponse({"results": results}, status_code=int(results[0]["status"]) if every_one_bad else 200)
 
 
 async def docs_endpoint(_: Request) -> Response:
@@ -292,6 +330,7 @@ def _predictor() -> Predictor:
             Route("/ui/status", status_endpoint, methods=["GET"]),
             Route("/docs", docs_endpoint, methods=["GET"]),
             Route("/predict", predict_endpoint, methods=["POST"]),
+            Route("/predict_batch", predict_batch_endpoint, methods=["POST"]),
         ]
     ),
     path="/",
@@ -340,30 +379,6 @@ class ImageClassifier:
             if incident
             else "",
         }
-
-    @bentoml.api(route="/predict_batch")
-    async def predict_batch(self, images: list[Path], ctx: bentoml.Context) -> Any:
-        """Classify several images (repeated multipart field ``images``); a bad one gets its own error."""
-        if len(images) > get_settings().serving.max_batch_images:
-            return error_response(
-                413, "too_many_images", f"at most {get_settings().serving.max_batch_images} per request"
-            )
-        key, who = ctx.request.headers.get("x-client-id"), caller_id(ctx)
-
-        async def one(path: Path) -> dict[str, Any]:
-            try:
-                return await self.predictor.predict(path.read_bytes(), key, who)
-            except BadRequest as exc:
-                count_error(exc.code, exc.status)
-                return {**exc.body(), "status": exc.status}
-
-        try:
-            results = await asyncio.gather(*(one(path) for path in images))
-        except Exception:  # noqa: BLE001 - the client gets an incident id, the log the traceback
-            return internal_error(ctx, "predict_batch")
-        if images and all("error" in result for result in results):
-            ctx.response.status_code = int(results[0]["status"])
-        return {"results": results}
 
     @bentoml.api(route="/feedback")
     def feedback(self, request_id: str, label: str, ctx: bentoml.Context) -> Any:

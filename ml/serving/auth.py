@@ -107,9 +107,11 @@ def admin_key(environ: dict[str, str] | None = None, keys_file: str | None = Non
 
 
 def offered_key(header: str | None) -> str | None:
-    if not header or not header.startswith("Bearer "):
+    """The credentials of a ``Bearer`` Authorization header (the scheme in any case, RFC 9110 11.1)."""
+    parts = (header or "").split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
-    return header.removeprefix("Bearer ").strip()
+    return parts[1].strip()
 
 
 def authenticate(header: str | None, table: dict[str, ApiKey]) -> ApiKey | None:

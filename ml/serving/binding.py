@@ -38,8 +38,12 @@ class Bound:
 
 
 def well_formed(request_id: str) -> bool:
-    """Within what /feedback accepts: at most 128 characters, letters, digits and '-'."""
-    return 0 < len(request_id) <= MAX_REQUEST_ID and request_id.replace("-", "").isalnum()
+    """Within what /feedback accepts: at most 128 characters, ASCII letters, digits and '-'."""
+    return (
+        0 < len(request_id) <= MAX_REQUEST_ID
+        and request_id.isascii()
+        and request_id.replace("-", "").isalnum()
+    )
 
 
 class RequestIds:

@@ -36,6 +36,14 @@ ROUTE_ROLES = {
     "/version": "admin",
     "/metrics": "admin",
 }
+ROUTE_METHODS = {  # what each guarded route answers; anything else is a 405 before the app sees it
+    "/predict": ("POST",),
+    "/predict_batch": ("POST",),
+    "/feedback": ("POST",),
+    "/ui/status": ("GET", "HEAD"),
+    "/version": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+}
 DRAIN_TIMEOUT_SECONDS = 30.0
 
 Scope = dict[str, Any]
@@ -52,6 +60,7 @@ class GuardPolicy:
     max_bytes: int
     drain_bytes: int
     route_roles: dict[str, str] = field(default_factory=lambda: dict(ROUTE_ROLES))
+    route_methods: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(ROUTE_METHODS))
     open_paths: tuple[str, ...] = OPEN_PATHS
     open_prefixes: tuple[str, ...] = OPEN_PREFIXES
 
@@ -91,6 +100,17 @@ def caller(policy: GuardPolicy, path: str, authorization: str | None, client_hos
     if role is not None and role not in key.roles:
         raise Refusal(403, "forbidden", f"this API key does not have the {role!r} role", key_id=key.key_id)
     return key.key_id
+
+
+def request_problem(policy: GuardPolicy, scope: Scope) -> None:
+    """``Refusal`` for a request no route can take as sent: a method the route does not answer (405),
+    or two Content-Type headers (400: the guard and the framework behind it could each read another)."""
+    allowed = policy.route_methods.get(scope["path"])
+    if allowed is not None and scope["method"] not in allowed:
+        detail = f"{scope['path']} answers {' and '.join(allowed)}"
+        raise Refusal(405, "method_not_allowed", detail, {"Allow": ", ".join(allowed)})
+    if sum(name.lower() == b"content-type" for name, _ in scope["headers"]) > 1:
+        raise Refusal(400, "ambiguous_content_type", "send one Content-Type header")
 
 
 async def drain(receive: Receive, limit: int, timeout: float = DRAIN_TIMEOUT_SECONDS) -> bool:
@@ -159,6 +179,7 @@ class Guard:
         admin = self.policy.route_roles.get(scope["path"]) == "admin"
         try:
             key_id = caller(self.policy, scope["path"], headers.get("authorization"), client)
+            request_problem(self.policy, scope)
         except Refusal as refusal:  # an unauthorised body is read no further than an authorised one may be
             limit = min(self.policy.max_bytes, self.policy.drain_bytes)
             expect_continue = headers.get("expect", "").lower() == "100-continue"
@@ -223,10 +244,19 @@ class Guard:
 
     async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
+        framework_error: Message | None = None  # a plain-text 404 or 405 of the framework, held back
 
         async def tracking(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, framework_error
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] in (404, 405) and _plain_text(message):
+                    framework_error = message
+                    return
+            elif framework_error is not None:  # its body is dropped: the client gets the JSON answer
+                if not message.get("more_body", False):
+                    await self.reply(send, _as_refusal(scope, framework_error))
+                return
             await send(message)
 
         try:
@@ -240,6 +270,18 @@ class Guard:
                 f"the service failed on this request: retry, and quote incident {incident} if it persists"
             )
             await self.reply(send, Refusal(500, "internal_error", detail))
+
+
+def _plain_text(start: Message) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/plain") for k, v in start["headers"])
+
+
+def _as_refusal(scope: Scope, start: Message) -> Refusal:
+    """The framework's own 404 or 405 (plain text) as the JSON error every other refusal is."""
+    if start["status"] == 404:
+        return Refusal(404, "not_found", f"no route {scope['path']}")
+    allow = next((v.decode("latin-1") for k, v in start["headers"] if k.lower() == b"allow"), "")
+    return Refusal(405, "method_not_allowed", f"{scope['path']} answers {allow}", {"Allow": allow})
 
 
 def _with_key_id(raw: list[tuple[bytes, bytes]], key_id: str) -> list[tuple[bytes, bytes]]:

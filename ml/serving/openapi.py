@@ -4,7 +4,7 @@ BentoML generates ``/docs.json`` from the service's APIs but knows nothing of th
 them, so Swagger UI (``/``, also reached as ``/docs``) would offer no way to send a key. This
 middleware adds the ``bearerAuth`` scheme to that document as it leaves the service, with
 ``security: []`` on the routes that need no key, and the operations of the routes the service
-serves outside BentoML's API layer (``POST /predict``).
+serves outside BentoML's API layer (``POST /predict``, ``POST /predict_batch``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,37 @@ MOUNTED_OPERATIONS: dict[str, dict[str, Any]] = {
                 **{status: _ERROR for status in ("400", "401", "403", "413", "415", "503")},
             },
         }
-    }
+    },
+    "/predict_batch": {
+        "post": {
+            "summary": "Classify several images",
+            "description": "One result per image, in order: the answer /predict gives, or that image's own "
+            "error (``error``, ``detail``, ``status``). The request fails as a whole only when every "
+            "image is refused (with the first one's status).",
+            "operationId": "predict_batch",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["images"],
+                            "properties": {
+                                "images": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "The results",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **{status: _ERROR for status in ("400", "401", "403", "413", "415", "503")},
+            },
+        }
+    },
 }
 
 

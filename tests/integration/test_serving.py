@@ -233,6 +233,24 @@ HOSTILE = {
         u, "POST", "/feedback", b'{"request_id": ', {"Content-Type": "application/json"}
     ),
     "feedback-form": lambda u: post(u, "/feedback", [("request_id", "x", b"ab12")]),
+    "feedback-non-ascii-id": lambda u: raw(
+        u,
+        "POST",
+        "/feedback",
+        '{"request_id": "a-b-c-\u00e9", "label": "toys"}'.encode(),
+        {"Content-Type": "application/json"},
+    ),
+    "batch-too-many": lambda u: post(u, "/predict_batch", [("images", f"{i}.png", b"x") for i in range(33)]),
+    "batch-second-disposition": lambda u: raw(  # BentoML's parser fetched the part's text as a URL: 500
+        u,
+        "POST",
+        "/predict_batch",
+        b"--b0\r\nContent-Disposition: form-data; name=images; filename=a.png\r\n"
+        b"Content-Disposition: form-data; name=images\r\n\r\nhttp://example.com/\r\n--b0--\r\n",
+        {"Content-Type": "multipart/form-data; boundary=b0"},
+    ),
+    "get-feedback": lambda u: raw(u, "GET", "/feedback"),
+    "unknown-path": lambda u: raw(u, "POST", "/no/such/path", b"x", {"Content-Type": "text/plain"}),
 }
 
 

@@ -339,3 +339,80 @@ def test_the_openapi_spec_declares_the_bearer_scheme(client) -> None:
         path for path, ops in spec["paths"].items() if any(op.get("security") == [] for op in ops.values())
     ]
     assert set(waived) <= {"/healthz", "/livez", "/readyz", "/ui", "/", "/docs", "/docs.json"}, waived
+
+
+def multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"b0undary") -> bytes:
+    """A multipart body from (part headers, data) pairs, written by hand: shapes no client library makes."""
+    body = b"".join(b"--" + boundary + b"\r\n" + head + b"\r\n\r\n" + data + b"\r\n" for head, data in parts)
+    return body + b"--" + boundary + b"--\r\n"
+
+
+def file_part(name: str = "images", filename: str = "a.png") -> bytes:
+    return f'Content-Disposition: form-data; name="{name}"; filename="{filename}"'.encode()
+
+
+def test_a_batch_is_parsed_once_whatever_its_parts_headers_say(client) -> None:
+    png = encode(photo(1), "PNG")
+    form = {**AUTH, "Content-Type": "multipart/form-data; boundary=b0undary"}
+    # a second Content-Disposition without a filename: BentoML's parser read a text field, fetched it as
+    # a URL and answered 500
+    two_dispositions = multipart([(file_part() + b'\r\nContent-Disposition: form-data; name="images"', png)])
+    response = client.post("/predict_batch", content=two_dispositions, headers=form)
+    assert response.status_code == 200 and response.json()["results"][0]["predicted_class"] in CLASSES
+    utf16 = {**form, "Content-Type": "multipart/form-data; boundary=b0undary; charset=utf-16"}
+    response = client.post("/predict_batch", content=multipart([(file_part(), png)]), headers=utf16)
+    assert response.status_code == 200, response.text
+    long_name = multipart([(file_part(filename="é" * 150 + ".png"), png)])  # 300 bytes: no temporary file
+    assert client.post("/predict_batch", content=long_name, headers=form).status_code == 200
+
+
+@pytest.mark.parametrize("count", [33, 1001])
+def test_a_batch_over_the_limit_is_a_413(client, count: int) -> None:
+    body = multipart([(file_part(filename=f"{i}.png"), b"x") for i in range(count)])
+    headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b0undary"}
+    response = client.post("/predict_batch", content=body, headers=headers)
+    assert response.status_code == 413 and response.json()["error"] == "too_many_images"
+
+
+def test_a_batch_of_only_bad_images_answers_with_the_first_ones_status(client) -> None:
+    files = [("images", ("a.txt", b"nope")), ("images", ("b.png", b""))]
+    response = client.post("/predict_batch", files=files, headers=AUTH)
+    assert response.status_code == 415
+    assert [result["error"] for result in response.json()["results"]] == ["not_an_image", "empty_file"]
+
+
+@pytest.mark.parametrize("request_id", ["a-b-c-\u00e9", "\u0661-\u0662-\u0663-\u0664", "abc\u00b2-1-2-3"])
+def test_a_request_id_outside_ascii_is_a_400(client, request_id: str) -> None:
+    response = client.post("/feedback", json={"request_id": request_id, "label": "toys"}, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"] == "bad_request_id"
+
+
+@pytest.mark.parametrize("path", ["/predict_batch", "/feedback"])
+def test_two_content_types_are_a_400(client, path: str) -> None:
+    headers = [
+        ("Authorization", AUTH["Authorization"]),
+        ("Content-Type", "multipart/form-data"),
+        ("Content-Type", "application/json" if path == "/feedback" else "multipart/form-data; boundary=b"),
+    ]
+    response = client.post(path, content=b'{"request_id": "ab", "label": "toys"}', headers=headers)
+    assert response.status_code == 400 and response.json()["error"] == "ambiguous_content_type"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/predict", 405, "POST"),
+        ("GET", "/predict_batch", 405, "POST"),
+        ("GET", "/feedback", 405, "POST"),
+        ("PUT", "/feedback", 405, "POST"),
+        ("POST", "/version", 405, "GET, HEAD"),
+        ("DELETE", "/metrics", 405, "GET, HEAD"),
+        ("GET", "/no/such/path", 404, None),
+        ("POST", "/no/such/path", 404, None),
+    ],
+)
+def test_a_wrong_method_or_path_gets_a_json_error(client, method: str, path: str, status: int, allow) -> None:
+    response = client.request(method, path, headers=AUTH)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == ("method_not_allowed" if status == 405 else "not_found")
+    assert response.headers.get("allow") == allow

@@ -223,8 +223,10 @@ def test_api_keys_come_from_env_and_file_with_roles_and_are_checked_exactly(tmp_
     assert authenticate(f"Bearer {KEY_B}", table) == table[KEY_B] and key_matches(
         f"Bearer {KEY_F}", set(table)
     )
-    for header in (None, "", KEY_B, "Bearer ", f"Bearer {KEY_B[:-1]}", f"Basic {KEY_B}", f"bearer {KEY_B}"):
+    for header in (None, "", KEY_B, "Bearer ", f"Bearer {KEY_B[:-1]}", f"Basic {KEY_B}", f"Bearer{KEY_B}"):
         assert authenticate(header, table) is None, header
+    for header in (f"bearer {KEY_B}", f"BEARER  {KEY_B} ", f"Bearer\t{KEY_B}"):  # the scheme in any case
+        assert authenticate(header, table) == table[KEY_B], header
     assert table[KEY_A].key_id == key_id(KEY_A) and len(key_id(KEY_A)) == 12 and KEY_A not in key_id(KEY_A)
 
 
