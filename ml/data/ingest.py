@@ -34,7 +34,14 @@ from ml.data.inspection import FileInspection, InspectFile, Inspection, chunk_fo
 from ml.data.privacy import mask_pii, masked_counts
 from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
-from ml.layout import FEEDBACK_LABELS_FILE, LABELS_FILE, DayLayout, curated_key
+from ml.layout import (
+    FEEDBACK_LABELS_FILE,
+    LABELS_FILE,
+    QUARANTINE_REASONS_FILE,
+    QUARANTINE_UNSAFE_FOLDER,
+    DayLayout,
+    curated_key,
+)
 from ml.memory import collector_paused
 from ml.storage import (
     ObjectInfo,
@@ -413,7 +420,13 @@ def pair_rows_and_files(batch: Batch) -> dict[str, int]:
                 rows_by_name[str(name)].append(int(line))
     for key in batch.stray:
         entry = batch.file_entries.setdefault(key, LedgerEntry("file", key))
-        _quarantine(entry, "unexpected_location", "only labels.csv and images/ are read")
+        target = quarantine_target(batch, key)
+        kept = (
+            ""
+            if target.endswith(key.removeprefix(batch.layout.landing))
+            else f"; its bytes are kept as {target}"
+        )
+        _quarantine(entry, "unexpected_location", f"only labels.csv and images/ are read{kept}")
     claimed: dict[str, int] = {}
     for name, key in sorted(batch.files.items()):
         entry = batch.file_entries.setdefault(key, LedgerEntry("file", key))
@@ -760,10 +773,14 @@ def ledger_csv(entries: list[LedgerEntry]) -> bytes:
 
 
 def quarantine_target(batch: Batch, key: str) -> str:
-    """Where a quarantined original is kept: its path under the day, or by the hash of an unsafe key."""
+    """Where a quarantined original is kept: its path under the day; by the hash of its key for an
+    unsafe key, and for one whose path is the quarantine's own (``_reasons.csv``, ``unsafe_keys/``)."""
     if key in batch.landing.unsafe:
         return batch.layout.quarantine_unsafe(key_digest(key))
-    return join_key(batch.layout.quarantine, key.removeprefix(batch.layout.landing + "/"))
+    relative = key.removeprefix(batch.layout.landing + "/")
+    if relative == QUARANTINE_REASONS_FILE or relative.startswith(QUARANTINE_UNSAFE_FOLDER + "/"):
+        return batch.layout.quarantine_unsafe(key_digest(key))
+    return join_key(batch.layout.quarantine, relative)
 
 
 def _write_quarantine(storage: Storage, batch: Batch) -> None:

@@ -200,6 +200,28 @@ def test_a_day_ingested_after_a_later_one_does_not_catalogue_its_images_again(
     assert set(catalog.load_catalog(storage)["source_key"].str.split("/").str[1]) == {str(early), str(late)}
 
 
+def test_a_landed_object_named_like_the_quarantines_own_files_is_kept_apart(
+    storage: LocalStorage, settings: Settings
+) -> None:
+    from ml.data.ingest import key_digest
+
+    land(storage, DAY, [(f"a{i}.png", encode(photo(i), "PNG"), "books") for i in range(6)])
+    stray = {  # e.g. a quarantine folder copied back into landing to ingest it again
+        f"landing/{DAY}/_reasons.csv": b"an operator's copy of an old _reasons.csv",
+        f"landing/{DAY}/unsafe_keys/0123": b"an operator's copy of an unsafe key's bytes",
+    }
+    for key, data in stray.items():
+        storage.write_bytes(key, data)
+    result = ingest_day(settings, storage, DAY).to_dict()
+    assert result["reconciled"] and result["curated"]["new_images"] == 6
+    reasons = reasons_csv(storage, DAY)  # the day's own reasons file, not the landed one
+    entries = {e["ref"]: e for e in ledger(storage, DAY)}
+    for key, data in stray.items():
+        assert reasons[key] == "unexpected_location"
+        kept = f"quarantine/{DAY}/unsafe_keys/{key_digest(key)}"
+        assert storage.read_bytes(kept) == data and kept in entries[key]["detail"]
+
+
 def test_near_duplicate_lands_in_the_split_of_its_original(storage: LocalStorage, settings: Settings) -> None:
     import numpy as np
 
