@@ -87,15 +87,21 @@ def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def write_partition(storage: Storage, day: dt.date, data: bytes) -> bool:
+def write_partition(storage: Storage, day: dt.date, data: bytes) -> bytes | None:
     """Write ``day``'s partition unless it holds these bytes already (a re-run leaves it untouched, and so
-    its listing tag, by which its summary is cached); True when written."""
+    its listing tag, by which its summary is cached); returns the bytes it held before (None: none)."""
     key = partition_key(day)
+    previous = None
     with contextlib.suppress(StorageError):
-        if storage.read_bytes(key) == data:
-            return False
-    storage.write_bytes(key, data)
-    return True
+        previous = storage.read_bytes(key)
+    if previous != data:
+        storage.write_bytes(key, data)
+    return previous
+
+
+def partition_hashes(data: bytes | None) -> set[str]:
+    """The images (``sha256``) a partition's bytes hold."""
+    return set() if data is None else set(parse_partition("partition", data, ["sha256"])["sha256"])
 
 
 def partition_listing(storage: Storage) -> dict[dt.date, ObjectInfo]:

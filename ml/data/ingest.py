@@ -36,6 +36,7 @@ from ml.data.quality import QualityRunner, SuiteOutcome
 from ml.data.spool import Spool, read_unsafe_key
 from ml.layout import (
     FEEDBACK_LABELS_FILE,
+    INGEST_REPORTS_PREFIX,
     LABELS_FILE,
     QUARANTINE_REASONS_FILE,
     QUARANTINE_UNSAFE_FOLDER,
@@ -117,6 +118,7 @@ class IngestResult:
     reconciled: bool
     reports: dict[str, str]
     pii_masked: dict[str, int] = field(default_factory=dict)  # masks in the new rows' metadata, by kind
+    reingested: dict[str, str] = field(default_factory=dict)  # other days ingested again after this one
     dataset_version: str | None = None  # set when published
     quarantine: str | None = None  # URL of the day's quarantine, set when published
 
@@ -840,8 +842,23 @@ def publish(
     in_flight(put, new_rows, storage)  # the first failure is raised: the catalog is not written
     _write_quarantine(storage, batch)
     frame = pd.DataFrame(new_rows, columns=catalog.CATALOG_COLUMNS).sort_values("sha256", ignore_index=True)
-    catalog.write_partition(storage, batch.layout.day, catalog.to_parquet_bytes(frame))
-    return catalog.write_version(storage, batch.layout.day)
+    previous = catalog.write_partition(storage, batch.layout.day, catalog.to_parquet_bytes(frame))
+    version = catalog.write_version(storage, batch.layout.day)
+    return {**version, "dropped": sorted(catalog.partition_hashes(previous) - set(frame["sha256"]))}
+
+
+def days_relying_on(storage: Storage, hashes: set[str], day: dt.date) -> list[dt.date]:
+    """Other days whose ledger found one of ``hashes`` already in the catalog, and so kept no row of it.
+    Read only when a re-run of ``day`` dropped images from its partition (upstream changed the day)."""
+    days = []
+    for key in storage.list(INGEST_REPORTS_PREFIX):
+        folder, _, name = key.removeprefix(INGEST_REPORTS_PREFIX + "/").partition("/")
+        if name != "ledger.csv" or folder == day.isoformat():
+            continue
+        rows = csv.DictReader(io.StringIO(storage.read_bytes(key).decode("utf-8", "replace")))
+        if any(row["note"] == "already_in_catalog" and row["sha256"] in hashes for row in rows):
+            days.append(dt.date.fromisoformat(folder))
+    return sorted(days)
 
 
 def load_batch(
@@ -910,6 +927,18 @@ def validate_batch(
     return summarise(batch, new_rows, settings, reports), new_rows, inspected
 
 
+def reingest_days(settings: Settings, storage: Storage, days: Sequence[dt.date]) -> dict[str, str]:
+    """Ingest ``days`` again, one after the other; each day's status (a rejected one does not stop the
+    rest: it is reported, as its own run would report it)."""
+    statuses = {}
+    for other in days:
+        try:
+            statuses[other.isoformat()] = str(ingest_day(settings, storage, other).status)
+        except BatchRejected as exc:
+            statuses[other.isoformat()] = str(exc.result.status)
+    return statuses
+
+
 def spool_parent(settings: Settings) -> Path | None:
     return Path(settings.ingest.spool_dir).expanduser() if settings.ingest.spool_dir else None
 
@@ -954,11 +983,17 @@ def ingest_day(
             if isinstance(inspection, Inspection):
                 inspection.close()
         storage.write_bytes(batch.layout.ledger, ledger_csv(ledger(batch)))
+        dropped: set[str] = set()
         if result.gate.passed:
             version = publish(storage, batch, new_rows, inspected)
+            dropped = set(version["dropped"])
             result = replace(
                 result, dataset_version=version["version"], quarantine=storage.url(batch.layout.quarantine)
             )
+    if dropped:  # images this day no longer holds that other days left to it: they catalogue them now
+        result = replace(
+            result, reingested=reingest_days(settings, storage, days_relying_on(storage, dropped, day))
+        )
     storage.write_bytes(batch.layout.result, json.dumps(result.to_dict(), indent=2, sort_keys=True).encode())
     if not result.gate.passed:
         reasons = "; ".join(result.gate.reasons)

@@ -222,6 +222,37 @@ def test_a_landed_object_named_like_the_quarantines_own_files_is_kept_apart(
         assert storage.read_bytes(kept) == data and kept in entries[key]["detail"]
 
 
+def test_a_day_rerun_without_an_image_a_later_day_left_to_it_hands_the_image_to_that_day(
+    storage: LocalStorage, settings: Settings
+) -> None:
+    early, late = DAY, DAY + dt.timedelta(days=1)
+    shared = ("x.png", encode(photo(50), "PNG"), "toys")
+    first = [(f"a{i}.png", encode(photo(i), "PNG"), "books") for i in range(6)]
+    land(storage, early, [*first, shared])
+    ingest_day(settings, storage, early)
+    land(
+        storage,
+        late,
+        [
+            ("again.png", shared[1], "toys"),
+            *((f"b{i}.png", encode(photo(20 + i), "PNG"), "home") for i in range(6)),
+        ],
+    )
+    ingest_day(settings, storage, late)
+    notes = {e["ref"].rsplit("/", 1)[-1]: e["note"] for e in ledger(storage, late) if e["kind"] == "file"}
+    assert notes["again.png"] == "already_in_catalog"  # the early day holds its row
+
+    storage.delete(f"landing/{early}/images/x.png")  # upstream takes it back from the early day
+    land(storage, early, first)
+    result = ingest_day(settings, storage, early).to_dict()
+    assert result["reingested"] == {str(late): "published"}
+    rows = catalog.load_catalog(storage)
+    held = rows[rows["source_key"].str.endswith("/again.png")]
+    assert rows["sha256"].is_unique and len(rows) == 13 and len(held) == 1
+    assert held["source_key"].iloc[0].startswith(f"landing/{late}/")
+    assert ingest_day(settings, storage, early).to_dict()["reingested"] == {}  # nothing dropped this time
+
+
 def test_near_duplicate_lands_in_the_split_of_its_original(storage: LocalStorage, settings: Settings) -> None:
     import numpy as np
 
