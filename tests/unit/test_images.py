@@ -79,6 +79,47 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     assert abs(np.asarray(rgb)[..., 0].astype(int) - grey).max() <= 1
 
 
+def float64_grey(values: np.ndarray, mode: str) -> np.ndarray:
+    """What to_rgb gave before, computed in float64 copies: the reference its float32 copy must match."""
+    array = values.astype(np.float64)
+    peak = float(array.max())
+    if mode == "F" and peak <= 1.0:
+        array = array * 255.0
+    elif peak > 255.0:
+        array = array / 257.0
+    return np.clip(array, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("mode", "values"),
+    [
+        ("I;16", np.arange(65536, dtype=np.uint16).reshape(256, 256)),  # every 16-bit value
+        ("I", np.arange(-70000, 70000, 7, dtype=np.int32).reshape(100, 200)),  # negatives, past 16 bits
+        ("I", np.arange(256, dtype=np.int32).reshape(16, 16)),  # already 8-bit levels
+        ("F", np.linspace(0, 1, 4096, dtype=np.float32).reshape(64, 64)),
+        ("F", np.linspace(-10, 300, 4096, dtype=np.float32).reshape(64, 64)),
+    ],
+)
+def test_deep_images_become_the_same_8bit_pixels_as_in_float64(mode: str, values: np.ndarray) -> None:
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    found = np.asarray(to_rgb(image))
+    assert (found == float64_grey(values, mode)[..., None]).all()
+
+
+def test_a_large_sixteen_bit_image_is_normalised_in_one_float32_copy() -> None:
+    import tracemalloc
+
+    image = Image.fromarray(np.full((5000, 8000), 40000, dtype=np.uint16))  # 40 MP, I;16
+    tracemalloc.start()
+    try:
+        to_rgb(image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 250 * 2**20, f"{peak / 2**20:.0f} MB"  # float32 160 MB + 8-bit 40 MB; float64 ~1 GB
+
+
 def test_exif_and_gps_are_stripped_from_what_is_kept() -> None:
     data = with_exif_gps(photo(13))
     assert Image.open(io.BytesIO(data)).getexif()  # the landed file carries EXIF/GPS
