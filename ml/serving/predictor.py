@@ -46,6 +46,9 @@ from ml.storage import Storage
 log = logging.getLogger(__name__)
 
 
+RETRY_MAX_SECONDS = 60.0  # the longest a replica waits before trying a state that failed to load again
+
+
 def not_ready() -> BadRequest:
     return BadRequest(503, "not_ready", "no model is loaded yet: retry in a few seconds")
 
@@ -133,6 +136,9 @@ class Predictor:
         self._retired: list[tuple[float, Lane]] = []
         self._state_tag: str | None = None
         self._wanted_revision = -1
+        self._failed_tag: str | None = None  # the state that failed to load, tried again at ``_retry_at``
+        self._failures = 0
+        self._retry_at = 0.0
         self._last_beat = 0.0
         self.shadow: Lane | None = None
         self._shadows: set[asyncio.Task[None]] = set()  # shadow calls in flight (kept so none is collected)
@@ -173,6 +179,8 @@ class Predictor:
             return False
         if self.stable is not None and (tag is None or tag == self._state_tag):
             return False
+        if tag is not None and tag == self._failed_tag and time.monotonic() < self._retry_at:
+            return False  # this state failed to load: tried again after a backoff, not on every poll
         if state is None:
             self._load_failed("no deployment state in storage and no packed model")
             return False
@@ -182,14 +190,22 @@ class Predictor:
         except Exception as exc:  # keep serving what runs; report why the new state failed
             self._load_failed(f"{type(exc).__name__}: {exc}")
             log.exception("deployment state %s could not be loaded; keeping the current models", state)
-            self._state_tag = tag
-            if self.stable is None:  # a worker starting on an unloadable state: serve the last that loads
+            self._back_off(tag)
+            if self.stable is None:  # a worker starting on an unloadable state: serve what loads
                 self._fall_back(state)
             self.beat(force=True)
             return False
         self._switch(state, tag, *lanes)
+        self._failed_tag, self._failures = None, 0
         self.beat(force=True)
         return True
+
+    def _back_off(self, tag: str | None) -> None:
+        """Try a state that failed to load again later (a bundle not yet uploaded, storage down for a
+        while): after 2, 4, 8 ... up to ``RETRY_MAX_SECONDS`` seconds, so a replica catches up on its own."""
+        self._failures = self._failures + 1 if tag == self._failed_tag else 1
+        self._failed_tag = tag
+        self._retry_at = time.monotonic() + min(RETRY_MAX_SECONDS, 2.0**self._failures)
 
     def _lanes_for(self, state: DeploymentState) -> tuple[Lane, Lane | None, Lane | None]:
         """Every model ``state`` asks for, loaded (stable, canary, shadow)."""
@@ -253,14 +269,21 @@ class Predictor:
             self._last_beat = time.monotonic()
 
     def _fall_back(self, state: DeploymentState) -> None:
-        """Serve the newest earlier stable version of ``state`` that loads (the other workers kept it)."""
-        for version in reversed(state.history[:-1] or ([state.previous] if state.previous else [])):
+        """Serve ``state``'s stable model alone when it loads (its canary or shadow did not); else the
+        newest earlier stable version that loads (the other workers kept it), never the one a
+        rollback to ``state`` removed."""
+        removed = state.previous if state.reason.startswith("rollback") else None
+        earlier = [v for v in reversed(state.history[:-1]) if v not in (state.stable, removed)]
+        if not earlier and state.previous and state.previous != removed:
+            earlier = [state.previous]
+        for version in [state.stable, *earlier]:
             try:
                 self.stable = self._lane(version, state.tag(version))
             except Exception as exc:  # noqa: BLE001 - try the next one
                 log.warning("v%s cannot be loaded either: %s: %s", version, type(exc).__name__, exc)
                 continue
-            log.warning("serving v%s until v%s can be loaded", version, state.stable)
+            if version != state.stable:
+                log.warning("serving v%s until v%s can be loaded", version, state.stable)
             return
 
     def _load_failed(self, reason: str) -> None:

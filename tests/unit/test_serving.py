@@ -418,6 +418,36 @@ def test_a_worker_starting_on_a_state_it_cannot_load_serves_the_last_version_tha
     assert asyncio.run(found.predict(png(1)))["model_version"] == "2"
 
 
+def test_a_state_that_failed_to_load_is_tried_again_after_a_backoff(bundles, tmp_path: Path) -> None:
+    available = dict(bundles)
+    storage = LocalStorage(tmp_path / "store")
+    write_state(storage, DeploymentState(stable="1"))
+    found = Predictor(lambda v: available[v], LIMITS, state_storage=storage)
+    found.refresh()
+    deploy(tmp_path, DeploymentState(stable="3", previous="1", revision=2))  # v3's bundle is not there yet
+    assert not found.refresh() and "KeyError" in found.load_error
+    available["3"] = bundles["2"]  # the bundle arrives (an upload finished, storage came back)
+    assert not found.refresh()  # not on every poll: after a backoff
+    time.sleep(2.1)
+    assert found.refresh() and found.state.stable == "3" and found.load_error == ""
+
+
+@pytest.mark.parametrize(
+    ("state", "served"),
+    [
+        (DeploymentState(stable="1", canary="9", canary_share=0.1, previous="2", history=["2", "1"]), "1"),
+        (DeploymentState(stable="9", previous="2", history=["1", "2", "9"], reason="rollback: bad v2"), "1"),
+    ],
+    ids=["only-the-canary-fails", "the-rollback-target-fails"],
+)
+def test_a_worker_starting_on_a_state_it_cannot_load_serves_what_the_state_still_allows(
+    bundles, tmp_path: Path, state: DeploymentState, served: str
+) -> None:
+    """Its stable model alone when only the canary fails; never the model a rollback removed."""
+    found = predictor(bundles, tmp_path, state)
+    assert found.stable is not None and found.stable.version == served and "KeyError" in found.load_error
+
+
 def test_a_request_the_model_fails_is_logged_as_a_5xx_of_its_version(bundles, tmp_path: Path) -> None:
     found = predictor(bundles, tmp_path, DeploymentState(stable="1"))
     found.stable.model.session = None  # the ONNX session is gone: every model call raises
