@@ -215,7 +215,9 @@ def rollback(
     By default the newest earlier stable version that was never rolled back: a rollback never
     returns to the model it just removed. Naming a version with ``to`` restores it on purpose.
     """
-    chosen: dict[str, str] = {}
+    imported: dict[
+        str, str
+    ] = {}  # version -> its tag: a retried change (another writer won) may pick another
 
     def change(current: DeploymentState | None) -> DeploymentState:
         if current is None:
@@ -225,8 +227,11 @@ def rollback(
         target = str(to) if to else rollback_target(settings, current)
         if target == current.stable and not current.canary:
             raise DeployError(f"v{target} is already the live model")
-        chosen["tag"] = chosen.get("tag") or import_model(settings, target, storage)
-        models = {current.stable: current.tag(current.stable), target: chosen["tag"]}
+        if target not in imported:
+            imported[target] = import_model(settings, target, storage)
+        kept = (current.stable, current.shadow)  # the shadow rides along: its tag goes with it
+        models = {v: t for v, t in current.models.items() if v in kept} | {target: imported[target]}
+        models.setdefault(current.stable, current.tag(current.stable))
         return replace(
             current,
             models=models,

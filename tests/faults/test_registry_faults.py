@@ -20,6 +20,7 @@ import pytest
 from ml.config import load_settings
 from ml.data.ingest import ingest_day
 from ml.demo.landing import land_days
+from ml.serving.state import DeploymentState
 from ml.storage import LocalStorage
 from tests.conftest import world_env
 from tests.faults.conftest import MLFLOW_FAST_FAILURE, FaultyProxy, MlflowServer, wait_until
@@ -258,8 +259,65 @@ def test_a_deploy_the_live_endpoint_does_not_follow_fails_loudly(world) -> None:
         assert json.loads(http("GET", f"{url}/version")[1])["model_version"] == "2"  # still serving
         assert read_state(storage).stable == "1"  # the state says what was asked
         bundle.write_bytes(kept)
+        # the model loads again: every worker tries the state again on its own (a backoff) and follows
+        assert wait_replicas(settings, storage, read_state(storage), timeout=90) == []
+        assert json.loads(http("GET", f"{url}/version")[1])["model_version"] == "1"
         back = rollback(fast, storage, to="2", by="test", reason="v1 could not be loaded")
         assert back.live is True  # a state the endpoint can follow: live again
     finally:
         bundle.write_bytes(kept)
         stop_service(process)
+
+
+class RacedStorage(LocalStorage):
+    """The store, with another writer's change landing just before this caller's first conditional write
+    of the deployment state (the moment a real race decides): the caller's write then loses and retries."""
+
+    def __init__(self, root: Path, other: DeploymentState) -> None:
+        super().__init__(root)
+        self.other: DeploymentState | None = other
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        from ml.layout import SERVING_STATE_KEY
+        from ml.serving.state import write_state
+
+        if key == SERVING_STATE_KEY and self.other is not None:
+            other, self.other = self.other, None
+            write_state(LocalStorage(self.root), other)
+        return super().write_if(key, data, tag)
+
+
+def test_a_rollback_keeps_the_shadows_tag_and_a_retried_one_tags_its_own_target(world) -> None:
+    from ml import registry
+    from ml.release.build import import_model
+    from ml.release.deploy import rollback
+    from ml.serving.state import read_state, write_state
+
+    settings, storage = world["settings"], world["storage"]
+    client, name = registry.client(settings), settings.mlflow.registered_model
+    tags = {version: import_model(settings, version, storage) for version in ("1", "2")}
+    shadow_tag = "product-classifier:v9-shadowrun"
+    write_state(
+        storage,
+        DeploymentState(
+            stable="2", previous="1", history=["1", "2"], shadow="9", models={**tags, "9": shadow_tag}
+        ),
+    )
+    back = rollback(settings, storage, to="1", by="test", reason="shadow kept").state
+    assert (back.stable, back.shadow, back.models) == (
+        "1",
+        "9",
+        {"1": tags["1"], "2": tags["2"], "9": shadow_tag},
+    )
+
+    # rolling back from v2 picks v1; another writer makes v1 stable first, so the retried change picks v2
+    for version in ("1", "2"):
+        client.delete_model_version_tag(name, version, "rolled_back")
+    write_state(storage, DeploymentState(stable="2", previous="1", history=["1", "2"], models=tags))
+    current = read_state(storage)
+    other = DeploymentState(
+        **{**current.__dict__, "stable": "1", "previous": "2", "history": ["1", "2", "1"]}
+    )
+    raced = RacedStorage(storage.root, other)
+    new = rollback(settings, raced, by="test", reason="raced").state
+    assert new.stable == "2" and new.models["2"] == tags["2"] and new.models["1"] == tags["1"]
