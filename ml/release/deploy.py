@@ -96,8 +96,10 @@ def wait_replicas(
 ) -> list[Heartbeat] | None:
     """The live replica workers that have not loaded ``state`` when time ran out ([] = all did).
 
-    None when no replica is live (no fresh heartbeat). A replica that stops heartbeating while we
-    wait stops being waited for after ``heartbeat_max_age_seconds``.
+    None when no replica is live (no fresh heartbeat), also when every replica seen while we waited
+    has stopped heartbeating by the deadline (none serves the state: nothing went live). A replica
+    that stops heartbeating while others follow stops being waited for after
+    ``heartbeat_max_age_seconds``.
     """
     serving = settings.serving
     deadline = time.monotonic() + (timeout or serving.switch_timeout_seconds)
@@ -106,9 +108,9 @@ def wait_replicas(
         beats = live_heartbeats(storage, serving.heartbeat_max_age_seconds)
         seen = seen or bool(beats)
         lagging = [beat for beat in beats if not follows(beat, state)]
-        if not beats and not seen:
+        if not beats and (not seen or time.monotonic() >= deadline):
             return None
-        if not lagging or time.monotonic() >= deadline:
+        if beats and (not lagging or time.monotonic() >= deadline):
             return lagging
         time.sleep(0.25)
 

@@ -636,6 +636,29 @@ def test_a_replica_reports_what_it_serves_and_release_waits_for_every_live_one(
     assert live_heartbeats(storage, 15) == []
 
 
+def test_replicas_that_stop_before_following_a_state_are_no_live_deploy(bundles, tmp_path: Path) -> None:
+    import threading
+
+    from ml.config import load_settings
+    from ml.release.deploy import require_live, wait_replicas
+    from ml.serving.predictor import ReplicaIdentity
+
+    storage = LocalStorage(tmp_path / "store")
+    settings = load_settings(environ={"MLOPS__SERVING__SWITCH_TIMEOUT_SECONDS": "1.5"})
+    first = DeploymentState(stable="1", revision=1)
+    replicas = [
+        predictor(bundles, tmp_path, first, identity=ReplicaIdentity(f"host-{n}", 0, f"http://{n}", "b:1"))
+        for n in "ab"
+    ]
+    second = DeploymentState(stable="2", revision=2)
+    deploy(tmp_path, second)  # neither polls it: both crash first, and their heartbeats go
+    stopping = threading.Timer(0.4, lambda: [replica.close() for replica in replicas])
+    stopping.start()
+    assert wait_replicas(settings, storage, second) is None  # seen lagging, then gone: none serves it
+    assert require_live(settings, storage, second, "deploy") is None  # not "live"
+    stopping.join()
+
+
 def test_a_replica_fetches_a_bundle_it_does_not_have_from_storage(bundles, tmp_path: Path) -> None:
     from ml.serving.bundle import fetch_bundle, publish_bundle
 
