@@ -205,8 +205,10 @@ def _measure_endpoint(
         metrics["service_up"] = 0.0 if stable else None  # nothing deployed: nothing should answer
         return
     metrics["service_up"] = round(len(scraped) / len(targets), 4)
-    facts["scrape"] = scraped
     before = last_scrape if isinstance(last_scrape, dict) and "requests" not in last_scrape else {}
+    # what the next check compares with: a replica that did not answer keeps its last counters, so its
+    # next answer counts from there (not everything since it started: an old 5xx burst would page again)
+    facts["scrape"] = {**(before or {}), **scraped}
     deltas = [counter_delta(counters, (before or {}).get(url)) for url, counters in scraped.items()]
     delta = {key: sum(d[key] for d in deltas) for key in deltas[0]}
     facts["requests"] = delta

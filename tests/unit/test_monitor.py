@@ -222,3 +222,70 @@ def test_a_second_firing_check_after_an_automatic_rollback_leaves_the_good_model
     )  # the rollback's audit time
     second = decide_rollback(verdicts, restored, state, rollback, True)
     assert second.result is None and len(calls) == 1 and "checked good since its deploy" in second.note
+
+
+class MetricsPage:
+    """A replica's /metrics over real HTTP: BentoML's request counter, as the monitor scrapes it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        page = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = page.text().encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.counts = {"200": 0, "500": 0}
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def text(self) -> str:
+        lines = ["# TYPE bentoml_service_request_total counter"]  # as prometheus_client writes it
+        for code, count in self.counts.items():
+            lines.append(
+                f'bentoml_service_request_total{{endpoint="/predict",http_method="POST",'
+                f'http_response_code="{code}"}} {count}'
+            )
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_replica_missing_from_one_scrape_counts_from_its_last_answer_not_from_its_start() -> None:
+    from ml.monitoring.live import _measure_endpoint
+
+    settings = load_settings(environ={"MLOPS__SERVING_MONITOR__MIN_REQUESTS": "20"})
+    a, b = MetricsPage(), MetricsPage()
+    try:
+        a.counts, b.counts = {"200": 1000, "500": 0}, {"200": 900, "500": 100}  # b's old 5xx burst
+
+        def check(last: dict | None, urls: list[str]) -> tuple[dict, dict]:
+            metrics: dict = {}
+            facts: dict = {}
+            _measure_endpoint(settings, "2", last, metrics, facts, urls=urls)
+            return metrics, facts
+
+        _, facts = check(None, [a.url, b.url])
+        dead = f"http://127.0.0.1:{b.server.server_address[1] + 1}"  # b's heartbeat names it, it is not there
+        metrics, facts = check(facts["scrape"], [a.url, dead])
+        assert metrics["service_up"] == 0.5 and b.url in facts["scrape"]  # kept for the next check
+        a.counts["200"] += 200  # new traffic; b answers again with no new error
+        b.counts["200"] += 100
+        metrics, facts = check(facts["scrape"], [a.url, b.url])
+        assert facts["requests"] == {"requests": 300.0, "client_errors": 0.0, "server_errors": 0.0}
+        assert metrics["error_rate"] == 0.0
+    finally:
+        a.close()
+        b.close()
