@@ -96,6 +96,15 @@ class Approval:
     note: str
 
 
+def version_classes(settings: Settings, version: str) -> list[str]:
+    """The class names a registered version answers in, in its output order (its run's ``classes``
+    param; a version logged without one answers in the configured order)."""
+    mlflow_client = client(settings)
+    run_id = mlflow_client.get_model_version(settings.mlflow.registered_model, str(version)).run_id
+    logged = mlflow_client.get_run(run_id).data.params.get("classes")
+    return logged.split(",") if logged else list(settings.classes)
+
+
 def promote(settings: Settings, storage: Storage, version: str, approved_by: str, note: str = "") -> Approval:
     """Make ``version`` the champion; record who approved it, when and why."""
     mlflow_client = client(settings)

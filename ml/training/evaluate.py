@@ -109,6 +109,20 @@ class Evaluation:
         return {k: float(v) for k, v in flat.items()}
 
 
+class ClassesDiffer(ValueError):
+    """Two models answer over different sets of classes: their answers cannot be compared image by image."""
+
+
+def in_class_order(proba: np.ndarray, theirs: Sequence[str], ours: Sequence[str]) -> np.ndarray:
+    """``proba`` (columns in ``theirs`` order) with its columns in ``ours`` order; ``ClassesDiffer`` when
+    the two name other classes (a model trained before ``data.classes`` changed)."""
+    if list(theirs) == list(ours):
+        return proba
+    if sorted(theirs) != sorted(ours) or len(set(ours)) != len(ours):
+        raise ClassesDiffer(f"the model answers over {list(theirs)}, this dataset's classes are {list(ours)}")
+    return proba[:, [list(theirs).index(name) for name in ours]]
+
+
 LOSS_FLOOR = 1e-12  # a probability of 0 for the true class costs -log(1e-12), not infinity
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -34,12 +35,14 @@ from ml.layout import CLASS_NAMES_ARTIFACT, HEAD_WEIGHTS_ARTIFACT, ONNX_ARTIFACT
 from ml.runs import RunContext
 from ml.storage import Storage, StorageError
 from ml.training.evaluate import (
+    ClassesDiffer,
     Evaluation,
     GateDecision,
     classification_report_text,
     confusion_matrix_png,
     evaluate,
     gate,
+    in_class_order,
 )
 from ml.training.features import CacheStats, feature_cache
 from ml.training.finetune import fine_tune_fn
@@ -74,6 +77,8 @@ TrainFn = Callable[
     [dict[str, SplitData], list[str], Hyperparameters, Callable[[dict[str, float], int], None] | None],
     TrainResult,
 ]
+
+log = logging.getLogger(__name__)
 
 
 class RetrainStatus(StrEnum):
@@ -151,11 +156,16 @@ def download_onnx(settings: Settings, version: str, folder: Path) -> Path:
 def version_correctness(
     settings: Settings, storage: Storage, version: str, test_rows: pd.DataFrame, labels: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, correct) of a registered version on the given test rows, via its ONNX export."""
+    """(probabilities, correct) of a registered version on the given test rows, via its ONNX export; its
+    columns in the configured class order whatever order it was trained in (``ClassesDiffer`` when it
+    was trained on other classes)."""
+    theirs = registry.version_classes(settings, version)
+    in_class_order(np.zeros((0, len(theirs))), theirs, settings.classes)  # refuse before scoring
     prep = Preprocessing.from_settings(settings.preprocessing)
     arrays = batch_arrays(load_images(storage, list(test_rows["curated_key"]), prep), prep)
     with tempfile.TemporaryDirectory() as folder:
         proba = onnx_predict_proba(download_onnx(settings, version, Path(folder)), arrays)
+    proba = in_class_order(proba, theirs, settings.classes)
     return proba, proba.argmax(axis=1) == labels
 
 
@@ -288,7 +298,7 @@ def train_and_register(
             dataset_version=snap.version["version"],
             champion_version=champion,
             metrics=headline_metrics(trained.evaluation),
-            gate={"passed": decision.passed, "reasons": decision.reasons},
+            gate=decision.to_dict(),
             feature_cache=dict(
                 hits=snap.stats.hits, misses=snap.stats.misses, seconds=round(snap.seconds, 2)
             ),
@@ -353,7 +363,11 @@ def champion_correctness(
     champion = registry.version_for_alias(settings, registry.CHAMPION)
     if not champion:
         return None, None
-    _, correct = version_correctness(settings, storage, champion, split_rows(rows, "test"), labels)
+    try:
+        _, correct = version_correctness(settings, storage, champion, split_rows(rows, "test"), labels)
+    except ClassesDiffer as exc:  # no image-by-image comparison: the class change goes to a human
+        log.warning("the challenger is not compared with champion v%s: %s", champion, exc)
+        return champion, None
     return champion, correct
 
 

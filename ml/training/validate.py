@@ -42,7 +42,7 @@ from ml.training.calibration import (
 from ml.training.card import MODEL_CARD_JSON, MODEL_CARD_MD, card_markdown, class_support, known_limits
 from ml.training.checks import Check, ci_text
 from ml.training.corruptions import SEVERITIES
-from ml.training.evaluate import Evaluation, GateDecision, Metric
+from ml.training.evaluate import ClassesDiffer, Evaluation, GateDecision, Metric, in_class_order
 from ml.training.explain import (
     DeletionResult,
     deletion_check,
@@ -109,6 +109,10 @@ class Champion:
     version: str
     head: nn.Module | None = None
     export: Scorer | None = None
+    order: list[int] | None = None  # its output columns that give the configured class order, if another
+
+    def aligned(self, proba: np.ndarray) -> np.ndarray:
+        return proba if self.order is None else proba[:, self.order]
 
 
 def head_logits(head: nn.Module, features: np.ndarray) -> np.ndarray:
@@ -179,9 +183,9 @@ def both_models(candidate: Candidate, champion: Champion | None) -> Callable[[np
         features = candidate.embed(arrays)
         answers = [predict_proba(candidate.head, features)]
         if champion is not None and champion.head is not None:
-            answers.append(predict_proba(champion.head, features))
+            answers.append(champion.aligned(predict_proba(champion.head, features)))
         elif champion is not None and champion.export is not None:
-            answers.append(champion.export(arrays))
+            answers.append(champion.aligned(champion.export(arrays)))
         return answers
 
     return score
@@ -471,13 +475,20 @@ def champion_of(settings: Settings, version: str | None, folder: Path, backbone:
     client = registry.client(settings)
     run_id = client.get_model_version(settings.mlflow.registered_model, version).run_id
     params = client.get_run(run_id).data.params
+    theirs = params["classes"].split(",") if params.get("classes") else list(settings.classes)
+    try:
+        columns = in_class_order(np.arange(len(theirs))[None, :], theirs, settings.classes)[0]
+    except ClassesDiffer as exc:  # not comparable image by image: the class change goes to a human
+        log.warning("validation does not compare with champion v%s: %s", version, exc)
+        return None
+    order = None if theirs == list(settings.classes) else [int(column) for column in columns]
     shared = (params.get("architecture"), params.get("backbone_weights"), params.get("precision", "fp32"))
     if shared == (backbone.name, backbone.weights_id, precision_name(settings.model.precision)):
-        return Champion(version, head=version_head(settings, version, folder))
+        return Champion(version, head=version_head(settings, version, folder), order=order)
     own = folder / f"v{version}"
     own.mkdir(parents=True, exist_ok=True)
     path = Path(client.download_artifacts(run_id, ONNX_ARTIFACT, str(own)))
-    return Champion(version, export=onnx_scorer(path, settings.validation.threads))
+    return Champion(version, export=onnx_scorer(path, settings.validation.threads), order=order)
 
 
 # -------------------------------------------------------------------------------- in a retrain run

@@ -524,3 +524,17 @@ def test_the_specs_metric_names_are_logged_as_scikit_learn_computes_them() -> No
     assert flat["precision"] == pytest.approx(precision) and flat["recall"] == pytest.approx(recall)
     assert flat["f1_score"] == pytest.approx(f1) == flat["f1_macro"]
     assert flat["loss"] == pytest.approx(log_loss(y, np.clip(proba, 1e-12, 1), labels=range(4)), rel=1e-6)
+
+
+def test_probabilities_are_read_in_the_configured_class_order_or_refused() -> None:
+    from ml.training.evaluate import ClassesDiffer, in_class_order
+
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])  # columns a, b, c
+    assert in_class_order(proba, ["a", "b", "c"], ["a", "b", "c"]) is proba
+    assert in_class_order(proba, ["a", "b", "c"], ["c", "a", "b"]).tolist() == [
+        [0.1, 0.7, 0.2],
+        [0.6, 0.1, 0.3],
+    ]
+    for ours in (["a", "b", "d"], ["a", "b"], ["a", "b", "c", "d"]):
+        with pytest.raises(ClassesDiffer, match="this dataset's classes"):
+            in_class_order(proba, ["a", "b", "c"], ours)
