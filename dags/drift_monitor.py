@@ -65,8 +65,19 @@ def drift_monitor() -> None:
         outlet_events[RETRAIN_REQUESTED].extra = retrain_request_extra(summary)
         return record_retrain_request(dag_storage(get_settings()), summary, summary["retrain"]["why"])
 
+    @task
+    def every_day_measured(summary: dict[str, Any]) -> None:
+        """Fail the run, after the measured days were acted on, when a day could not be measured."""
+        failed = summary.get("failed_days") or {}
+        if failed:
+            listed = "; ".join(f"{day}: {error}" for day, error in failed.items())
+            raise RuntimeError(
+                f"drift was not measured for {len(failed)} day(s): {listed}. Run them by date."
+            )
+
     summary = measure()
     route(summary) >> request_retrain(summary)
+    every_day_measured(summary)
 
 
 drift_monitor()

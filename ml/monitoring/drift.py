@@ -428,13 +428,24 @@ def drift_alert(summary: dict[str, Any], report_link: str = "", run_url: str = "
 
 
 def monitor_days(settings: Settings, storage: Storage, days: list[dt.date], notify: Notify) -> dict[str, Any]:
-    """Measure each day, decide on a retrain (cooldown), warn for each drifted one.
+    """Measure each day, decide on a retrain (cooldown), then warn for each drifted one.
 
-    Returns the summary to act on: the last day that requests a retrain, else the last day.
+    Returns the summary to act on: the last day that requests a retrain, else the last day, with
+    ``failed_days`` (day -> error) for the days that could not be measured: a failing day does not
+    hold back what the others found (the caller acts on them, then reports the failure), and no
+    warning is sent before every day was measured, so a retry does not send one twice. Raises when
+    no day could be measured.
     """
-    summaries = []
+    summaries, failed = [], {}
     for day in days:
-        summary = measure_day(settings, storage, day).summary()
+        try:
+            summary = measure_day(settings, storage, day).summary()
+        except Exception as exc:  # reported with the other days: they are acted on first
+            log.exception("%s: drift could not be measured", day)
+            failed[day.isoformat()] = f"{type(exc).__name__}: {exc}"
+            if len(failed) == len(days):
+                raise
+            continue
         request, why = should_request_retrain(storage, summary, settings.monitoring.cooldown_days)
         summary["retrain"] = {"request": request, "why": why}
         log.info(
@@ -447,14 +458,15 @@ def monitor_days(settings: Settings, storage: Storage, days: list[dt.date], noti
             why,
             summary.get("report", "-"),
         )
+        summaries.append(summary)
+    for summary in summaries:
         if summary["drift_detected"]:
             report = browsable_link(storage, summary.get("report", ""), settings)
             run_url = mlflow_run_url(settings, summary.get("mlflow_run_id", ""))
             summary["alert"] = notify(drift_alert(summary, report, run_url))
-        summaries.append(summary)
     requests = [summary for summary in summaries if summary["retrain"]["request"]]
     chosen = requests[-1] if requests else summaries[-1]  # one retrain covers every day it sees
-    return {key: value for key, value in chosen.items() if key != "columns"}
+    return {key: value for key, value in chosen.items() if key != "columns"} | {"failed_days": failed}
 
 
 # ---------------------------------------------------------------- retrain requests and cooldown
@@ -469,15 +481,16 @@ def retrain_requests(storage: Storage) -> list[dict[str, Any]]:
 
 
 def should_request_retrain(storage: Storage, summary: dict[str, Any], cooldown_days: int) -> tuple[bool, str]:
-    """Drift requests a retrain unless one was requested within the cooldown (severe drift overrides)."""
+    """Drift requests a retrain unless one was requested for a day within the cooldown of this one, on
+    either side (a late day measured after a later one; severe drift overrides), and never twice for
+    one day (a re-run of the day's ingest measures it again)."""
     if not summary.get("drift_detected"):
         return False, "no drift"
     day = dt.date.fromisoformat(summary["day"])
-    recent = [
-        r
-        for r in retrain_requests(storage)
-        if 0 <= (day - dt.date.fromisoformat(r["day"])).days < cooldown_days
-    ]
+    requests = retrain_requests(storage)
+    if any(r["day"] == summary["day"] for r in requests):
+        return False, f"a retrain was already requested for {summary['day']}"
+    recent = [r for r in requests if abs((day - dt.date.fromisoformat(r["day"])).days) < cooldown_days]
     if recent and not summary.get("severe"):
         until = dt.date.fromisoformat(recent[-1]["day"]) + dt.timedelta(days=cooldown_days)
         return False, f"cooldown: retrain already requested for {recent[-1]['day']}; next from {until}"

@@ -110,7 +110,10 @@ def test_rollback_is_manual_with_a_version_and_a_reason_in_its_form(dagbag) -> N
 
 def test_drift_monitor_shape(dagbag) -> None:
     dag = dagbag.dags["drift_monitor"]
-    assert [t.task_id for t in dag.topological_sort()] == ["measure", "route", "request_retrain"]
+    order = [t.task_id for t in dag.topological_sort()]
+    assert set(order) == {"measure", "route", "request_retrain", "every_day_measured"}
+    assert order.index("measure") < order.index("route") < order.index("request_retrain")
+    assert dag.get_task("every_day_measured").upstream_task_ids == {"measure"}  # beside route, not after
     assert "curated_images" in str(dag.timetable)  # runs after every ingest
     assert [a.name for a in dag.get_task("request_retrain").outlets] == ["retrain_requested"]
     assert "date" in dag.params

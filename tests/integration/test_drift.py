@@ -131,6 +131,30 @@ def test_drift_monitor_dag_warns_requests_a_retrain_then_cools_down(
     assert "cooldown" in receiver.wait_for("/slack/", count=2)[-1].json()["text"]
 
 
+def test_a_day_that_cannot_be_measured_does_not_hold_back_the_others(world, tmp_path: Path) -> None:
+    import shutil
+
+    from ml.data import catalog
+    from ml.monitoring.drift import monitor_days
+
+    env, settings, _ = world
+    storage = LocalStorage(
+        tmp_path / "store"
+    )  # a copy: this test's requests stay out of the others' cooldown
+    shutil.copytree(world[2].root, storage.root)
+    drifted, broken = START + dt.timedelta(days=60), START + dt.timedelta(days=61)
+    land_and_ingest(settings, storage, drifted, seed=12, drift=Drift("brightness", 0.6))
+    storage.write_bytes(catalog.partition_key(broken), b"not a parquet file")  # a corrupt partition
+    sent = []
+    summary = monitor_days(settings, storage, [drifted, broken], lambda alert: sent.append(alert) or {})
+    assert summary["day"] == str(drifted) and summary["retrain"]["request"] is True
+    assert list(summary["failed_days"]) == [str(broken)] and "parquet" in summary["failed_days"][str(broken)]
+    assert [alert.date for alert in sent] == [str(drifted)]  # warned once, after every day was measured
+    with pytest.raises(catalog.CatalogPartitionError):
+        monitor_days(settings, storage, [broken], lambda alert: sent.append(alert) or {})
+    assert len(sent) == 1
+
+
 def test_cli_prints_score_decision_and_report(world, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from ml.cli import main
 

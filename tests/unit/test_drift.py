@@ -195,3 +195,10 @@ def test_cooldown_holds_and_severe_drift_overrides_it(tmp_path: Path) -> None:
     assert drift.should_request_retrain(storage, severe, 3) == (True, "severe drift overrides the cooldown")
     assert drift.should_request_retrain(storage, {**first, "drift_detected": False}, 3)[0] is False
     assert [r["day"] for r in drift.retrain_requests(storage)] == ["2026-05-01"]
+    # the same day measured again (its ingest re-run): never a second request, severe or not
+    again = drift.should_request_retrain(storage, {**first, "severe": True}, 3)
+    assert again == (False, "a retrain was already requested for 2026-05-01")
+    # a late day measured after the request for a later one: within the cooldown too
+    late = drift.should_request_retrain(storage, {**first, "day": "2026-04-30"}, 3)
+    assert late[0] is False and "cooldown" in late[1]
+    assert drift.should_request_retrain(storage, {**first, "day": "2026-04-28"}, 3)[0] is True
