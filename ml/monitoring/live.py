@@ -471,6 +471,11 @@ def check_endpoint(
         state["last_good"] = {"version": stable, "at": iso(end)}
     wanted = settings.serving_monitor.auto_rollback if allow_rollback is None else allow_rollback
     decision = decide_rollback(verdicts, deployment, state, rollback, wanted)
+    if decision.result:  # kept at once: a retry of a check that fails after this must not roll back again
+        rolled = {**state, "last_check_at": iso(end)}
+        if "scrape" in facts:
+            rolled["last_scrape"] = facts["scrape"]
+        save_monitor_state(storage, rolled)
     canary = judge_canary(settings, deployment, facts, withdraw if wanted and not decision.result else None)
     notices = plan_notices(verdicts, state.get("alerts", {}), settings.serving_monitor.repeat_hours, decision)
     notices += canary_notices(canary, settings)

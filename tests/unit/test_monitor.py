@@ -289,3 +289,38 @@ def test_a_replica_missing_from_one_scrape_counts_from_its_last_answer_not_from_
     finally:
         a.close()
         b.close()
+
+
+def test_a_check_that_fails_after_rolling_back_does_not_roll_back_again_when_retried(tmp_path) -> None:
+    from ml.layout import live_check_key
+    from ml.monitoring.live import LiveDeployment, check_endpoint
+    from ml.storage import LocalStorage
+
+    settings = load_settings(environ={"MLOPS__SERVING_MONITOR__MIN_REQUESTS": "20"})
+    storage = LocalStorage(tmp_path / "store")
+    page = MetricsPage()
+    page.counts = {"200": 50, "500": 50}  # v2 fails half its requests: high_error_rate fires
+    rollbacks: list[str] = []
+
+    def rollback(why: str) -> dict:
+        rollbacks.append(why)
+        return {"state": {"stable": "1"}, "audit": {"at": "2026-03-01T12:00:00+00:00"}, "live": True}
+
+    at = T0 + dt.timedelta(hours=1)
+    blocker = storage.root / live_check_key(at).rsplit("/", 1)[0]  # a file where the record's folder goes
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")
+    v2 = LiveDeployment(stable="2", previous="1", since=T0.isoformat())
+    try:
+        with pytest.raises(OSError):  # the check record cannot be written: the task fails and retries
+            check_endpoint(settings, storage, v2, rollback=rollback, now=at, scrape_urls=[page.url])
+        assert len(rollbacks) == 1
+        blocker.unlink()
+        v1 = LiveDeployment(stable="1", previous="2", since=at.isoformat())  # what the rollback left
+        retried = check_endpoint(
+            settings, storage, v1, rollback=rollback, now=at + dt.timedelta(minutes=5), scrape_urls=[page.url]
+        )
+    finally:
+        page.close()
+    assert len(rollbacks) == 1, rollbacks  # the retry found the rollback's state: v1 stays
+    assert not retried["rollback"]
