@@ -26,6 +26,7 @@ parameters on the parent. The final retrain run (main experiment) is tagged with
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import socket
@@ -68,8 +69,24 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 HPARAM_NAMES = {"learning_rate": "learning_rate", "batch_size": "batch_size", "dropout_rate": "dropout"}
 
 
-def study_name(dataset_version: str) -> str:
-    return f"{STUDY_PREFIX}{dataset_version}"
+def study_name(dataset_version: str, setup: dict[str, Any]) -> str:
+    """``tune-<dataset version>-<setup digest>``: a study resumes only under the same search space,
+    features and trial recipe; trials measured otherwise would mix into its best parameters (a
+    narrowed range returned a best outside it, a changed batch-size list failed every new trial)."""
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{STUDY_PREFIX}{dataset_version}-{digest}"
+
+
+def study_setup(settings: Settings, space: SearchSpace, cache_id: str) -> dict[str, Any]:
+    """What a trial's score depends on besides its parameters and the dataset version."""
+    tuning = settings.tuning
+    return {
+        "space": space.to_dict(),
+        "features": cache_id,
+        "epochs": tuning.epochs,
+        "patience": tuning.patience,
+        "pruner": [tuning.pruner_startup_trials, tuning.pruner_warmup_epochs],
+    }
 
 
 def study_storage_url(settings: Settings, storage: Storage) -> str:
@@ -503,9 +520,10 @@ def open_session(
     snap = snapshot(settings, storage, version, rows)
     data = split_data(rows, snap.features, list(settings.classes))
     url = study_storage_url(settings, storage)
-    study, created = open_study(settings.tuning, url, study_name(version["version"]), mark_killed(settings))
-    study.sampler = sampler_for(settings.tuning, worker, len(study.get_trials(deepcopy=False)))
     space = SearchSpace.from_settings(settings)
+    name = study_name(version["version"], study_setup(settings, space, snap.cache_id))
+    study, created = open_study(settings.tuning, url, name, mark_killed(settings))
+    study.sampler = sampler_for(settings.tuning, worker, len(study.get_trials(deepcopy=False)))
     described = {
         "dataset_version": version["version"],
         "space": json.dumps(space.to_dict()),

@@ -71,9 +71,18 @@ def finished(process: subprocess.Popen, timeout: float = 600) -> dict:
 
 
 def study_of(storage: LocalStorage, day: dt.date | None = None) -> tuple[str, optuna.Study]:
+    """The one study of the day's dataset version (``KeyError`` until a process has created it)."""
     version = read_version(storage, day)["version"]
     url = f"sqlite:///{storage.root / 'tuning' / 'optuna.db'}"
-    return version, optuna.load_study(study_name=f"tune-{version}", storage=url)
+    names = [
+        s.study_name
+        for s in optuna.get_all_study_summaries(url)
+        if s.study_name.startswith(f"tune-{version}-")
+    ]
+    if not names:
+        raise KeyError(f"no study of {version} yet")
+    (name,) = names
+    return version, optuna.load_study(study_name=name, storage=url)
 
 
 def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:

@@ -230,3 +230,24 @@ def test_tuned_parameters_fill_in_what_the_form_left_at_the_default() -> None:
         "dropout": 0.2,
     }
     assert with_tuned(form, defaults, None) == form
+
+
+def test_a_study_resumes_only_under_the_same_space_features_and_recipe() -> None:
+    from ml.training.tune import SearchSpace, study_name, study_setup
+
+    def name(environ: dict[str, str], cache_id: str = "features-a") -> str:
+        settings = load_settings(environ=environ)
+        return study_name(
+            "2026-06-03.abc", study_setup(settings, SearchSpace.from_settings(settings), cache_id)
+        )
+
+    base = name({})
+    assert base == name({}) and base.startswith("tune-2026-06-03.abc-")
+    changed = [
+        name({"MLOPS__TUNING__BATCH_SIZE": "[16, 32]"}),
+        name({"MLOPS__TUNING__LEARNING_RATE": "[0.0001, 0.001]"}),
+        name({"MLOPS__TUNING__EPOCHS": "10"}),
+        name({}, cache_id="features-b"),  # another backbone, preprocessing or precision
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+    assert name({"MLOPS__TUNING__TRIALS": "200"}) == base  # a bigger budget goes on with the same study
