@@ -356,6 +356,7 @@ class TrainResult:
     test_proba: np.ndarray
     backbone: Any = None  # a fine-tuned Backbone (None: the snapshot's frozen one)...
     features: np.ndarray | None = None  # ...and every row's clean-view features under it, (N, 1, D)
+    held_out: SplitData | None = None  # val the fit did not train on, to calibrate on (None: all of val)
 
 
 def train(

@@ -623,6 +623,8 @@ def validate_in_run(
     mlflow.set_tag("approval", approval["reason"])
     if not settings.validation.enabled:
         return {"lineage_changes": approval["changes"], "approval": approval}
+    if trained.held_out is not None:  # the fit trained on part of val: calibrate on the rest only
+        data = {**data, "val": trained.held_out}
     candidate = candidate_from_training(settings, storage, snap.rows, snap.backbone, data, trained.head)
     with tempfile.TemporaryDirectory() as folder:
         report, figures = validate_model(

@@ -251,3 +251,20 @@ def test_a_study_resumes_only_under_the_same_space_features_and_recipe() -> None
     ]
     assert base not in changed and len(set(changed)) == len(changed)
     assert name({"MLOPS__TUNING__TRIALS": "200"}) == base  # a bigger budget goes on with the same study
+
+
+def test_the_tuned_model_leaves_half_of_each_val_class_out_to_calibrate_on() -> None:
+    from ml.training.crossval import halve_by_class
+
+    labels = np.array([0] * 7 + [1] * 4 + [2])  # 7, 4 and a lone image
+    val = SplitData(np.zeros((12, 1, 2), np.float32), labels, [f"s{i}" for i in range(12)])
+    kept, held = halve_by_class(val, seed=3)
+    assert sorted(kept.sha256 + held.sha256) == sorted(val.sha256) and not set(kept.sha256) & set(held.sha256)
+    assert np.bincount(held.labels, minlength=3).tolist() == [3, 2, 0]  # the lone image is trained on
+    assert halve_by_class(val, seed=3)[1].sha256 == held.sha256  # the same halves for the same seed
+
+    train = clusters(300, 2, 1, labels=np.random.default_rng(1).integers(0, 5, 300))
+    data = {"train": train, "val": clusters(100, 2, 2), "test": clusters(100, 2, 3)}
+    result = train_on_train_and_val(data, CLASSES, base(epochs=3))
+    assert result.held_out is not None and 40 <= len(result.held_out) <= 50
+    assert set(result.held_out.sha256) <= set(data["val"].sha256)
