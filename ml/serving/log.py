@@ -36,6 +36,15 @@ class _Buffer:
     blob_bytes: int = 0
 
 
+def by_day(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``rows`` grouped by the UTC day of their ``time``, in order (readers look a record up by its day:
+    a batch filed under its first row's day hid a row from just after midnight from every reader)."""
+    days: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        days.setdefault(row["time"][:10], []).append(row)
+    return list(days.values())
+
+
 @dataclass
 class PredictionLog:
     """Buffers records and blobs; a daemon thread writes them to storage."""
@@ -171,9 +180,10 @@ class PredictionLog:
         failed_rows: dict[str, list[dict[str, Any]]] = {}
         failed_blobs: list[tuple[str, bytes]] = []
         for prefix, rows in taken.rows.items():
-            body = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
-            if rows and (failed_rows or not self._write(self._batch_key(prefix, rows), body)):
-                failed_rows[prefix] = rows
+            for day_rows in by_day(rows):  # a batch never straddles midnight: each row is under its own day
+                body = "".join(json.dumps(row, sort_keys=True) + "\n" for row in day_rows).encode()
+                if failed_rows or not self._write(self._batch_key(prefix, day_rows), body):
+                    failed_rows.setdefault(prefix, []).extend(day_rows)
         for key, data in taken.blobs:
             if failed_rows or failed_blobs or not self._write(key, data):
                 failed_blobs.append((key, data))

@@ -306,6 +306,33 @@ def test_the_flusher_writes_full_batches_and_quiet_rows_after_flush_seconds(tmp_
     log.close(), quiet.close()
 
 
+def test_a_batch_across_midnight_files_each_row_under_its_own_day(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from ml.monitoring.logs import log_records
+
+    storage = LocalStorage(tmp_path / "store")
+    log = PredictionLog(storage, flush_rows=100, flush_seconds=3600)
+    times = [
+        "2026-01-05T23:59:58.000+00:00",
+        "2026-01-06T00:00:03.000+00:00",
+        "2026-01-06T00:00:04.000+00:00",
+    ]
+    for i, at in enumerate(times):
+        log.add(FEEDBACK_PREFIX, {"time": at, "request_id": str(i)})
+    assert log.write_pending()
+    days = sorted({key.split("/")[-2] for key in storage.list(FEEDBACK_PREFIX)})
+    assert days == ["2026-01-05", "2026-01-06"]
+    after_midnight = log_records(
+        storage,
+        FEEDBACK_PREFIX,
+        dt.datetime(2026, 1, 6, tzinfo=dt.UTC),
+        dt.datetime(2026, 1, 6, 1, tzinfo=dt.UTC),
+    )
+    assert [r["request_id"] for r in after_midnight] == ["1", "2"]  # the monitor's window finds both
+    log.close()
+
+
 def stalled_s3(listener) -> object:
     """S3 storage whose endpoint accepts connections and never answers (a hung server)."""
     from ml.storage import open_storage
