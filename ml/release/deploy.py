@@ -56,6 +56,8 @@ def _next_state(current: DeploymentState | None, version: str, stage: str, share
     if current is None or (stage == "full" and current.stable == version):
         return DeploymentState(stable=version, previous=current.previous if current else None)
     if stage == "canary":
+        if current.stable == version:  # it would take its share from itself: no A/B evidence, then "promoted"
+            raise DeployError(f"v{version} is the stable model already: a canary must be another version")
         return replace(current, canary=version, canary_share=share)
     return replace(current, stable=version, previous=current.stable, canary=None, canary_share=0.0)
 

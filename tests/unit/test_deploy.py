@@ -149,3 +149,11 @@ def test_rollback_needs_something_deployed_and_a_previous_version(tmp_path) -> N
     with pytest.raises(DeployError, match="no previous version"):
         deploy.rollback(settings, storage, by="me", reason="x")
     assert deploy.withdraw_canary(settings, storage, "4", by="me") == "v4 is not the canary"
+
+
+def test_the_stable_model_cannot_be_its_own_canary() -> None:
+    current = DeploymentState(stable="3", previous="2")
+    with pytest.raises(DeployError, match="v3 is the stable model already"):
+        deploy._next_state(current, "3", "canary", 0.1)
+    staged = deploy._next_state(current, "4", "canary", 0.1)
+    assert (staged.stable, staged.canary, staged.canary_share) == ("3", "4", 0.1)
