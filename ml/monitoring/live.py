@@ -407,18 +407,55 @@ def judge_canary(
     return CanaryVerdict(canary, metrics, outcomes, withdrawn)
 
 
-def canary_notices(verdict: CanaryVerdict, settings: Settings) -> list[Notice]:
-    """One notice per guarding rule the canary failed, saying what was done."""
+def canary_notices(
+    verdict: CanaryVerdict,
+    settings: Settings,
+    alerts: dict[str, dict[str, Any]] | None = None,
+    at: dt.datetime | None = None,
+) -> list[Notice]:
+    """A notice per guarding rule the canary fails, saying what was done: once, then again after
+    ``repeat_hours`` (``alerts``: what was sent, ``canary_alert_state``); a resolve once it no longer
+    fails (it passes, or it was withdrawn), so its incident closes and the next canary's opens anew."""
+    alerts, at = alerts or {}, at or dt.datetime.now(dt.UTC)
+    repeat = dt.timedelta(hours=settings.serving_monitor.repeat_hours)
     notices = []
     for rule in settings.alerts.rules:
+        name, before = f"canary_{rule.name}", alerts.get(f"canary_{rule.name}", {})
         if verdict.outcomes.get(rule.name) == "firing":
+            last = before.get("last_sent")
+            same = before.get("version") == verdict.version and last is not None
+            if same and not (repeat and at - parse_time(last) >= repeat):
+                continue
             value = verdict.metrics[rule.metric]
             reason = (
                 f"canary v{verdict.version}: {rule.metric} {value:g} {rule.op} {rule.threshold:g} on its own "
                 f"traffic. {verdict.withdrawn or 'not withdrawn (automatic rollback is off)'}"
             )
-            notices.append(Notice(f"canary_{rule.name}", rule.severity, "trigger", reason, {"value": value}))
+            notices.append(Notice(name, rule.severity, "trigger", reason, {"value": value}))
+        elif before and (verdict.version != before.get("version") or verdict.outcomes.get(rule.name) == "ok"):
+            now_serving = f"canary v{verdict.version}" if verdict.version else "no canary"
+            reason = f"resolved: canary v{before.get('version')} no longer fails {rule.name} ({now_serving})"
+            notices.append(Notice(name, rule.severity, "resolve", reason, {}))
     return notices
+
+
+def canary_alert_state(
+    alerts: dict[str, dict[str, Any]],
+    notices: list[Notice],
+    verdict: CanaryVerdict,
+    at: dt.datetime,
+    reached: set[str],
+) -> dict[str, dict[str, Any]]:
+    """What the next check's ``canary_notices`` needs: each canary rule's last delivered trigger."""
+    updated = dict(alerts)
+    for notice in notices:
+        if notice.rule not in reached:
+            continue  # not delivered: sent again next check
+        if notice.action == "trigger":
+            updated[notice.rule] = {"version": verdict.version, "last_sent": iso(at)}
+        else:
+            updated.pop(notice.rule, None)
+    return updated
 
 
 def ab_of_canary(
@@ -478,12 +515,16 @@ def check_endpoint(
         save_monitor_state(storage, rolled)
     canary = judge_canary(settings, deployment, facts, withdraw if wanted and not decision.result else None)
     notices = plan_notices(verdicts, state.get("alerts", {}), settings.serving_monitor.repeat_hours, decision)
-    notices += canary_notices(canary, settings)
+    planned_canary = canary_notices(canary, settings, state.get("canary_alerts"), end)
+    notices += planned_canary
     sent = [
         {"notice": asdict(n), "outcome": notify(n) if notify else {"log": "no channels"}} for n in notices
     ]
     reached = {item["notice"]["rule"] for item in sent if delivered(item["outcome"])}
     state["alerts"] = next_alert_state(verdicts, state.get("alerts", {}), notices, stable, reached)
+    state["canary_alerts"] = canary_alert_state(
+        state.get("canary_alerts", {}), planned_canary, canary, end, reached
+    )
     state["last_check_at"] = iso(end)
     if "scrape" in facts:
         state["last_scrape"] = facts["scrape"]

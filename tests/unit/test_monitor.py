@@ -324,3 +324,31 @@ def test_a_check_that_fails_after_rolling_back_does_not_roll_back_again_when_ret
         page.close()
     assert len(rollbacks) == 1, rollbacks  # the retry found the rollback's state: v1 stays
     assert not retried["rollback"]
+
+
+def test_a_failing_canary_is_announced_once_per_repeat_and_resolved_once() -> None:
+    from ml.monitoring.live import CanaryVerdict, canary_alert_state, canary_notices
+
+    settings = load_settings(environ={"MLOPS__SERVING_MONITOR__REPEAT_HOURS": "24"})
+    failing = CanaryVerdict("3", {"accuracy": 0.4, "error_rate": 0.0}, {"model_accuracy_drop": "firing"})
+    state: dict = {}
+    sent = []
+    for hour in range(4):  # automatic rollback off: the canary keeps failing, checked hourly
+        at = T0 + dt.timedelta(hours=hour)
+        notices = canary_notices(failing, settings, state, at)
+        state = canary_alert_state(state, notices, failing, at, {n.rule for n in notices})
+        sent += [(n.rule, n.action) for n in notices]
+    assert sent == [("canary_model_accuracy_drop", "trigger")]
+    later = T0 + dt.timedelta(hours=25)
+    again = canary_notices(failing, settings, state, later)
+    assert [(n.rule, n.action) for n in again] == [("canary_model_accuracy_drop", "trigger")]  # repeat_hours
+    state = canary_alert_state(state, again, failing, later, set())  # not delivered: owed next check
+    assert len(canary_notices(failing, settings, state, later + dt.timedelta(hours=1))) == 1
+
+    unknown = CanaryVerdict("3", {"accuracy": None}, {"model_accuracy_drop": "unknown"})  # too little data
+    assert canary_notices(unknown, settings, state, later) == []
+    gone = CanaryVerdict(None, {}, {})  # withdrawn
+    (resolve,) = canary_notices(gone, settings, state, later)
+    assert resolve.action == "resolve" and "canary v3 no longer fails" in resolve.reason
+    state = canary_alert_state(state, [resolve], gone, later, {resolve.rule})
+    assert state == {} and canary_notices(gone, settings, state, later) == []
