@@ -571,13 +571,16 @@ def log_onnx_model(path: Path, sample: np.ndarray) -> Any:
 def register(
     settings: Settings, run_id: str, dataset_version: str, evaluation: Evaluation, decision: GateDecision
 ) -> str:
-    """Register the run's model as a new version with alias ``challenger`` and its gate as tags."""
+    """Register the run's model as a new version with its gate as tags, then alias ``challenger``.
+
+    All or nothing: when a tag or the alias cannot be set (the registry failing mid-way), the new
+    version is deleted again, so a retried run registers one whole version, not a second one beside
+    an untagged orphan."""
     import mlflow
 
     name = settings.mlflow.registered_model
     version = str(mlflow.register_model(f"runs:/{run_id}/model", name).version)
     mlflow_client = registry.client(settings)
-    mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version)
     tags = {
         "dataset_version": dataset_version,
         "accuracy": f"{evaluation.accuracy.value:.4f}",
@@ -586,8 +589,16 @@ def register(
         "gate_reasons": json.dumps(decision.reasons),
         "run_id": run_id,
     }
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(name, version, key, value)
+    try:
+        for key, value in tags.items():
+            mlflow_client.set_model_version_tag(name, version, key, value)
+        mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version)  # last: what others read
+    except Exception:
+        try:
+            mlflow_client.delete_model_version(name, version)
+        except Exception:  # the registry is down: the version stays, untagged, without the alias
+            log.exception("v%s could not be deleted after its registration failed", version)
+        raise
     return version
 
 

@@ -70,7 +70,8 @@ class MlflowServer:
 
 
 class FaultyProxy:
-    """Forwards every request to ``upstream``, except paths containing one of ``failing``: HTTP 500."""
+    """Forwards every request to ``upstream``, except those whose ``METHOD path`` contains one of
+    ``failing`` (a path part, or ``"POST /api/..."`` for one method): HTTP 500."""
 
     def __init__(self, upstream: str) -> None:
         self.failing: set[str] = set()
@@ -79,7 +80,7 @@ class FaultyProxy:
 
         class Handler(BaseHTTPRequestHandler):
             def _forward(self) -> None:
-                if any(part in self.path for part in outer.failing):
+                if any(part in f"{self.command} {self.path}" for part in outer.failing):
                     outer.failed.append(self.path)
                     self.send_response(500)
                     self.end_headers()

@@ -321,3 +321,24 @@ def test_a_rollback_keeps_the_shadows_tag_and_a_retried_one_tags_its_own_target(
     raced = RacedStorage(storage.root, other)
     new = rollback(settings, raced, by="test", reason="raced").state
     assert new.stable == "2" and new.models["2"] == tags["2"] and new.models["1"] == tags["1"]
+
+
+def test_a_registration_that_fails_half_way_leaves_no_orphan_version(world) -> None:
+    from ml import registry
+    from ml.training.pipeline import retrain
+
+    settings, storage, proxy = world["settings"], world["storage"], world["proxy"]
+    before = versions(settings)
+    proxy.failing = {"POST /api/2.0/mlflow/registered-models/alias"}  # the challenger alias cannot be set
+    try:
+        with pytest.raises(Exception, match="injected fault|500"):
+            retrain(settings, storage, force=True)
+        assert proxy.failed, "the proxy never saw the alias request"
+    finally:
+        proxy.failing = set()
+    assert versions(settings) == before  # the half-made version was deleted
+    again = retrain(settings, storage, force=True)
+    (new,) = set(versions(settings)) - set(before)
+    assert again.model_version == new == registry.version_for_alias(settings, registry.CHALLENGER)
+    tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, new).tags
+    assert tags["gate"] == "passed" and tags["run_id"]
