@@ -155,6 +155,7 @@ RETRAIN_REQUESTS_KEY = "monitoring/drift/retrain_requests.jsonl"
 LIVE_MONITOR_PREFIX = "monitoring/serving"
 LIVE_MONITOR_STATE_KEY = f"{LIVE_MONITOR_PREFIX}/state.json"
 LIVE_CHECKS_PREFIX = f"{LIVE_MONITOR_PREFIX}/checks"
+LIVE_CHECK_FAILED_KEY = f"{LIVE_MONITOR_PREFIX}/check_failed.json"  # a failed check paged: the next resolves
 
 
 def live_check_key(at: dt.datetime) -> str:

@@ -6,11 +6,14 @@ the rollback, so this is where the two meet: ``monitor_serving`` and ``mlops mon
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 from typing import Any
 
 from ml.alerts import Alert, Notice, Notify, link_in, notice_alert
 from ml.config import Settings
+from ml.layout import LIVE_CHECK_FAILED_KEY
 from ml.monitoring.live import LiveDeployment, check_endpoint
 from ml.release.audit import deployed_at
 from ml.release.deploy import rollback, withdraw_canary
@@ -64,8 +67,9 @@ def check_live(
         report = browsable_link(storage, named, settings) if named.startswith(storage.root_url + "/") else ""
         return notify(notice_alert(notice, dag_id=origin, link=report))
 
+    key = f"{origin}/check"
     try:
-        return check_endpoint(
+        record = check_endpoint(
             settings,
             storage,
             live_deployment(settings, storage),
@@ -79,10 +83,20 @@ def check_live(
             scrape_urls=replica_urls(settings, storage),
         )
     except Exception as exc:
+        reason = f"the live check could not finish: {type(exc).__name__}: {exc}"
         if notify:
-            reason = f"the live check could not finish: {type(exc).__name__}: {exc}"
-            notify(Alert("monitor_check_failed", "critical", reason, origin, "check", key=f"{origin}/check"))
+            notify(Alert("monitor_check_failed", "critical", reason, origin, "check", key=key))
+        with contextlib.suppress(Exception):  # storage may be what failed: then no resolve follows
+            storage.write_bytes(LIVE_CHECK_FAILED_KEY, json.dumps({"reason": reason}).encode())
         raise
+    if storage.exists(LIVE_CHECK_FAILED_KEY):  # the page a failed check sent is closed by this one
+        if notify:
+            done = "resolved: the live check finishes again"
+            notify(
+                Alert("monitor_check_failed", "critical", done, origin, "check", key=key, action="resolve")
+            )
+        storage.delete(LIVE_CHECK_FAILED_KEY)
+    return record
 
 
 def may_promote(settings: Settings, storage: Storage, challenger: str) -> tuple[bool, str]:

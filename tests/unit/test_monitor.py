@@ -352,3 +352,31 @@ def test_a_failing_canary_is_announced_once_per_repeat_and_resolved_once() -> No
     assert resolve.action == "resolve" and "canary v3 no longer fails" in resolve.reason
     state = canary_alert_state(state, [resolve], gone, later, {resolve.rule})
     assert state == {} and canary_notices(gone, settings, state, later) == []
+
+
+def test_a_failed_check_pages_and_the_next_good_one_resolves_the_page(tmp_path) -> None:
+    from ml.layout import live_check_key
+    from ml.release.guard import check_live
+    from ml.storage import LocalStorage
+
+    settings = load_settings(environ={"MLOPS__STORAGE__ROOT": str(tmp_path / "store")})
+    storage = LocalStorage(tmp_path / "store")
+    alerts = []
+    at = T0 + dt.timedelta(hours=2)
+    blocker = storage.root / live_check_key(at).rsplit("/", 1)[0]  # the check record cannot be written
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError):
+        check_live(settings, storage, notify=lambda alert: alerts.append(alert) or {}, now=at)
+    blocker.unlink()
+    check_live(
+        settings, storage, notify=lambda alert: alerts.append(alert) or {}, now=at + dt.timedelta(minutes=5)
+    )
+    check_live(
+        settings, storage, notify=lambda alert: alerts.append(alert) or {}, now=at + dt.timedelta(minutes=10)
+    )
+    paged = [(a.title, a.action, a.key) for a in alerts if a.title == "monitor_check_failed"]
+    assert paged == [
+        ("monitor_check_failed", "trigger", "monitor_serving/check"),
+        ("monitor_check_failed", "resolve", "monitor_serving/check"),  # once: the third check sends nothing
+    ]
