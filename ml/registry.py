@@ -7,6 +7,7 @@ record in storage (``registry/audit/``), so the history of champions survives fo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass
@@ -119,7 +120,6 @@ def promote(settings: Settings, storage: Storage, version: str, approved_by: str
         approved_at=now.isoformat(timespec="seconds"),
         note=note,
     )
-    mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
     for key, value in {
         "approved_by": approved_by,
         "approved_at": approval.approved_at,
@@ -127,10 +127,16 @@ def promote(settings: Settings, storage: Storage, version: str, approved_by: str
     }.items():
         mlflow_client.set_model_version_tag(name, str(version), key, value)
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")  # sortable, unique per promotion
-    storage.write_bytes(
-        f"{REGISTRY_AUDIT_PREFIX}/{stamp}-v{version}.json",
-        json.dumps(asdict(approval), indent=2, sort_keys=True).encode(),
-    )
+    record = f"{REGISTRY_AUDIT_PREFIX}/{stamp}-v{version}.json"
+    storage.write_bytes(record, json.dumps(asdict(approval), indent=2, sort_keys=True).encode())
+    # the alias moves last, and a record it did not follow is taken back: a retry after a failure
+    # between the two read the moved alias and recorded the version as its own previous champion
+    try:
+        mlflow_client.set_registered_model_alias(name, CHAMPION, str(version))
+    except Exception:
+        with contextlib.suppress(Exception):
+            storage.delete(record)
+        raise
     return approval
 
 

@@ -342,3 +342,31 @@ def test_a_registration_that_fails_half_way_leaves_no_orphan_version(world) -> N
     assert again.model_version == new == registry.version_for_alias(settings, registry.CHALLENGER)
     tags = registry.client(settings).get_model_version(settings.mlflow.registered_model, new).tags
     assert tags["gate"] == "passed" and tags["run_id"]
+
+
+def test_a_promotion_the_registry_fails_half_way_leaves_no_record_and_a_retry_names_the_real_previous(
+    world,
+) -> None:
+    from ml import registry
+
+    settings, storage, proxy = world["settings"], world["storage"], world["proxy"]
+    before, records = (
+        registry.version_for_alias(settings, registry.CHAMPION),
+        len(registry.audit_log(storage)),
+    )
+    target = next(v for v in versions(settings) if v != before)
+    for failing in (
+        "POST /api/2.0/mlflow/model-versions/set-tag",
+        "POST /api/2.0/mlflow/registered-models/alias",
+    ):
+        proxy.failing = {failing}  # the approval tags, then the alias itself, cannot be written
+        try:
+            with pytest.raises(Exception, match="injected fault|500"):
+                registry.promote(settings, storage, target, approved_by="test")
+        finally:
+            proxy.failing = set()
+        assert registry.version_for_alias(settings, registry.CHAMPION) == before, failing
+        assert len(registry.audit_log(storage)) == records  # no record of a promotion that did not happen
+    approval = registry.promote(settings, storage, target, approved_by="test")
+    assert approval.previous_champion == before != target
+    assert registry.audit_log(storage)[-1]["previous_champion"] == before
